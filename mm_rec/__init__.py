@@ -1,0 +1,12 @@
+"""MM-Rec: a recurrent language model with a hierarchical memory, as a Hugging Face model."""
+
+from .cache import LayerState, MMRecCache
+from .configuration_mmrec import MMRecConfig
+from .hem import convert_hem_state_dict
+from .modeling_mmrec import MMRecForCausalLM, MMRecModel, MMRecPreTrainedModel
+from .scan import associative_scan_exponential, scan
+
+__all__ = [
+    "LayerState", "MMRecCache", "MMRecConfig", "MMRecForCausalLM", "MMRecModel", "MMRecPreTrainedModel",
+    "associative_scan_exponential", "convert_hem_state_dict", "scan",
+]

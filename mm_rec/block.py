@@ -1,0 +1,77 @@
+"""One MM-Rec block (ARCHITECTURE.md section 1):
+
+    u = RMSNorm1(x);  q, k, v, z, g~, p = HEM(u);  log gamma = MDI(p)
+    h = recurrence(z, gate, gamma);  r = GroupRMSNorm_H(h);  m = MultiMemoryAttention(q, k, v)
+    x' = x + Dropout(W_o (r + m));  y = x' + Dropout(FFN(RMSNorm2(x')))
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+
+from .cache import LayerState
+from .hem import HEMProjection
+from .mdi import MDIDecay, StateGate, input_gated_recurrence
+from .memory import MultiMemoryAttention
+from .norms import GroupRMSNorm, RMSNorm
+from .positions import TokenLayout
+
+
+class FeedForward(nn.Module):
+    """d -> intermediate_size -> d."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.up = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down.residual_out = True
+        self.act = ACT2FN[act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class MMRecBlock(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        d = config.hidden_size
+        self.layer_idx = layer_idx
+        self.hidden_size = d
+        self.blocks_per_segment = config.blocks_per_segment
+        self.scan_backend = config.scan_backend
+        self.norm1 = RMSNorm(d, config.rms_norm_eps)
+        self.hem = HEMProjection(d, config.pe_dim, config.recurrence_gate, config.use_hem)
+        self.mdi = MDIDecay(config.pe_dim, d)
+        self.state_gate = StateGate(d) if config.recurrence_gate == "state" else None
+        self.readout_norm = GroupRMSNorm(d, config.num_attention_heads, config.rms_norm_eps)
+        self.memory = MultiMemoryAttention(config)
+        self.W_o = nn.Linear(d, d, bias=False)
+        self.W_o.residual_out = True  # _init_weights scales it by 1/sqrt(2 * layers)
+        self.norm2 = RMSNorm(d, config.rms_norm_eps)
+        self.ffn = FeedForward(d, config.intermediate_size, config.hidden_act)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def fresh_state(self, batch_size: int) -> LayerState:
+        return LayerState.fresh(batch_size, self.hidden_size, self.blocks_per_segment,
+                                self.memory.slot_keys, self.memory.slot_values)
+
+    def forward(self, x: Tensor, layout: TokenLayout, state: Optional[LayerState] = None) -> Tuple[Tensor, LayerState]:
+        """x: [B, T, d]; state: the layer's carried state (None: the start of a stream).
+        Returns (y [B, T, d], the state after the last token)."""
+        if state is None:
+            state = self.fresh_state(x.shape[0])
+        proj = self.hem(self.norm1(x))
+        log_gamma = self.mdi(proj.p).masked_fill(~layout.real[..., None], 0.0)
+        if self.state_gate is None:
+            h, h_last = input_gated_recurrence(proj.z, proj.gate, log_gamma, layout.reset, state.h, self.scan_backend)
+        else:
+            h, h_last = self.state_gate(proj.z, log_gamma, layout.reset, state.h)
+        r = self.readout_norm(h).to(x.dtype)
+        m, state = self.memory(proj.q, proj.k, proj.v, layout, state)
+        state.h = h_last
+        x = x + self.dropout(self.W_o(r + m))
+        return x + self.dropout(self.ffn(self.norm2(x))), state

@@ -1,0 +1,141 @@
+"""MMRecConfig: the hyper-parameters of an MM-Rec model (ARCHITECTURE.md section 6)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from transformers import PretrainedConfig
+
+RECURRENCE_GATES = ("input", "state")
+SCAN_BACKENDS = ("auto", "triton", "torch")
+
+# The seed's names for three of the fields.
+_SEED_ALIASES = {"model_dim": "hidden_size", "num_heads": "num_attention_heads", "ffn_dim": "intermediate_size"}
+
+
+class MMRecConfig(PretrainedConfig):
+    r"""Configuration of an MM-Rec causal language model.
+
+    Args:
+        vocab_size: number of token ids.
+        hidden_size: model width d (the seed's ``model_dim``).
+        num_hidden_layers: number of MM-Rec blocks.
+        num_attention_heads: heads H of the state readout norm and the memory attention
+            (the seed's ``num_heads``); must divide ``hidden_size``.
+        intermediate_size: FFN inner width (the seed's ``ffn_dim``); default 4d.
+        pe_dim: width of the MDI decay generator P -> GELU -> E; default d // 4.
+        hidden_act: FFN activation.
+        rms_norm_eps: epsilon of every RMS norm.
+        memory_block_size: N, tokens per level-1 block summary.
+        memory_segment_length: tokens per memory segment (a multiple of N); at each
+            segment boundary the block summaries fold into the long-term slots.
+        num_memory_slots: S, long-term memory slots per layer.
+        memory_decay: lambda of the slot EMA, in (0, 1).
+        recurrence_gate: "input" (parallel scan) or "state" (the seed's sequential gate).
+        use_hem: one fused projection GEMM (True) or separate seed-named linears (False).
+        scan_backend: "auto", "triton" or "torch".
+        dropout: residual dropout.
+        initializer_range: std of embeddings and FFN weights.
+    """
+
+    model_type = "mmrec"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        intermediate_size: Optional[int] = None,
+        pe_dim: Optional[int] = None,
+        hidden_act: str = "gelu",
+        rms_norm_eps: float = 1e-6,
+        memory_block_size: int = 32,
+        memory_segment_length: int = 512,
+        num_memory_slots: int = 16,
+        memory_decay: float = 0.99,
+        recurrence_gate: str = "input",
+        use_hem: bool = True,
+        scan_backend: str = "auto",
+        dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        bos_token_id: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
+        **kwargs,
+    ):
+        for seed_name, hf_name in _SEED_ALIASES.items():
+            if seed_name in kwargs:
+                value = kwargs.pop(seed_name)
+                if hf_name == "hidden_size":
+                    hidden_size = value
+                elif hf_name == "num_attention_heads":
+                    num_attention_heads = value
+                else:
+                    intermediate_size = value
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
+        self.pe_dim = pe_dim if pe_dim is not None else max(1, hidden_size // 4)
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.memory_block_size = memory_block_size
+        self.memory_segment_length = memory_segment_length
+        self.num_memory_slots = num_memory_slots
+        self.memory_decay = memory_decay
+        self.recurrence_gate = recurrence_gate
+        self.use_hem = use_hem
+        self.scan_backend = scan_backend
+        self.dropout = dropout
+        self.initializer_range = initializer_range
+        self._validate()
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    def _validate(self) -> None:
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "pe_dim", "memory_block_size", "memory_segment_length",
+                    "num_memory_slots")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MMRecConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"MMRecConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.memory_segment_length % self.memory_block_size != 0:
+            raise ValueError(
+                f"MMRecConfig.memory_segment_length ({self.memory_segment_length}) must be a multiple of "
+                f"memory_block_size ({self.memory_block_size})"
+            )
+        if not 0.0 < float(self.memory_decay) < 1.0:
+            raise ValueError(f"MMRecConfig.memory_decay must be in (0, 1), got {self.memory_decay!r}")
+        if self.recurrence_gate not in RECURRENCE_GATES:
+            raise ValueError(f"MMRecConfig.recurrence_gate must be one of {RECURRENCE_GATES}, got {self.recurrence_gate!r}")
+        if self.scan_backend not in SCAN_BACKENDS:
+            raise ValueError(f"MMRecConfig.scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"MMRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not float(self.rms_norm_eps) > 0.0:
+            raise ValueError(f"MMRecConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        if not isinstance(self.use_hem, bool):
+            raise ValueError(f"MMRecConfig.use_hem must be a bool, got {self.use_hem!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def blocks_per_segment(self) -> int:
+        return self.memory_segment_length // self.memory_block_size

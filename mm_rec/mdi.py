@@ -1,0 +1,92 @@
+"""MDI: the data-dependent decay, the gates and the level-0 recurrence (ARCHITECTURE.md section 1).
+
+    a_t       = W_E GELU(p_t) + b_E                       decay logits, W_E: pe_dim -> d
+    log g_t   = clamp(logsigmoid(a_t), log 1e-6, log(1 - 1e-6))       (float32)
+    h_t       = gamma_t h_{t-1} + (1 - gamma_t) g_t z_t
+    g_t       = sigmoid(g~_t)                   recurrence_gate="input"  (a parallel scan)
+              | sigmoid(W_g h_{t-1} + b_g)      recurrence_gate="state"  (a loop over t)
+
+Padding: a padded position has gamma = 1 and input 0, so the state passes through.
+Resets (packed documents): the carry into a document's first token is zeroed; the
+token's own input keeps its weight (1 - gamma_t), exactly as at the start of a stream.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .scan import scan
+
+LOG_GAMMA_MIN = math.log(1e-6)
+LOG_GAMMA_MAX = math.log1p(-1e-6)
+TIMESCALE_RANGE = (1e-3, 1e-1)  # 1 - gamma at init: memories of ~10 to ~1000 tokens
+
+
+class MDIDecay(nn.Module):
+    """P -> GELU -> E: the decay generator. p: [B, T, pe_dim] -> log gamma [B, T, d] (fp32)."""
+
+    def __init__(self, pe_dim: int, hidden_size: int):
+        super().__init__()
+        self.W_E = nn.Linear(pe_dim, hidden_size, bias=True)
+        self.W_E.decay_generator = True  # _init_weights calls init_decay_generator_
+
+    def forward(self, p: Tensor) -> Tensor:
+        a = self.W_E(F.gelu(p))
+        return F.logsigmoid(a.float()).clamp(LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+
+
+def init_decay_generator_(linear: nn.Linear) -> None:
+    """Small W_E; b_E such that 1 - sigmoid(b_E) is log-uniform over TIMESCALE_RANGE across
+    channels, so a fresh model already remembers across a block."""
+    weight, bias = linear.weight, linear.bias
+    if getattr(weight, "_is_hf_initialized", False):
+        return
+    with torch.no_grad():
+        bound = 0.1 * math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
+        weight.uniform_(-bound, bound)
+        lo, hi = TIMESCALE_RANGE
+        rate = torch.logspace(math.log10(lo), math.log10(hi), bias.numel(), dtype=torch.float64)
+        bias.copy_(torch.log1p(-rate) - torch.log(rate))  # sigmoid(b) = 1 - rate
+
+
+def input_gated_recurrence(
+    z: Tensor, gate_logits: Tensor, log_gamma: Tensor, reset: Tensor, h0: Optional[Tensor], backend: str
+) -> Tuple[Tensor, Tensor]:
+    """The "input" mode: one scan over the whole sequence.
+
+    z, gate_logits: [B, T, d]; log_gamma: [B, T, d] fp32 (0 at padding); reset: [B, T] bool;
+    h0: [B, d] fp32 or None. Returns (h [B, T, d] fp32, h_T [B, d] fp32).
+    """
+    x = -torch.expm1(log_gamma) * torch.sigmoid(gate_logits.float()) * z.float()
+    carry_decay = log_gamma.masked_fill(reset[..., None], float("-inf"))
+    return scan(x, carry_decay, h0, output_final_state=True, backend=backend)
+
+
+class StateGate(nn.Module):
+    """The seed's literal gate sigma(W_g h_{t-1} + b_g); makes the recurrence sequential."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.W_g = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.W_g.xavier_rows = [hidden_size]
+
+    def forward(self, z: Tensor, log_gamma: Tensor, reset: Tensor, h0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Same contract as ``input_gated_recurrence``; a loop over t (research baseline)."""
+        B, T, d = z.shape
+        h = z.new_zeros(B, d, dtype=torch.float32) if h0 is None else h0.float()
+        one_minus_gamma = -torch.expm1(log_gamma)
+        gamma = torch.exp(log_gamma)
+        keep = (~reset).float()[..., None]
+        weight, bias = self.W_g.weight.float(), self.W_g.bias.float()
+        states = []
+        for t in range(T):
+            h_prev = h * keep[:, t]
+            gate = torch.sigmoid(F.linear(h_prev, weight, bias))
+            h = gamma[:, t] * h_prev + one_minus_gamma[:, t] * gate * z[:, t].float()
+            states.append(h)
+        return torch.stack(states, dim=1), h

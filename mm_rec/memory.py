@@ -1,0 +1,173 @@
+"""Multi-memory attention over the hierarchical memory (ARCHITECTURE.md section 2).
+
+A token at position p attends, per head, over
+  * the S long-term slots as they stand for p's segment, and
+  * the level-1 summaries (mean k, mean v) of the blocks of p's segment completed before p.
+At a segment boundary the segment's summaries fold into the slots (``fold_into_slots``);
+at a document start (packed rows) the memory returns to the layer's learned slots.
+
+The input is processed in windows of ``memory_segment_length`` tokens carrying a
+``LayerState``, so the attention is [window x (slots + summaries)], never [T x T]. Inside a
+window, a row's tokens fall into "local segments" (runs between boundaries); local segment
+0 continues the carried state. Everything below is vectorised over rows with masks, since
+rows of a batch sit at different positions (left padding, caches of other lengths).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import LayerState
+from .positions import TokenLayout
+
+
+def fold_into_slots(
+    slot_keys: Tensor, slot_values: Tensor, block_keys: Tensor, block_values: Tensor,
+    selected: Tensor, decay: float,
+) -> Tuple[Tensor, Tensor]:
+    """Fold the selected block summaries, in order, into the slots (closed form of the EMA).
+
+    slot_*: [B, S, d]; block_*: [B, E, d]; selected: [B, E] bool.
+    Block i routes to j(i) = argmax_j <K_j, k_i> with the slots as given (ties: lowest j);
+    slot j with routed blocks i_1..i_m becomes lam^m K_j + (1 - lam) sum_r lam^(m-r) k_(i_r).
+    """
+    S = slot_keys.shape[1]
+    scores = torch.einsum("bed,bsd->bes", block_keys, slot_keys)
+    route = F.one_hot(scores.argmax(-1), S).to(slot_keys.dtype) * selected[..., None]  # [B, E, S]
+    count = route.sum(1)  # m_j: [B, S]
+    rank = (route.cumsum(1) * route).sum(-1)  # r of each block among its slot's blocks (1-based)
+    m_of_block = (route * count[:, None]).sum(-1)
+    weight = (1.0 - decay) * decay ** (m_of_block - rank) * selected  # [B, E]
+    keep = decay ** count[..., None]  # [B, S, 1]
+    new_keys = keep * slot_keys + torch.einsum("bes,be,bed->bsd", route, weight, block_keys)
+    new_values = keep * slot_values + torch.einsum("bes,be,bed->bsd", route, weight, block_values)
+    return new_keys, new_values
+
+
+def _scatter_rows(index: Tensor, src: Tensor, size: int) -> Tensor:
+    """out[b, index[b, t]] += src[b, t]; index: [B, T] in [0, size]; index == size is dropped."""
+    shape = (src.shape[0], size + 1) + tuple(src.shape[2:])
+    idx = index.view(index.shape + (1,) * (src.dim() - 2)).expand_as(src)
+    return src.new_zeros(shape).scatter_add_(1, idx, src)[:, :size]
+
+
+def _add_to_first(blocks: Tensor, carried: Tensor) -> Tensor:
+    """blocks[:, 0] + carried, out of place (autograd-safe)."""
+    return torch.cat([blocks[:, :1] + carried[:, None], blocks[:, 1:]], 1)
+
+
+def _scatter_max_rows(index: Tensor, src: Tensor, size: int, fill: int) -> Tensor:
+    out = src.new_full((src.shape[0], size + 1), fill)
+    return out.scatter_reduce_(1, index, src, reduce="amax")[:, :size]
+
+
+class MultiMemoryAttention(nn.Module):
+    """Holds the layer's learned long-term slots K^L, V^L: [S, d]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.block_size = config.memory_block_size
+        self.segment_length = config.memory_segment_length
+        self.blocks_per_segment = config.blocks_per_segment
+        self.decay = float(config.memory_decay)
+        self.slot_keys = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
+        self.slot_values = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState) -> Tuple[Tensor, LayerState]:
+        """q, k, v: [B, T, d]; returns (m [B, T, d] in q.dtype, the state after the last token)."""
+        outputs = []
+        for start in range(0, q.shape[1], self.segment_length):
+            window = slice(start, start + self.segment_length)
+            sub = TokenLayout(layout.position[:, window], layout.real[:, window], layout.reset[:, window])
+            m, state = self._window(q[:, window], k[:, window], v[:, window], sub, state)
+            outputs.append(m)
+        return torch.cat(outputs, dim=1), state
+
+    def _window(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState):
+        B, W, d = q.shape
+        N, L, C, H = self.block_size, self.segment_length, self.blocks_per_segment, self.num_heads
+        pos, real, reset = layout.position, layout.real, layout.reset
+        rows = torch.arange(B, device=q.device)
+
+        # Local segments: a new one starts at a document start or a segment boundary.
+        boundary = real & (reset | ((pos % L == 0) & (pos > 0)))
+        local_seg = boundary.long().cumsum(1)  # [B, W]
+        num_local = int(local_seg.max()) + 1 if W else 1
+
+        # Blocks: local block 0 continues the carried open block.
+        local_block = (real & (pos % N == 0)).long().cumsum(1)
+        num_blocks = W // N + 2  # static bound on the blocks a window can touch
+        index = local_block.masked_fill(~real, num_blocks)
+        key_sum = _scatter_rows(index, k.float() * real[..., None], num_blocks)
+        value_sum = _scatter_rows(index, v.float() * real[..., None], num_blocks)
+        count = _scatter_rows(index, real.long(), num_blocks)
+        key_sum = _add_to_first(key_sum, state.open_key_sum)
+        value_sum = _add_to_first(value_sum, state.open_value_sum)
+        count = _add_to_first(count, state.open_count)
+        complete = count == N
+        block_visible_from = _scatter_max_rows(index, torch.where(real, pos + 1, 0), num_blocks, 0)
+        block_local_seg = _scatter_max_rows(index, local_seg, num_blocks, 0)
+
+        # Level-1 entries: the carried summaries (local segment 0), then this window's blocks.
+        entry_keys = torch.cat([state.block_keys, key_sum / N], 1)  # [B, E, d]
+        entry_values = torch.cat([state.block_values, value_sum / N], 1)
+        carried = torch.arange(C, device=q.device)[None] < state.block_count[:, None]
+        entry_valid = torch.cat([carried, complete], 1)
+        entry_seg = torch.cat([torch.zeros_like(state.block_count)[:, None].expand(B, C), block_local_seg], 1)
+        entry_from = torch.cat([torch.full_like(carried, -1, dtype=torch.long), block_visible_from], 1)
+
+        # Long-term slots for each local segment: fold at a boundary, re-initialise at a reset.
+        starts_with_reset = torch.zeros(B, num_local, dtype=torch.bool, device=q.device)
+        starts_with_reset[rows[:, None].expand(B, W)[boundary], local_seg[boundary]] = reset[boundary]
+        slot_keys, slot_values = [state.slot_keys], [state.slot_values]
+        init_keys = self.slot_keys.float()[None].expand(B, -1, -1)
+        init_values = self.slot_values.float()[None].expand(B, -1, -1)
+        for seg in range(1, num_local):
+            folded_k, folded_v = fold_into_slots(
+                slot_keys[-1], slot_values[-1], entry_keys, entry_values,
+                entry_valid & (entry_seg == seg - 1), self.decay,
+            )
+            fresh = starts_with_reset[:, seg, None, None]
+            slot_keys.append(torch.where(fresh, init_keys, folded_k))
+            slot_values.append(torch.where(fresh, init_values, folded_v))
+        slot_keys, slot_values = torch.stack(slot_keys, 1), torch.stack(slot_values, 1)  # [B, K, S, d]
+
+        # Attention over [slots of every local segment | entries], masked per token.
+        S = slot_keys.shape[2]
+        slot_owner = torch.arange(num_local, device=q.device).repeat_interleave(S)
+        sees_slot = local_seg[..., None] == slot_owner
+        sees_entry = (
+            entry_valid[:, None] & (entry_seg[:, None] == local_seg[..., None]) & (entry_from[:, None] <= pos[..., None])
+        )
+        mask = torch.cat([sees_slot, sees_entry], -1)[:, None]  # [B, 1, W, K*S + E]
+        keys = torch.cat([slot_keys.flatten(1, 2), entry_keys], 1).to(q.dtype)
+        values = torch.cat([slot_values.flatten(1, 2), entry_values], 1).to(q.dtype)
+        heads = lambda t: t.unflatten(-1, (H, -1)).transpose(1, 2)  # noqa: E731  [B, H, n, d_h]
+        m = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), attn_mask=mask)
+        m = m.transpose(1, 2).flatten(2)
+
+        # The state after the window, per row: its last local segment and last block.
+        last_seg = local_seg[:, -1] if W else torch.zeros(B, dtype=torch.long, device=q.device)
+        keep = entry_valid & (entry_seg == last_seg[:, None])
+        slot = keep.long().cumsum(1) - 1
+        target = slot.masked_fill(~keep, C)  # compacted, in order; capacity C
+        last_block = local_block[:, -1] if W else torch.zeros_like(last_seg)
+        open_done = complete[rows, last_block]
+        zero = torch.zeros((), device=q.device)
+        new_state = LayerState(
+            h=state.h,
+            open_key_sum=torch.where(open_done[:, None], zero, key_sum[rows, last_block]),
+            open_value_sum=torch.where(open_done[:, None], zero, value_sum[rows, last_block]),
+            open_count=torch.where(open_done, 0, count[rows, last_block]),
+            block_keys=_scatter_rows(target, entry_keys, C),
+            block_values=_scatter_rows(target, entry_values, C),
+            block_count=keep.sum(1),
+            slot_keys=slot_keys[rows, last_seg],
+            slot_values=slot_values[rows, last_seg],
+        )
+        return m, new_state

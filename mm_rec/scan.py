@@ -1,0 +1,229 @@
+"""The scan op: h_t = x_t + gamma_t * h_{t-1} over [B, T, D] (ARCHITECTURE.md section 4).
+
+Public API:
+    scan(x, log_gamma, initial_state=None, output_final_state=False, backend="auto")
+    associative_scan_exponential(gamma)
+
+Decays are given in log space. ``log_gamma = -inf`` at a position is a *reset*:
+gamma = 0 there, so the state forgets everything before it (packed documents).
+
+Backends:
+    "torch"  - chunked log-space reference in pure PyTorch; runs everywhere (the CPU path).
+    "triton" - Triton kernels (``scan_triton.py``); CUDA, or CPU under TRITON_INTERPRET=1.
+    "auto"   - "triton" on CUDA tensors when Triton is importable, else "torch".
+
+Both are registered as ``torch.library`` custom ops (``mm_rec::scan_fwd`` /
+``mm_rec::scan_bwd``) with fake implementations, so ``torch.compile`` traces the model
+without graph breaks. The backward is itself a reverse scan, so only the decays and the
+output are saved, never a [T, T] weight matrix.
+
+Dtype policy: accumulation is float32 (float64 for float64 inputs); ``h`` is returned in
+``x.dtype`` and the final state in the accumulation dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .scan_triton import AVAILABLE as TRITON_AVAILABLE
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "torch")
+CHUNK_SIZE = 32  # the reference's intra-chunk matrix is [B, C, C, D]: keep C small
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cumulative_log_decay(log_gamma: Tensor, dim: int = 1) -> Tensor:
+    """Inclusive prefix sum of log-decays in the accumulation dtype: log prod_{r<=t} gamma_r."""
+    return log_gamma.to(accumulation_dtype(log_gamma.dtype)).cumsum(dim)
+
+
+def associative_scan_exponential(gamma: Tensor, dim: int = 1) -> Tensor:
+    """Cumulative product of decays, computed in log space: out_t = prod_{r<=t} gamma_r.
+
+    gamma: [..., T, ...] with values in [0, 1]; returned in the accumulation dtype.
+    On CUDA this runs the Triton kernel; elsewhere ``exp(cumsum(log gamma))``.
+    """
+    if gamma.is_floating_point() is False:
+        raise ValueError(f"gamma must be a floating tensor, got dtype {gamma.dtype}")
+    if gamma.is_cuda and TRITON_AVAILABLE and gamma.dim() == 3 and dim == 1:
+        from .scan_triton import cumprod_exp
+
+        return cumprod_exp(gamma)
+    return torch.exp(cumulative_log_decay(torch.log(gamma), dim))
+
+
+# ---------------------------------------------------------------------------------------
+# The PyTorch reference: chunked, log-space
+# ---------------------------------------------------------------------------------------
+
+def _chunked_scan_torch(x: Tensor, log_gamma: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
+    """x, log_gamma: [B, T, D]; h0: [B, D] (accumulation dtype). Returns (h [B,T,D] acc, h_T).
+
+    Within a chunk of C steps, h_t = sum_{s<=t} exp(L_t - L_s) x_s + exp(L_t) h_start with
+    L the cumulative log-decay of the chunk; every exponent is <= 0, so nothing overflows.
+    Resets (-inf) split a chunk into runs; weights across a run boundary are zero.
+    """
+    acc = h0.dtype
+    B, T, D = x.shape
+    xf = x.to(acc)
+    lg = log_gamma.to(acc)
+    reset = torch.isneginf(lg)
+    lg = lg.masked_fill(reset, 0.0)
+    h = h0
+    out = torch.empty(B, T, D, dtype=acc, device=x.device)
+    causal = torch.ones(CHUNK_SIZE, CHUNK_SIZE, dtype=torch.bool, device=x.device).tril()
+    for start in range(0, T, CHUNK_SIZE):
+        stop = min(start + CHUNK_SIZE, T)
+        C = stop - start
+        L = cumulative_log_decay(lg[:, start:stop])            # [B, C, D]
+        run = reset[:, start:stop].cumsum(1)                     # [B, C, D] run index in chunk
+        same_run = run[:, :, None] == run[:, None, :]            # [B, C(t), C(s), D]
+        visible = same_run & causal[:C, :C, None]
+        log_w = (L[:, :, None] - L[:, None, :]).masked_fill(~visible, float("-inf"))
+        h_chunk = torch.einsum("btsd,bsd->btd", torch.exp(log_w), xf[:, start:stop])
+        h_chunk = h_chunk + torch.exp(L) * (run == 0) * h[:, None]
+        out[:, start:stop] = h_chunk
+        h = h_chunk[:, -1]
+    return out, h
+
+
+def _reverse_decays(log_gamma: Tensor) -> Tensor:
+    """The decays of the backward scan, time-reversed: step t of the gradient recursion
+    g_t = dh_t + gamma_{t+1} g_{t+1} decays by gamma_{t+1} (1 at the last step)."""
+    shifted = torch.cat([log_gamma[:, 1:], torch.zeros_like(log_gamma[:, :1])], dim=1)
+    return shifted.flip(1)
+
+
+def _backward_from_reverse_scan(grad_state: Tensor, h: Tensor, log_gamma: Tensor, h0: Tensor):
+    """Turn g (the total gradient reaching each h_t) into the input gradients."""
+    h_prev = torch.cat([h0[:, None].to(h.dtype), h[:, :-1]], dim=1)
+    gamma = torch.exp(log_gamma.to(grad_state.dtype))
+    d_log_gamma = grad_state * gamma * h_prev.to(grad_state.dtype)
+    d_h0 = grad_state[:, 0] * gamma[:, 0]
+    return d_log_gamma, d_h0
+
+
+# ---------------------------------------------------------------------------------------
+# Custom ops (dispatch to a backend) and their autograd
+# ---------------------------------------------------------------------------------------
+
+@torch.library.custom_op("mm_rec::scan_fwd", mutates_args=())
+def _scan_fwd(x: Tensor, log_gamma: Tensor, h0: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from .scan_triton import scan_fwd
+
+        h, h_T = scan_fwd(x, log_gamma, h0)
+    else:
+        h, h_T = _chunked_scan_torch(x, log_gamma, h0)
+    return h.to(x.dtype), h_T
+
+
+@_scan_fwd.register_fake
+def _(x, log_gamma, h0, backend):
+    return torch.empty_like(x), torch.empty_like(h0)
+
+
+@torch.library.custom_op("mm_rec::scan_bwd", mutates_args=())
+def _scan_bwd(
+    grad_h: Tensor, grad_h_T: Tensor, h: Tensor, log_gamma: Tensor, h0: Tensor, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        from .scan_triton import scan_bwd
+
+        return scan_bwd(grad_h, grad_h_T, h, log_gamma, h0)
+    acc = h0.dtype
+    grad_state, _ = _chunked_scan_torch(grad_h.flip(1), _reverse_decays(log_gamma), grad_h_T.to(acc))
+    grad_state = grad_state.flip(1)
+    d_log_gamma, d_h0 = _backward_from_reverse_scan(grad_state, h, log_gamma, h0)
+    return grad_state.to(grad_h.dtype), d_log_gamma.to(log_gamma.dtype), d_h0.to(h0.dtype)
+
+
+@_scan_bwd.register_fake
+def _(grad_h, grad_h_T, h, log_gamma, h0, backend):
+    return torch.empty_like(grad_h), torch.empty_like(log_gamma), torch.empty_like(h0)
+
+
+def _setup_context(ctx, inputs, output):
+    _, log_gamma, h0, backend = inputs
+    h, _ = output
+    ctx.save_for_backward(h, log_gamma, h0)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_h, grad_h_T):
+    h, log_gamma, h0 = ctx.saved_tensors
+    if grad_h is None:
+        grad_h = torch.zeros_like(h)
+    if grad_h_T is None:
+        grad_h_T = torch.zeros_like(h0)
+    d_x, d_log_gamma, d_h0 = _scan_bwd(grad_h.contiguous(), grad_h_T.contiguous(), h, log_gamma, h0, ctx.backend)
+    return d_x, d_log_gamma, d_h0, None
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------------------
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Pick the backend that will run; raise if a forced one cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    triton_runs = TRITON_AVAILABLE and (device.type == "cuda" or interpreted)
+    if backend == "triton" and not triton_runs:
+        why = "triton is not importable" if not TRITON_AVAILABLE else f"tensors are on {device.type}, not CUDA (set TRITON_INTERPRET=1 to interpret on CPU)"
+        raise ValueError(f"backend='triton' cannot run: {why}; use backend='torch' or 'auto'")
+    if backend == "auto":
+        if device.type == "cuda" and TRITON_AVAILABLE:
+            return "triton"
+        logger.debug("scan: using the PyTorch reference (device %s, triton available: %s)", device.type, TRITON_AVAILABLE)
+        return "torch"
+    return backend
+
+
+def scan(
+    x: Tensor,
+    log_gamma: Tensor,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """h_t = x_t + exp(log_gamma_t) * h_{t-1}, h_{-1} = initial_state (zeros if None).
+
+    x, log_gamma: [B, T, D], floating (fp32/bf16/fp16/fp64), same shape.
+    initial_state: [B, D] or None.
+    Returns (h [B, T, D] in x.dtype, h_T [B, D] in the accumulation dtype or None).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, D], got shape {tuple(x.shape)}")
+    if log_gamma.shape != x.shape:
+        raise ValueError(f"log_gamma must have the shape of x {tuple(x.shape)}, got {tuple(log_gamma.shape)}")
+    for name, t in (("x", x), ("log_gamma", log_gamma)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    B, T, D = x.shape
+    acc = accumulation_dtype(x.dtype)
+    if initial_state is None:
+        h0 = torch.zeros(B, D, dtype=acc, device=x.device)
+    else:
+        if initial_state.shape != (B, D):
+            raise ValueError(f"initial_state must be [B, D] = {(B, D)}, got {tuple(initial_state.shape)}")
+        h0 = initial_state.to(acc)
+    chosen = resolve_backend(backend, x.device)
+    if T == 0:
+        return x.new_empty(B, 0, D), (h0 if output_final_state else None)
+    h, h_T = _scan_fwd(x.contiguous(), log_gamma.contiguous(), h0.contiguous(), chosen)
+    return h, (h_T if output_final_state else None)
