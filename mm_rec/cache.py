@@ -84,6 +84,12 @@ class MMRecCache:
         return cls(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     @property
+    def is_linear(self) -> List[bool]:
+        """Every layer's state is recurrent (no per-token KV entries): generate() must not slice
+        its inputs by a past length."""
+        return [True] * len(self.layers)
+
+    @property
     def batch_size(self) -> int:
         return self.position.shape[0]
 

@@ -132,6 +132,15 @@ class MMRecConfig(PretrainedConfig):
         if not isinstance(self.use_hem, bool):
             raise ValueError(f"MMRecConfig.use_hem must be a bool, got {self.use_hem!r}")
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """Refuse the config of another model type (transformers would only warn, then build
+        an MM-Rec model from unrelated fields)."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"the config has model_type {model_type!r}, expected {cls.model_type!r}: not an MM-Rec checkpoint")
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -139,3 +148,7 @@ class MMRecConfig(PretrainedConfig):
     @property
     def blocks_per_segment(self) -> int:
         return self.memory_segment_length // self.memory_block_size
+
+
+# save_pretrained copies this file next to config.json and names it in auto_map (AutoConfig).
+MMRecConfig.register_for_auto_class()

@@ -80,6 +80,8 @@ class MultiMemoryAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState) -> Tuple[Tensor, LayerState]:
         """q, k, v: [B, T, d]; returns (m [B, T, d] in q.dtype, the state after the last token)."""
+        if q.shape[1] == 1:
+            return self._decode_step(q, k, v, layout, state)
         outputs = []
         for start in range(0, q.shape[1], self.segment_length):
             window = slice(start, start + self.segment_length)
@@ -88,9 +90,61 @@ class MultiMemoryAttention(nn.Module):
             outputs.append(m)
         return torch.cat(outputs, dim=1), state
 
+    def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """Per-head softmax attention. q: [B, W, d]; keys, values: [B, E, d]; mask: [B, 1, W, E]."""
+        heads = lambda t: t.to(q.dtype).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731
+        m = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), attn_mask=mask)
+        return m.transpose(1, 2).flatten(2)
+
+    def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState):
+        """The lean path for one token per row (decoding): O((S + C) d), no window bookkeeping."""
+        B = q.shape[0]
+        N, L, C = self.block_size, self.segment_length, self.blocks_per_segment
+        pos, real, reset = layout.position[:, 0], layout.real[:, 0], layout.reset[:, 0]
+        slot_keys, slot_values = state.slot_keys, state.slot_values
+        block_keys, block_values, block_count = state.block_keys, state.block_values, state.block_count
+        open_k, open_v, open_n = state.open_key_sum, state.open_value_sum, state.open_count
+        summaries = torch.arange(C, device=q.device)[None] < block_count[:, None]  # [B, C]
+
+        fold = real & ~reset & (pos % L == 0) & (pos > 0)
+        if bool(fold.any()):
+            folded_k, folded_v = fold_into_slots(slot_keys, slot_values, block_keys, block_values, summaries, self.decay)
+            slot_keys = torch.where(fold[:, None, None], folded_k, slot_keys)
+            slot_values = torch.where(fold[:, None, None], folded_v, slot_values)
+        if bool(reset.any()):
+            slot_keys = torch.where(reset[:, None, None], self.slot_keys.float(), slot_keys)
+            slot_values = torch.where(reset[:, None, None], self.slot_values.float(), slot_values)
+            open_n = open_n.masked_fill(reset, 0)
+            open_k = open_k.masked_fill(reset[:, None], 0.0)
+            open_v = open_v.masked_fill(reset[:, None], 0.0)
+        block_count = block_count.masked_fill(fold | reset, 0)
+        summaries = summaries & ~(fold | reset)[:, None]
+
+        S = slot_keys.shape[1]
+        mask = torch.cat([summaries.new_ones(B, S), summaries], 1)[:, None, None]  # [B, 1, 1, S + C]
+        m = self._attend(q, torch.cat([slot_keys, block_keys], 1), torch.cat([slot_values, block_values], 1), mask)
+
+        open_k = open_k + k[:, 0].float() * real[:, None]
+        open_v = open_v + v[:, 0].float() * real[:, None]
+        open_n = open_n + real.long()
+        closes = open_n == N
+        at = block_count.clamp(max=C - 1)
+        write = F.one_hot(at, C).bool() & closes[:, None]  # [B, C]
+        block_keys = torch.where(write[..., None], (open_k / N)[:, None], block_keys)
+        block_values = torch.where(write[..., None], (open_v / N)[:, None], block_values)
+        new_state = LayerState(
+            h=state.h,
+            open_key_sum=open_k.masked_fill(closes[:, None], 0.0),
+            open_value_sum=open_v.masked_fill(closes[:, None], 0.0),
+            open_count=open_n.masked_fill(closes, 0),
+            block_keys=block_keys, block_values=block_values, block_count=block_count + closes.long(),
+            slot_keys=slot_keys, slot_values=slot_values,
+        )
+        return m, new_state
+
     def _window(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState):
         B, W, d = q.shape
-        N, L, C, H = self.block_size, self.segment_length, self.blocks_per_segment, self.num_heads
+        N, L, C = self.block_size, self.segment_length, self.blocks_per_segment
         pos, real, reset = layout.position, layout.real, layout.reset
         rows = torch.arange(B, device=q.device)
 
@@ -101,7 +155,7 @@ class MultiMemoryAttention(nn.Module):
 
         # Blocks: local block 0 continues the carried open block.
         local_block = (real & (pos % N == 0)).long().cumsum(1)
-        num_blocks = W // N + 2  # static bound on the blocks a window can touch
+        num_blocks = int(local_block[:, -1].max()) + 1
         index = local_block.masked_fill(~real, num_blocks)
         key_sum = _scatter_rows(index, k.float() * real[..., None], num_blocks)
         value_sum = _scatter_rows(index, v.float() * real[..., None], num_blocks)
@@ -145,11 +199,8 @@ class MultiMemoryAttention(nn.Module):
             entry_valid[:, None] & (entry_seg[:, None] == local_seg[..., None]) & (entry_from[:, None] <= pos[..., None])
         )
         mask = torch.cat([sees_slot, sees_entry], -1)[:, None]  # [B, 1, W, K*S + E]
-        keys = torch.cat([slot_keys.flatten(1, 2), entry_keys], 1).to(q.dtype)
-        values = torch.cat([slot_values.flatten(1, 2), entry_values], 1).to(q.dtype)
-        heads = lambda t: t.unflatten(-1, (H, -1)).transpose(1, 2)  # noqa: E731  [B, H, n, d_h]
-        m = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), attn_mask=mask)
-        m = m.transpose(1, 2).flatten(2)
+        m = self._attend(q, torch.cat([slot_keys.flatten(1, 2), entry_keys], 1),
+                         torch.cat([slot_values.flatten(1, 2), entry_values], 1), mask)
 
         # The state after the window, per row: its last local segment and last block.
         last_seg = local_seg[:, -1] if W else torch.zeros(B, dtype=torch.long, device=q.device)

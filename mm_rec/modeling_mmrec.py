@@ -10,6 +10,7 @@ import math
 from typing import Optional, Tuple, Union
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -18,6 +19,7 @@ from .block import MMRecBlock
 from .cache import MMRecCache
 from .configuration_mmrec import MMRecConfig
 from .hem import xavier_uniform_rows_
+from .hub import check_loading_info, write_model_card
 from .mdi import init_decay_generator_
 from .memory import MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
@@ -47,6 +49,29 @@ class MMRecPreTrainedModel(PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the recurrent state is an MMRecCache, never a KV cache
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes: bool = False,
+                        output_loading_info: bool = False, **kwargs):
+        """transformers' from_pretrained, made strict: a tensor missing from the checkpoint, or of
+        the wrong shape, raises ValueError naming it (transformers would only warn about a missing
+        one and initialise it at random); so does a truncated weights file.
+        ``ignore_mismatched_sizes=True`` re-initialises mismatched tensors, as in transformers."""
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as err:
+            raise ValueError(f"cannot load {cls.__name__} from {pretrained_model_name_or_path!r}: a weights file is corrupt or truncated ({err})") from err
+        check_loading_info(cls.__name__, pretrained_model_name_or_path, loading_info, ignore_mismatched_sizes)
+        return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
+        """transformers' save_pretrained (weights, config, generation config, and the model code,
+        see mm_rec/hub.py), plus the model card README.md."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_model_card(save_directory, self.config, self.num_parameters())
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -252,3 +277,9 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
             T = inputs["inputs_embeds"].shape[1] if "inputs_embeds" in inputs else inputs["input_ids"].shape[1]
             inputs["attention_mask"] = attention_mask[:, -T:]
         return inputs
+
+
+# save_pretrained copies this file and its relative imports into the checkpoint folder and
+# names the classes in config.json's auto_map, so trust_remote_code loads them without mm_rec.
+MMRecModel.register_for_auto_class("AutoModel")
+MMRecForCausalLM.register_for_auto_class("AutoModelForCausalLM")

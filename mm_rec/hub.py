@@ -1,0 +1,191 @@
+"""MM-Rec as a Hugging Face Hub model: the model card, strict checkpoint loading, auto classes.
+
+A folder written by ``model.save_pretrained(path)`` (plus ``tokenizer.save_pretrained(path)``)
+is self-contained: safetensors weights, ``config.json`` with ``auto_map``,
+``generation_config.json``, this package's modules copied flat (``modeling_mmrec.py`` and
+every module it imports relatively, this one included), and a model card ``README.md``.
+Anywhere transformers is installed, without this package:
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pipeline("text-generation", model=path, trust_remote_code=True)
+
+LoRA (PEFT): ``LoraConfig(task_type="CAUSAL_LM", target_modules=LORA_TARGET_MODULES)`` adapts
+every linear map of a block: the fused HEM projection ``hem.W_fused`` (q, k, v, z, gate and
+the decay input p in one matrix), the readout ``W_o`` and the FFN ``ffn.up`` / ``ffn.down``.
+With ``use_hem=False`` target ``LORA_TARGET_MODULES_UNFUSED`` instead. The decay generator
+``mdi.W_E``, the state gate ``state_gate.W_g`` and the memory slots are left out on purpose:
+they set the memory timescales, which a small adapter should not move.
+
+This module is copied into every checkpoint and imported by the model code there, so it
+imports only what transformers itself needs (matplotlib, for ``save_loss_curve``, is optional).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from huggingface_hub import metadata_load
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGET_MODULES = ["W_fused", "W_o", "up", "down"]
+LORA_TARGET_MODULES_UNFUSED = ["W_q", "W_k", "W_v", "W_z", "W_g", "W_p", "W_o", "up", "down"]
+
+CARD_NAME = "README.md"
+CARD_TAGS = ["custom_code", "mm-rec"]
+
+_CARD_HEADER = (
+    "---\n"
+    "library_name: transformers\n"
+    "pipeline_tag: text-generation\n"
+    "tags:\n" + "".join(f"- {tag}\n" for tag in CARD_TAGS) + "---\n"
+)
+
+_CONFIG_ROWS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "pe_dim",
+    "memory_block_size", "memory_segment_length", "num_memory_slots", "memory_decay", "recurrence_gate", "use_hem",
+)
+
+
+def is_our_card(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a model card written by ``write_model_card`` (its YAML header has
+    ``library_name: transformers`` and the ``mm-rec`` tag)."""
+    metadata = metadata_load(path) or {}
+    return metadata.get("library_name") == "transformers" and "mm-rec" in (metadata.get("tags") or [])
+
+
+def model_card(config, num_parameters: Optional[int] = None, metrics: Optional[Mapping[str, float]] = None,
+               training: Optional[str] = None) -> str:
+    """The text of the model card: YAML header, what the model is, how to load and fine-tune
+    it, its configuration, and (when given) evaluation ``metrics`` and a ``training`` note."""
+    size = f" ({num_parameters / 1e6:.2f}M parameters)" if num_parameters else ""
+    lines = [
+        _CARD_HEADER,
+        f"# MM-Rec{size}",
+        "",
+        "MM-Rec (Multi-Memory Recurrence) is a causal language model whose token mixer is a gated,",
+        "data-dependent linear recurrence (a parallel scan) plus a small attention over a hierarchical",
+        "memory of block summaries and persistent memory slots. Decoding a token costs the same",
+        "however long the context: the state is a fixed-size `MMRecCache`, not a growing KV cache.",
+        "",
+        "## Usage",
+        "",
+        "The model code is in this folder; load it with `trust_remote_code=True`:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40, do_sample=True)[0]))",
+        "```",
+        "",
+        "Fine-tune with LoRA (PEFT):",
+        "",
+        "```python",
+        "from peft import LoraConfig, get_peft_model",
+        "",
+        f"target_modules = {LORA_TARGET_MODULES if getattr(config, 'use_hem', True) else LORA_TARGET_MODULES_UNFUSED}",
+        'model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=target_modules))',
+        "```",
+        "",
+        "## Configuration",
+        "",
+        "| field | value |",
+        "|---|---|",
+        *(f"| `{name}` | {getattr(config, name)} |" for name in _CONFIG_ROWS if hasattr(config, name)),
+    ]
+    if metrics:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
+                  for name, value in metrics.items()]
+    if training:
+        lines += ["", "## Training", "", training]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(save_directory: str | os.PathLike, config, num_parameters: Optional[int] = None,
+                     metrics: Optional[Mapping[str, float]] = None, training: Optional[str] = None) -> bool:
+    """Write ``README.md`` into ``save_directory``. A README that is not ours (see
+    ``is_our_card``) is the user's card: it is kept, and this returns False."""
+    path = os.path.join(os.fspath(save_directory), CARD_NAME)
+    if os.path.exists(path) and not is_our_card(path):
+        logger.warning("%s exists and was not written by mm_rec: keeping it, not writing the MM-Rec model card", path)
+        return False
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(model_card(config, num_parameters, metrics, training))
+    return True
+
+
+def check_loading_info(class_name: str, path, loading_info: Mapping, ignore_mismatched_sizes: bool) -> None:
+    """Raise ValueError when ``from_pretrained`` left a parameter at its random initialisation:
+    a tensor missing from the checkpoint, or (unless ``ignore_mismatched_sizes``) one whose
+    shape does not match the config. ``loading_info`` is transformers' ``output_loading_info``."""
+    missing = sorted(loading_info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"cannot load {class_name} from {path!r}: the checkpoint has no tensor for {missing}; "
+            "it is incomplete or was written by another model"
+        )
+    mismatched = sorted(loading_info.get("mismatched_keys") or [])
+    if mismatched and not ignore_mismatched_sizes:
+        described = ", ".join(f"{key} (checkpoint {tuple(saved)}, model {tuple(expected)})" for key, saved, expected in mismatched)
+        raise ValueError(
+            f"cannot load {class_name} from {path!r}: tensor shapes do not match the config: {described}; "
+            "pass ignore_mismatched_sizes=True to re-initialise those tensors instead"
+        )
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` resolve model_type "mmrec"
+    to this package's classes (no ``trust_remote_code`` needed where mm_rec is installed)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .configuration_mmrec import MMRecConfig
+    from .modeling_mmrec import MMRecForCausalLM, MMRecModel
+
+    AutoConfig.register(MMRecConfig.model_type, MMRecConfig, exist_ok=True)
+    AutoModel.register(MMRecConfig, MMRecModel, exist_ok=True)
+    AutoModelForCausalLM.register(MMRecConfig, MMRecForCausalLM, exist_ok=True)
+
+
+def loss_history(log_history: Sequence[Mapping]) -> Dict[str, List[tuple]]:
+    """Trainer's ``state.log_history`` -> {"train": [(step, loss)], "validation": [(step, eval_loss)]}."""
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    validation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry and "step" in entry]
+    return {"train": train, "validation": validation}
+
+
+def save_loss_curve(log_history: Sequence[Mapping], path: str | os.PathLike, title: str = "MM-Rec") -> None:
+    """Plot the train and validation loss of a Trainer run (``trainer.state.log_history``) to a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("save_loss_curve needs matplotlib: pip install matplotlib") from err
+    curves = loss_history(log_history)
+    if not curves["train"] and not curves["validation"]:
+        raise ValueError("log_history holds no 'loss' or 'eval_loss' entries to plot")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, style in (("train", "-"), ("validation", "o-")):
+        if curves[name]:
+            steps, losses = zip(*curves[name])
+            ax.plot(steps, losses, style, label=f"{name} loss")
+    if curves["validation"]:
+        step, loss = curves["validation"][-1]
+        ax.annotate(f"{loss:.3f} (ppl {math.exp(loss):.1f})", (step, loss), textcoords="offset points", xytext=(-60, 10))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
