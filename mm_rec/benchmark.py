@@ -42,3 +42,54 @@ def decode_latency(model, context_lengths: Sequence[int], steps: int = 32, batch
             row["recompute_ms"] = 1e3 * (time.perf_counter() - start)
         rows.append(row)
     return rows
+
+
+def cuda_median_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time of ``fn()`` on the current CUDA stream, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.bfloat16,
+                             repeats: int = 10) -> List[Dict[str, float]]:
+    """Time one layer's multi-memory attention (forward, forward+backward) and its peak memory
+    under each SDPA backend that can run the masked attention on CUDA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .block import MMRecBlock
+    from .positions import token_layout
+
+    block = MMRecBlock(config, 0).to("cuda", dtype)
+    torch.nn.init.normal_(block.memory.slot_keys)
+    torch.nn.init.normal_(block.memory.slot_values)
+    d = config.hidden_size
+    q, k, v = (torch.randn(batch_size, seq_len, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    layout = token_layout(torch.ones(batch_size, seq_len, device="cuda"), None,
+                          torch.zeros(batch_size, dtype=torch.long, device="cuda"))
+
+    def forward():
+        return block.memory(q, k, v, layout, block.fresh_state(batch_size))[0]
+
+    def forward_backward():
+        forward().float().square().mean().backward()
+
+    rows = []
+    for name, backend in (("sdpa efficient (chosen)", SDPBackend.EFFICIENT_ATTENTION),
+                          ("sdpa math (materialised scores)", SDPBackend.MATH)):
+        with sdpa_kernel([backend]):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fwd = cuda_median_ms(forward, repeats=repeats)
+            fwd_bwd = cuda_median_ms(forward_backward, repeats=repeats)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        rows.append({"backend": name, "forward_ms": fwd, "forward_backward_ms": fwd_bwd, "peak_extra_mib": peak})
+    return rows

@@ -94,7 +94,7 @@ def _chunked_scan_torch(x: Tensor, log_gamma: Tensor, h0: Tensor) -> Tuple[Tenso
         h_chunk = h_chunk + torch.exp(L) * (run == 0) * h[:, None]
         out[:, start:stop] = h_chunk
         h = h_chunk[:, -1]
-    return out, h
+    return out, h.clone()  # a fresh tensor: custom-op outputs must not be views
 
 
 def _reverse_decays(log_gamma: Tensor) -> Tensor:
