@@ -24,6 +24,14 @@ def median_ms(fn):
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+def forward(op, x, log_gamma):
+    def run():
+        with torch.no_grad():
+            op(x, log_gamma)
+
+    return run
+
+
 def forward_and_backward(op, x, log_gamma, grad_h):
     def run():
         h = op(x, log_gamma)[0]
@@ -53,26 +61,22 @@ def main():
     src = torch.randn(3 * n // 2, device="cuda", dtype=dtype)
     dst = torch.empty_like(src)
 
-    def mm_rec(backend):
+    def scan_op(backend):
         return lambda x, log_gamma: scan(x, log_gamma, backend=backend)
 
     cases = [("copy (roofline)", "fwd", lambda: dst.copy_(src))]
-    cases += [("mm_rec scan triton fwd", "fwd", lambda: mm_rec("triton")(x, log_gamma))]
-    cases += [("mm_rec scan triton fwd+bwd", "fwd+bwd", forward_and_backward(mm_rec("triton"), x, log_gamma, grad_h))]
+    cases += [("mm_rec scan triton fwd", "fwd", forward(scan_op("triton"), x, log_gamma))]
+    cases += [("mm_rec scan triton fwd+bwd", "fwd+bwd", forward_and_backward(scan_op("triton"), x, log_gamma, grad_h))]
     for name, op in (("fla chunk_hgrn", chunk_hgrn), ("fla fused_recurrent_hgrn", fused_recurrent_hgrn)):
         if op is None:
             cases += [(f"{name} fwd", "fwd", None), (f"{name} fwd+bwd", "fwd+bwd", None)]
         else:
-            cases += [(f"{name} fwd", "fwd", lambda op=op: op(x, log_gamma))]
+            cases += [(f"{name} fwd", "fwd", forward(op, x, log_gamma))]
             cases += [(f"{name} fwd+bwd", "fwd+bwd", forward_and_backward(op, x, log_gamma, grad_h))]
     if not args.skip_torch:
-        cases += [("mm_rec scan torch fwd", "fwd", lambda: mm_rec("torch")(x, log_gamma))]
+        cases += [("mm_rec scan torch fwd", "fwd", forward(scan_op("torch"), x, log_gamma))]
 
-    times = {}
-    with torch.no_grad():
-        times["copy (roofline)"] = median_ms(cases[0][2])
-    for name, _, fn in cases[1:]:
-        times[name] = None if fn is None else median_ms(fn)
+    times = {name: None if fn is None else median_ms(fn) for name, _, fn in cases}
 
     copy_gbs = fwd_bytes / times["copy (roofline)"] / 1e6
     header = ["kernel", "median ms", "GB/s", "% of copy", "speed-up vs fla chunk_hgrn"]
