@@ -66,15 +66,18 @@ class MMRecConfig(PretrainedConfig):
         pad_token_id: Optional[int] = None,
         **kwargs,
     ):
+        given = {"hidden_size": hidden_size, "num_attention_heads": num_attention_heads,
+                 "intermediate_size": intermediate_size}
+        defaults = {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": None}
         for seed_name, hf_name in _SEED_ALIASES.items():
             if seed_name in kwargs:
                 value = kwargs.pop(seed_name)
-                if hf_name == "hidden_size":
-                    hidden_size = value
-                elif hf_name == "num_attention_heads":
-                    num_attention_heads = value
-                else:
-                    intermediate_size = value
+                if given[hf_name] != defaults[hf_name] and given[hf_name] != value:
+                    raise ValueError(f"MMRecConfig got {hf_name}={given[hf_name]!r} and its seed alias "
+                                     f"{seed_name}={value!r}: pass one of them")
+                given[hf_name] = value
+        hidden_size, num_attention_heads, intermediate_size = (
+            given["hidden_size"], given["num_attention_heads"], given["intermediate_size"])
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
