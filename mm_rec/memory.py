@@ -75,8 +75,8 @@ class MultiMemoryAttention(nn.Module):
         self.segment_length = config.memory_segment_length
         self.blocks_per_segment = config.blocks_per_segment
         self.decay = float(config.memory_decay)
-        self.slot_keys = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
-        self.slot_values = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
+        self.slot_keys = nn.Parameter(torch.randn(config.num_memory_slots, config.hidden_size))
+        self.slot_values = nn.Parameter(torch.randn(config.num_memory_slots, config.hidden_size))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState) -> Tuple[Tensor, LayerState]:
         """q, k, v: [B, T, d]; returns (m [B, T, d] in q.dtype, the state after the last token)."""
@@ -151,7 +151,7 @@ class MultiMemoryAttention(nn.Module):
         # Local segments: a new one starts at a document start or a segment boundary.
         boundary = real & (reset | ((pos % L == 0) & (pos > 0)))
         local_seg = boundary.long().cumsum(1)  # [B, W]
-        num_local = int(local_seg.max()) + 1 if W else 1
+        num_local = int(local_seg.max()) + 1
 
         # Blocks: local block 0 continues the carried open block.
         local_block = (real & (pos % N == 0)).long().cumsum(1)
@@ -203,11 +203,11 @@ class MultiMemoryAttention(nn.Module):
                          torch.cat([slot_values.flatten(1, 2), entry_values], 1), mask)
 
         # The state after the window, per row: its last local segment and last block.
-        last_seg = local_seg[:, -1] if W else torch.zeros(B, dtype=torch.long, device=q.device)
+        last_seg = local_seg[:, -1]
         keep = entry_valid & (entry_seg == last_seg[:, None])
         slot = keep.long().cumsum(1) - 1
         target = slot.masked_fill(~keep, C)  # compacted, in order; capacity C
-        last_block = local_block[:, -1] if W else torch.zeros_like(last_seg)
+        last_block = local_block[:, -1]
         open_done = complete[rows, last_block]
         zero = torch.zeros((), device=q.device)
         new_state = LayerState(
