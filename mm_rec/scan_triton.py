@@ -3,33 +3,24 @@
 Importing this module never fails: without Triton, AVAILABLE is False and scan.py
 chooses the PyTorch reference.
 
-Algorithm: one pass over the data, super-chunks chained through a carry buffer.
-T is cut into chunks of BT steps, and K consecutive chunks form a super-chunk. A program
-owns one super-chunk of one batch row and BD channels, and works in three phases:
+Algorithm: one pass over the data, chunks chained through a carry buffer.
+T is cut into chunks of BT steps; a program owns one tile (batch b, chunk c, BD channels).
+It loads its tile once, scans it in registers from a zero state
+(``tl.associative_scan`` of the pairs (gamma_t, x_t), linear space), waits for the state
+at the end of chunk c-1 that the program of chunk c-1 publishes, publishes its own end
+state, then adds the carried state to its tile and writes h. So x and log_gamma are read
+once and h written once; only the [B, D] carries cross programs, one chunk after another.
 
-1. For each of its chunks it loads the [BT, BD] tile, scans it in registers from a zero
-   state (``tl.associative_scan`` of the pairs (gamma_t, x_t), linear space), and folds
-   the chunk's end row (total decay, end state) into the super-chunk's own transition.
-2. It waits for the state at the end of super-chunk s-1, which that super-chunk's program
-   publishes, and publishes its own end state (one multiply-add away).
-3. It walks its chunks again with the carried state: reloads each tile (it is still in
-   L2; the last chunk's scan is still in registers), adds the carry and writes h.
-
-So x and log_gamma are read from memory once and h written once, and only the [B, D]
-carries cross programs. The hand-off between programs is the serial part of the kernel
-(a few L2 round trips per super-chunk), so K chunks per program make that chain K times
-shorter than one chunk per program would, while a tile of BT rows keeps registers small.
-
-Chaining programs is safe only if a super-chunk's predecessor is running or done: tiles
-are not taken by program id but from a global counter (``atomic_add``), in super-chunk
-order, so every tile a program waits on has already been claimed by a resident program.
+Chaining programs is safe only if a tile's predecessor is running or done: tiles are not
+taken by program id but from a global counter (``atomic_add``), in chunk order, so every
+tile a program waits on has already been claimed by a program that is resident.
 A carry is published by storing it, a CTA barrier, then raising its flag with release
 semantics; the consumer spins on the flag with acquire semantics (one scalar atomic, whose
 result every thread shares) before it loads the carry.
 
-The backward is the same chain run from the last super-chunk to the first (chunks in
-reverse order too): the gradient g that reaches h_t obeys g_t = grad_h_t + gamma_{t+1}
-g_{t+1}, a reverse scan whose decays are log_gamma shifted by one step.
+The backward is the same chain run from the last chunk to the first: the gradient g that
+reaches h_t obeys g_t = grad_h_t + gamma_{t+1} g_{t+1}, a reverse scan whose decays are
+log_gamma shifted by one step.
 
 Resets (log_gamma = -inf) need nothing special: gamma = exp(-inf) = 0 zeroes every product
 that crosses them, the carried state included. All arithmetic is float32.
@@ -49,15 +40,14 @@ except ImportError:  # CPU-only machines load the model without Triton
     AVAILABLE = False
 
 
-def _block_sizes(device: torch.device, backward: bool) -> Tuple[int, int, int, int]:
-    """(BT steps, BD channels, K chunks per program, num_warps) of the forward or backward.
-    On an H100 (B=8, T=4096, D=2048, bf16) small one-warp tiles, several per program, ran
-    fastest of the configurations swept. The interpreter runs associative_scan's combine
-    once per element in Python, so tiles stay small there too (and K = 2 keeps the
-    tests on the multi-chunk path)."""
+def _block_sizes(device: torch.device) -> Tuple[int, int, int]:
+    """(BT steps, BD channels, num_warps) of one tile. On an H100 (B=8, T=4096, D=2048, bf16)
+    small one-warp tiles ran fastest of the configurations swept.
+    The interpreter runs associative_scan's combine once per element in Python, so tiles
+    stay small there too."""
     if device.type != "cuda":
-        return 16, 16, 2, 1
-    return (32, 32, 4, 1) if backward else (32, 32, 4, 1)
+        return 16, 16, 1
+    return 32, 32, 1
 
 
 if AVAILABLE:
@@ -68,19 +58,19 @@ if AVAILABLE:
         return a_prev * a_next, h_next + a_next * h_prev
 
     @triton.jit
-    def _claim_tile(flags, B, D, NS, BD: tl.constexpr, REVERSE: tl.constexpr):
-        """The next tile in chain order: (super-chunk, batch, channel block). flags[0]
-        counts the tiles handed out."""
+    def _claim_tile(flags, B, D, NT, BD: tl.constexpr, REVERSE: tl.constexpr):
+        """The next tile in chain order: (chunk, batch, channel block). flags[0] counts
+        the tiles handed out."""
         n_d = tl.cdiv(D, BD)
         tile = tl.atomic_add(flags, 1)
-        i_s = tile // (B * n_d)
+        i_c = tile // (B * n_d)
         if REVERSE:
-            i_s = NS - 1 - i_s
-        return i_s, (tile // n_d) % B, tile % n_d
+            i_c = NT - 1 - i_c
+        return i_c, (tile // n_d) % B, tile % n_d
 
     @triton.jit
     def _wait_for_carry(carries, flags, slot, B, D, i_b, i_d, o_d, mask_d, BD: tl.constexpr):
-        """Spin until the carry of super-chunk `slot` is published, and return it [BD] fp32.
+        """Spin until the carry of chunk `slot` is published, and return it [BD] fp32.
         One flag per tile, not a sentinel per element: a [BD] vector can be replicated
         across threads, and a reduction over it checks only one copy of each element."""
         tile = (slot * B + i_b) * tl.cdiv(D, BD) + i_d
@@ -100,27 +90,6 @@ if AVAILABLE:
         """Row r of a [BT, BD] tile, as [BD]."""
         return tl.sum(tl.where(rows[:, None] == r, tile, 0.0), axis=0)
 
-    @triton.jit
-    def _tile(i_b, t0, T, D, o_d, mask_d, BT: tl.constexpr):
-        """Rows t0 .. t0+BT-1 of batch i_b: (steps [BT], offsets [BT, BD], mask [BT, BD])."""
-        t = t0 + tl.arange(0, BT)
-        mask = (t < T)[:, None] & mask_d[None, :]
-        return t, (i_b.to(tl.int64) * T + t[:, None]) * D + o_d[None, :], mask
-
-    @triton.jit
-    def _fwd_chunk(x, log_gamma, i_b, t0, T, D, o_d, mask_d, BT: tl.constexpr, BD: tl.constexpr, HAS_X: tl.constexpr):
-        """Scan of the chunk starting at t0 from a zero state: (offsets, mask, decay,
-        h_local), where h_t = h_local_t + decay_t * (state before the chunk)."""
-        _, offs, mask = _tile(i_b, t0, T, D, o_d, mask_d, BT)
-        # rows past T get gamma = 1, x = 0: the tile's last row is then the chunk's end state
-        gamma = tl.exp(tl.load(log_gamma + offs, mask=mask, other=0.0).to(tl.float32))
-        if HAS_X:
-            u = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            u = tl.zeros([BT, BD], dtype=tl.float32)
-        decay, h_local = tl.associative_scan((gamma, u), axis=0, combine_fn=_linear_combine)
-        return offs, mask, decay, h_local
-
     @triton.heuristics({
         "HAS_X": lambda args: args["x"] is not None,
         "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
@@ -129,70 +98,85 @@ if AVAILABLE:
     @triton.jit
     def _scan_fwd_kernel(
         x, log_gamma, h0, h, h_T, carries, flags,
-        T, B, D, NS,
-        BT: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
+        T, B, D, NT,
+        BT: tl.constexpr, BD: tl.constexpr,
         HAS_X: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     ):
-        """h_t = x_t + exp(log_gamma_t) h_{t-1} for one super-chunk of K [BT, BD] tiles
-        (x = 0 if absent)."""
-        i_s, i_b, i_d = _claim_tile(flags, B, D, NS, BD, False)
+        """h_t = x_t + exp(log_gamma_t) h_{t-1} for one [BT, BD] tile (x = 0 if absent)."""
+        i_c, i_b, i_d = _claim_tile(flags, B, D, NT, BD, False)
         rows = tl.arange(0, BT)
+        t = i_c * BT + rows
         o_d = i_d * BD + tl.arange(0, BD)
         mask_d = o_d < D
-        t0 = i_s * (K * BT)
+        mask = (t < T)[:, None] & mask_d[None, :]
+        offs = (i_b.to(tl.int64) * T + t[:, None]) * D + o_d[None, :]
 
-        # phase 1: the super-chunk's transition h -> total_decay * h + h_end
-        total_decay = tl.full([BD], 1.0, dtype=tl.float32)
-        h_end = tl.zeros([BD], dtype=tl.float32)
-        for k in tl.static_range(K):
-            offs, mask, decay, h_local = _fwd_chunk(x, log_gamma, i_b, t0 + k * BT, T, D, o_d, mask_d, BT, BD, HAS_X)
-            decay_end = _row(decay, rows, BT - 1)
-            h_end = _row(h_local, rows, BT - 1) + decay_end * h_end
-            total_decay *= decay_end
+        # rows past T get gamma = 1, x = 0: the tile's last row is then the chunk's end state
+        gamma = tl.exp(tl.load(log_gamma + offs, mask=mask, other=0.0).to(tl.float32))
+        if HAS_X:
+            u = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            u = tl.zeros([BT, BD], dtype=tl.float32)
+        decay, h_local = tl.associative_scan((gamma, u), axis=0, combine_fn=_linear_combine)
+        decay_end = _row(decay, rows, BT - 1)
+        h_local_end = _row(h_local, rows, BT - 1)
 
-        # phase 2: the chain
-        if i_s > 0:
-            carry = _wait_for_carry(carries, flags, i_s - 1, B, D, i_b, i_d, o_d, mask_d, BD)
+        if i_c > 0:
+            carry = _wait_for_carry(carries, flags, i_c - 1, B, D, i_b, i_d, o_d, mask_d, BD)
         elif USE_INITIAL_STATE:
             carry = tl.load(h0 + i_b * D + o_d, mask=mask_d, other=0.0).to(tl.float32)
         else:
             carry = tl.zeros([BD], dtype=tl.float32)
-        carry_end = h_end + total_decay * carry
-        _publish_carry(carries, flags, i_s, B, D, i_b, i_d, o_d, mask_d, carry_end, BD)
+        carry_end = h_local_end + decay_end * carry
+        _publish_carry(carries, flags, i_c, B, D, i_b, i_d, o_d, mask_d, carry_end, BD)
         if STORE_FINAL_STATE:
-            if i_s == NS - 1:
+            if i_c == NT - 1:
                 tl.store(h_T + i_b * D + o_d, carry_end, mask=mask_d)
 
-        # phase 3: h, chunk by chunk; the last chunk's scan is still in registers
-        for k in tl.static_range(K - 1):
-            offs_k, mask_k, decay_k, h_local_k = _fwd_chunk(
-                x, log_gamma, i_b, t0 + k * BT, T, D, o_d, mask_d, BT, BD, HAS_X
-            )
-            h_tile = h_local_k + decay_k * carry[None, :]
-            tl.store(h + offs_k, h_tile.to(h.dtype.element_ty), mask=mask_k)
-            carry = _row(h_tile, rows, BT - 1)
         h_tile = h_local + decay * carry[None, :]
         tl.store(h + offs, h_tile.to(h.dtype.element_ty), mask=mask)
 
+    @triton.heuristics({
+        "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
+        "USE_FINAL_STATE_GRADIENT": lambda args: args["grad_h_T"] is not None,
+    })
     @triton.jit
-    def _bwd_chunk(grad_h, log_gamma, i_b, t0, T, D, o_d, mask_d, BT: tl.constexpr):
-        """Reverse scan of the chunk starting at t0 from a zero gradient: (steps, offsets,
-        mask, decay, g_local), where g_t = g_local_t + decay_t * (gradient after the chunk)."""
-        t, offs, mask = _tile(i_b, t0, T, D, o_d, mask_d, BT)
+    def _scan_bwd_kernel(
+        grad_h, grad_h_T, h, log_gamma, h0, d_x, d_log_gamma, d_h0, carries, flags,
+        T, B, D, NT,
+        BT: tl.constexpr, BD: tl.constexpr,
+        USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
+    ):
+        """g_t = grad_h_t + gamma_{t+1} g_{t+1} for one tile, then d_x = g and
+        d_log_gamma_t = g_t gamma_t h_{t-1}; chunks chain from the last to the first."""
+        i_c, i_b, i_d = _claim_tile(flags, B, D, NT, BD, True)
+        rows = tl.arange(0, BT)
+        t = i_c * BT + rows
+        o_d = i_d * BD + tl.arange(0, BD)
+        mask_d = o_d < D
+        mask = (t < T)[:, None] & mask_d[None, :]
+        offs = (i_b.to(tl.int64) * T + t[:, None]) * D + o_d[None, :]
+
         # the decay of step t of the reverse scan is gamma_{t+1}; 1 past the end, where
         # grad_h_T enters as the carry
         mask_next = (t + 1 < T)[:, None] & mask_d[None, :]
         gamma_next = tl.exp(tl.load(log_gamma + offs + D, mask=mask_next, other=0.0).to(tl.float32))
         dh = tl.load(grad_h + offs, mask=mask, other=0.0).to(tl.float32)
         decay, g_local = tl.associative_scan((gamma_next, dh), axis=0, combine_fn=_linear_combine, reverse=True)
-        return t, offs, mask, decay, g_local
+        decay_start = _row(decay, rows, 0)
+        g_local_start = _row(g_local, rows, 0)
 
-    @triton.jit
-    def _bwd_store(g, t, offs, mask, h, log_gamma, h0, d_x, d_log_gamma, d_h0, i_b, D, o_d, mask_d, rows,
-                   USE_INITIAL_STATE: tl.constexpr):
-        """Write one chunk's d_x = g and d_log_gamma_t = g_t gamma_t h_{t-1} (and d_h0 for
-        the chunk at t = 0); return g at the chunk's first step, the carry of the chunk before."""
+        if i_c < NT - 1:
+            carry = _wait_for_carry(carries, flags, i_c + 1, B, D, i_b, i_d, o_d, mask_d, BD)
+        elif USE_FINAL_STATE_GRADIENT:
+            carry = tl.load(grad_h_T + i_b * D + o_d, mask=mask_d, other=0.0).to(tl.float32)
+        else:
+            carry = tl.zeros([BD], dtype=tl.float32)
+        _publish_carry(carries, flags, i_c, B, D, i_b, i_d, o_d, mask_d, g_local_start + decay_start * carry, BD)
+
+        g = g_local + decay * carry[None, :]
         tl.store(d_x + offs, g.to(d_x.dtype.element_ty), mask=mask)
+
         gamma = tl.exp(tl.load(log_gamma + offs, mask=mask, other=0.0).to(tl.float32))
         mask_prev = (t >= 1)[:, None] & mask
         h_prev = tl.load(h + offs - D, mask=mask_prev, other=0.0).to(tl.float32)
@@ -203,57 +187,8 @@ if AVAILABLE:
         g_gamma = g * gamma
         tl.store(d_log_gamma + offs, (g_gamma * h_prev).to(d_log_gamma.dtype.element_ty), mask=mask)
         if USE_INITIAL_STATE:
-            if tl.min(t, axis=0) == 0:
+            if i_c == 0:
                 tl.store(d_h0 + i_b * D + o_d, _row(g_gamma, rows, 0).to(d_h0.dtype.element_ty), mask=mask_d)
-        return _row(g, rows, 0)
-
-    @triton.heuristics({
-        "USE_INITIAL_STATE": lambda args: args["h0"] is not None,
-        "USE_FINAL_STATE_GRADIENT": lambda args: args["grad_h_T"] is not None,
-    })
-    @triton.jit
-    def _scan_bwd_kernel(
-        grad_h, grad_h_T, h, log_gamma, h0, d_x, d_log_gamma, d_h0, carries, flags,
-        T, B, D, NS,
-        BT: tl.constexpr, BD: tl.constexpr, K: tl.constexpr,
-        USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    ):
-        """g_t = grad_h_t + gamma_{t+1} g_{t+1} for one super-chunk, then d_x = g and
-        d_log_gamma_t = g_t gamma_t h_{t-1}; super-chunks and their chunks run from the
-        last to the first."""
-        i_s, i_b, i_d = _claim_tile(flags, B, D, NS, BD, True)
-        rows = tl.arange(0, BT)
-        o_d = i_d * BD + tl.arange(0, BD)
-        mask_d = o_d < D
-        t0 = i_s * (K * BT)
-
-        # phase 1: the super-chunk's transition g -> total_decay * g + g_start
-        total_decay = tl.full([BD], 1.0, dtype=tl.float32)
-        g_start = tl.zeros([BD], dtype=tl.float32)
-        for j in tl.static_range(K):
-            t, offs, mask, decay, g_local = _bwd_chunk(grad_h, log_gamma, i_b, t0 + (K - 1 - j) * BT, T, D, o_d, mask_d, BT)
-            decay_start = _row(decay, rows, 0)
-            g_start = _row(g_local, rows, 0) + decay_start * g_start
-            total_decay *= decay_start
-
-        # phase 2: the chain
-        if i_s < NS - 1:
-            carry = _wait_for_carry(carries, flags, i_s + 1, B, D, i_b, i_d, o_d, mask_d, BD)
-        elif USE_FINAL_STATE_GRADIENT:
-            carry = tl.load(grad_h_T + i_b * D + o_d, mask=mask_d, other=0.0).to(tl.float32)
-        else:
-            carry = tl.zeros([BD], dtype=tl.float32)
-        _publish_carry(carries, flags, i_s, B, D, i_b, i_d, o_d, mask_d, g_start + total_decay * carry, BD)
-
-        # phase 3: the gradients, chunk by chunk; the first chunk's scan is still in registers
-        for j in tl.static_range(K - 1):
-            t_k, offs_k, mask_k, decay_k, g_local_k = _bwd_chunk(
-                grad_h, log_gamma, i_b, t0 + (K - 1 - j) * BT, T, D, o_d, mask_d, BT
-            )
-            carry = _bwd_store(g_local_k + decay_k * carry[None, :], t_k, offs_k, mask_k, h, log_gamma, h0,
-                               d_x, d_log_gamma, d_h0, i_b, D, o_d, mask_d, rows, USE_INITIAL_STATE)
-        _bwd_store(g_local + decay * carry[None, :], t, offs, mask, h, log_gamma, h0,
-                   d_x, d_log_gamma, d_h0, i_b, D, o_d, mask_d, rows, USE_INITIAL_STATE)
 
 
 def _check(name: str, t: Tensor, shape: Tuple[int, ...]) -> None:
@@ -265,20 +200,23 @@ def _check(name: str, t: Tensor, shape: Tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be contiguous")
 
 
-def _launch(kernel, *args, T: int, B: int, D: int, device: torch.device, backward: bool) -> None:
-    """Run a chained kernel over super-chunks, with its carries [NS, B, D] fp32 and flags
-    (the tile counter, then one ready flag per (super-chunk, b, channel block))."""
-    BT, BD, K, num_warps = _block_sizes(device, backward)
-    n_super = triton.cdiv(T, K * BT)
-    n_tiles = n_super * B * triton.cdiv(D, BD)
-    carries = torch.empty(n_super, B, D, dtype=torch.float32, device=device)
-    flags = torch.zeros(1 + n_tiles, dtype=torch.int32, device=device)
-    kernel[(n_tiles,)](*args, carries, flags, T, B, D, n_super, BT=BT, BD=BD, K=K, num_warps=num_warps)
+def _chain_buffers(n_chunks: int, B: int, D: int, BD: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """The carries [n_chunks, B, D] fp32 and their flags: the tile counter, then one
+    ready flag per (chunk, b, channel block)."""
+    carries = torch.empty(n_chunks, B, D, dtype=torch.float32, device=device)
+    flags = torch.zeros(1 + n_chunks * B * triton.cdiv(D, BD), dtype=torch.int32, device=device)
+    return carries, flags
 
 
 def _launch_fwd(x: Optional[Tensor], log_gamma: Tensor, h0: Optional[Tensor], h: Tensor, h_T: Optional[Tensor]) -> None:
     B, T, D = log_gamma.shape
-    _launch(_scan_fwd_kernel, x, log_gamma, h0, h, h_T, T=T, B=B, D=D, device=log_gamma.device, backward=False)
+    BT, BD, num_warps = _block_sizes(log_gamma.device)
+    n_chunks = triton.cdiv(T, BT)
+    carries, flags = _chain_buffers(n_chunks, B, D, BD, log_gamma.device)
+    grid = (n_chunks * B * triton.cdiv(D, BD),)
+    _scan_fwd_kernel[grid](
+        x, log_gamma, h0, h, h_T, carries, flags, T, B, D, n_chunks, BT=BT, BD=BD, num_warps=num_warps
+    )
 
 
 def scan_fwd(x: Tensor, log_gamma: Tensor, h0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -314,9 +252,13 @@ def scan_bwd(
     d_x = torch.empty_like(grad_h)
     d_log_gamma = torch.empty_like(log_gamma)
     d_h0 = None if h0 is None else torch.empty_like(h0)
-    _launch(
-        _scan_bwd_kernel, grad_h, grad_h_T, h, log_gamma, h0, d_x, d_log_gamma, d_h0,
-        T=T, B=B, D=D, device=grad_h.device, backward=True,
+    BT, BD, num_warps = _block_sizes(grad_h.device)
+    n_chunks = triton.cdiv(T, BT)
+    carries, flags = _chain_buffers(n_chunks, B, D, BD, grad_h.device)
+    grid = (n_chunks * B * triton.cdiv(D, BD),)
+    _scan_bwd_kernel[grid](
+        grad_h, grad_h_T, h, log_gamma, h0, d_x, d_log_gamma, d_h0, carries, flags,
+        T, B, D, n_chunks, BT=BT, BD=BD, num_warps=num_warps,
     )
     return d_x, d_log_gamma, d_h0
 
