@@ -48,11 +48,13 @@ def fold_into_slots(
     return new_keys, new_values
 
 
-def _scatter_rows(index: Tensor, src: Tensor, size: int) -> Tensor:
-    """out[b, index[b, t]] += src[b, t]; index: [B, T] in [0, size]; index == size is dropped."""
-    shape = (src.shape[0], size + 1) + tuple(src.shape[2:])
-    idx = index.view(index.shape + (1,) * (src.dim() - 2)).expand_as(src)
-    return src.new_zeros(shape).scatter_add_(1, idx, src)[:, :size]
+def _gather_sum(index: Tensor, size: int, *sources: Tensor) -> Tuple[Tensor, ...]:
+    """out[b, i] = sum of src[b, t] over t with index[b, t] == i, for each src [B, T, ...];
+    index: [B, T] in [0, size], where index == size drops the row. A one-hot batched matmul:
+    deterministic, and cheap on tensor cores (size is the number of blocks in a window)."""
+    onehot = F.one_hot(index, size + 1)[..., :size].transpose(1, 2)  # [B, size, T]
+    return tuple(torch.bmm(onehot.to(src.dtype), src.flatten(2)).view(src.shape[0], size, *src.shape[2:])
+                 for src in sources)
 
 
 def _add_to_first(blocks: Tensor, carried: Tensor) -> Tensor:
@@ -82,11 +84,11 @@ class MultiMemoryAttention(nn.Module):
         """q, k, v: [B, T, d]; returns (m [B, T, d] in q.dtype, the state after the last token)."""
         if q.shape[1] == 1:
             return self._decode_step(q, k, v, layout, state)
+        # split (not slicing) so that autograd's backward is one cat, not a zero-filled [B, T, d] per window
+        windows = zip(*(t.split(self.segment_length, dim=1) for t in (q, k, v, layout.position, layout.real, layout.reset)))
         outputs = []
-        for start in range(0, q.shape[1], self.segment_length):
-            window = slice(start, start + self.segment_length)
-            sub = TokenLayout(layout.position[:, window], layout.real[:, window], layout.reset[:, window])
-            m, state = self._window(q[:, window], k[:, window], v[:, window], sub, state)
+        for q_w, k_w, v_w, pos_w, real_w, reset_w in windows:
+            m, state = self._window(q_w, k_w, v_w, TokenLayout(pos_w, real_w, reset_w), state)
             outputs.append(m)
         return torch.cat(outputs, dim=1), state
 
@@ -157,9 +159,8 @@ class MultiMemoryAttention(nn.Module):
         local_block = (real & (pos % N == 0)).long().cumsum(1)
         num_blocks = int(local_block[:, -1].max()) + 1
         index = local_block.masked_fill(~real, num_blocks)
-        key_sum = _scatter_rows(index, k.float() * real[..., None], num_blocks)
-        value_sum = _scatter_rows(index, v.float() * real[..., None], num_blocks)
-        count = _scatter_rows(index, real.long(), num_blocks)
+        key_sum, value_sum, count = _gather_sum(index, num_blocks, k.float(), v.float(), real[..., None].float())
+        count = count[..., 0].round().long()
         key_sum = _add_to_first(key_sum, state.open_key_sum)
         value_sum = _add_to_first(value_sum, state.open_value_sum)
         count = _add_to_first(count, state.open_count)
@@ -207,6 +208,7 @@ class MultiMemoryAttention(nn.Module):
         keep = entry_valid & (entry_seg == last_seg[:, None])
         slot = keep.long().cumsum(1) - 1
         target = slot.masked_fill(~keep, C)  # compacted, in order; capacity C
+        compacted_keys, compacted_values = _gather_sum(target, C, entry_keys, entry_values)
         last_block = local_block[:, -1]
         open_done = complete[rows, last_block]
         zero = torch.zeros((), device=q.device)
@@ -215,8 +217,8 @@ class MultiMemoryAttention(nn.Module):
             open_key_sum=torch.where(open_done[:, None], zero, key_sum[rows, last_block]),
             open_value_sum=torch.where(open_done[:, None], zero, value_sum[rows, last_block]),
             open_count=torch.where(open_done, 0, count[rows, last_block]),
-            block_keys=_scatter_rows(target, entry_keys, C),
-            block_values=_scatter_rows(target, entry_values, C),
+            block_keys=compacted_keys,
+            block_values=compacted_values,
             block_count=keep.sum(1),
             slot_keys=slot_keys[rows, last_seg],
             slot_values=slot_values[rows, last_seg],
