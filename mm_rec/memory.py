@@ -6,7 +6,7 @@ A token at position p attends, per head, over
 At a segment boundary the segment's summaries fold into the slots (``fold_into_slots``);
 at a document start (packed rows) the memory returns to the layer's learned slots.
 
-The input is processed in windows of ``memory_segment_length`` tokens carrying a
+The input is processed in windows of whole segments (``window_length`` tokens) carrying a
 ``LayerState``, so the attention is [window x (slots + summaries)], never [T x T]. Inside a
 window, a row's tokens fall into "local segments" (runs between boundaries); local segment
 0 continues the carried state. Everything below is vectorised over rows with masks, since
@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from .cache import LayerState
 from .positions import TokenLayout
+
+CUDA_WINDOW_TOKENS = 2048
 
 
 def fold_into_slots(
@@ -77,6 +79,8 @@ class MultiMemoryAttention(nn.Module):
         self.segment_length = config.memory_segment_length
         self.blocks_per_segment = config.blocks_per_segment
         self.decay = float(config.memory_decay)
+        # Tokens per parallel step (whole segments); None: by device, see window_length_for.
+        self.window_length = None
         self.slot_keys = nn.Parameter(torch.randn(config.num_memory_slots, config.hidden_size))
         self.slot_values = nn.Parameter(torch.randn(config.num_memory_slots, config.hidden_size))
 
@@ -85,12 +89,22 @@ class MultiMemoryAttention(nn.Module):
         if q.shape[1] == 1:
             return self._decode_step(q, k, v, layout, state)
         # split (not slicing) so that autograd's backward is one cat, not a zero-filled [B, T, d] per window
-        windows = zip(*(t.split(self.segment_length, dim=1) for t in (q, k, v, layout.position, layout.real, layout.reset)))
+        length = self.window_length or self.window_length_for(q.device)
+        windows = zip(*(t.split(length, dim=1) for t in (q, k, v, layout.position, layout.real, layout.reset)))
         outputs = []
         for q_w, k_w, v_w, pos_w, real_w, reset_w in windows:
             m, state = self._window(q_w, k_w, v_w, TokenLayout(pos_w, real_w, reset_w), state)
             outputs.append(m)
         return torch.cat(outputs, dim=1), state
+
+    def window_length_for(self, device: torch.device) -> int:
+        """The result does not depend on the window (every mask is by position). One window step
+        is ~100 small kernels: on CUDA their launch cost dominates, so windows span several
+        segments (about CUDA_WINDOW_TOKENS); on CPU the [window x entries] attention dominates,
+        so a window is one segment."""
+        if device.type != "cuda":
+            return self.segment_length
+        return self.segment_length * max(1, CUDA_WINDOW_TOKENS // self.segment_length)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """Per-head softmax attention. q: [B, W, d]; keys, values: [B, E, d]; mask: [B, 1, W, E]."""

@@ -314,12 +314,14 @@ MEMORY_CASES = {
 }
 
 
+@pytest.mark.parametrize("window_length", [16, 2048], ids=["one-segment-windows", "whole-input-window"])
 @pytest.mark.parametrize("case", list(MEMORY_CASES))
-def test_memory_attention_matches_naive(case):
+def test_memory_attention_matches_naive(case, window_length):
     B, T, pads, documents = MEMORY_CASES[case]
     config = tiny_config(memory_decay=0.7)
     torch.manual_seed(9)
     memory = MultiMemoryAttention(config)
+    memory.window_length = window_length
     torch.nn.init.normal_(memory.slot_keys)
     torch.nn.init.normal_(memory.slot_values)
     q, k, v = (torch.randn(B, T, config.hidden_size) for _ in range(3))
