@@ -83,9 +83,11 @@ def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.
         forward().float().square().mean().backward()
 
     rows = []
-    for name, backend in (("sdpa efficient (chosen)", SDPBackend.EFFICIENT_ATTENTION),
-                          ("sdpa math (materialised scores)", SDPBackend.MATH)):
-        with sdpa_kernel([backend]):
+    everything = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    for name, backends in (("sdpa default dispatch (the model)", everything),
+                           ("sdpa mem-efficient kernel", [SDPBackend.EFFICIENT_ATTENTION]),
+                           ("sdpa math (materialised scores)", [SDPBackend.MATH])):
+        with sdpa_kernel(backends):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             fwd = cuda_median_ms(forward, repeats=repeats)
