@@ -203,3 +203,19 @@ def test_ignore_mismatched_sizes_reinitialises_as_asked(saved, tmp_path):
     model, info = MMRecForCausalLM.from_pretrained(broken, ignore_mismatched_sizes=True, output_loading_info=True)
     assert [key for key, *_ in info["mismatched_keys"]] == ["model.layers.0.W_o.weight"]
     assert model.model.layers[0].W_o.weight.shape == (32, 32)
+
+
+def test_register_auto_classes_resolves_mmrec_without_remote_code(tmp_path):
+    """With mm_rec installed, the Auto classes map model_type "mmrec" to its classes directly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mm_rec import MMRecConfig, MMRecForCausalLM
+    from mm_rec.hub import register_auto_classes
+
+    register_auto_classes()
+    config = MMRecConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         memory_block_size=4, memory_segment_length=8, num_memory_slots=2)
+    model = AutoModelForCausalLM.from_config(config)
+    assert type(model) is MMRecForCausalLM
+    config.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is MMRecConfig
