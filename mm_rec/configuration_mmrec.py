@@ -145,10 +145,6 @@ class MMRecConfig(PretrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def blocks_per_segment(self) -> int:
         return self.memory_segment_length // self.memory_block_size
 

@@ -283,3 +283,22 @@ def test_decode_step_reads_only_the_cache():
         full = model(ids).logits
     assert sizes_short == sizes_long
     assert (step[:, -1] - full[:, -1]).abs().max() <= 1e-4
+
+
+def test_detached_cache_continues_exactly_and_cuts_the_graph():
+    """Truncated backprop through time: carry cache.detach() between training chunks."""
+    model = tiny_model()
+    ids = torch.randint(2, VOCAB, (2, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+    first = model(ids[:, :17], use_cache=True)
+    carried = cache_of(first).detach().to("cpu")
+    assert all(not t.requires_grad for layer in carried.layers for t in layer.tensors().values())
+    second = model(ids[:, 17:], cache=carried, use_cache=True)
+    assert (second.logits.detach() - full[:, 17:]).abs().max() <= 1e-4
+    model.zero_grad()
+    second.logits.sum().backward()
+    # Had the cache kept its graph, that backward would have run through (and freed) the first
+    # chunk's graph, and this would raise "Trying to backward through the graph a second time".
+    graph_of_first = torch.autograd.grad(first.logits.sum(), model.model.embed_tokens.weight)[0]
+    assert torch.isfinite(graph_of_first).all()
