@@ -44,23 +44,15 @@ def decode_latency(model, context_lengths: Sequence[int], steps: int = 32, batch
     return rows
 
 
-def cuda_median_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of ``fn()`` on the current CUDA stream, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+def cuda_median_ms(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
+    """Median time of ``fn()`` on the GPU in ms (triton.testing.do_bench: CUDA events, L2
+    flushed between runs, at least ~10 repetitions within ``rep_ms``)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
-def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.bfloat16,
-                             repeats: int = 10) -> List[Dict[str, float]]:
+def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.bfloat16) -> List[Dict[str, float]]:
     """Time one layer's multi-memory attention (forward, forward+backward) and its peak memory
     under each SDPA backend that can run the masked attention on CUDA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -90,8 +82,8 @@ def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.
         with sdpa_kernel(backends):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            fwd = cuda_median_ms(forward, repeats=repeats)
-            fwd_bwd = cuda_median_ms(forward_backward, repeats=repeats)
+            fwd = cuda_median_ms(forward)
+            fwd_bwd = cuda_median_ms(forward_backward)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         rows.append({"backend": name, "forward_ms": fwd, "forward_backward_ms": fwd_bwd, "peak_extra_mib": peak})
     return rows

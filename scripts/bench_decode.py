@@ -4,14 +4,11 @@
 """
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mm_rec import MMRecConfig, MMRecForCausalLM  # noqa: E402
-from mm_rec.benchmark import decode_latency  # noqa: E402
+from mm_rec import MMRecConfig, MMRecForCausalLM
+from mm_rec.benchmark import decode_latency
 
 
 def main():

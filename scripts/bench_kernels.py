@@ -10,18 +10,14 @@ h and log_gamma read and d_x, d_log_gamma written. The copy moves the forward's 
 import argparse
 
 import torch
-import triton.testing
 
+from mm_rec.benchmark import cuda_median_ms
 from mm_rec.scan import scan
 
 try:
     from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
 except ImportError:
     chunk_hgrn = fused_recurrent_hgrn = None
-
-
-def median_ms(fn):
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
 def forward(op, x, log_gamma):
@@ -76,7 +72,7 @@ def main():
     if not args.skip_torch:
         cases += [("mm_rec scan torch fwd", "fwd", forward(scan_op("torch"), x, log_gamma))]
 
-    times = {name: None if fn is None else median_ms(fn) for name, _, fn in cases}
+    times = {name: None if fn is None else cuda_median_ms(fn) for name, _, fn in cases}
 
     copy_gbs = fwd_bytes / times["copy (roofline)"] / 1e6
     header = ["kernel", "median ms", "GB/s", "% of copy", "speed-up vs fla chunk_hgrn"]

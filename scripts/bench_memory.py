@@ -4,14 +4,12 @@
 """
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mm_rec import MMRecConfig  # noqa: E402
-from mm_rec.benchmark import memory_attention_timings  # noqa: E402
+from mm_rec import MMRecConfig
+from mm_rec.benchmark import memory_attention_timings
 
 
 def main():
@@ -23,7 +21,6 @@ def main():
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--segment-length", type=int, default=512)
     parser.add_argument("--slots", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_memory.py needs a CUDA device")
@@ -32,10 +29,10 @@ def main():
                          num_memory_slots=args.slots)
     print(f"memory attention, B={args.batch} T={args.seq_len} d={args.hidden_size} H={args.heads} bf16, "
           f"block {args.block_size}, segment {args.segment_length}, {args.slots} slots, "
-          f"{torch.cuda.get_device_name()}, median of {args.repeats} (CUDA events)")
+          f"{torch.cuda.get_device_name()}, medians (triton.testing.do_bench)")
     print(f"| {'kernel':<32} | {'fwd ms':>8} | {'fwd+bwd ms':>10} | {'peak extra MiB':>14} |")
     print(f"|{'-' * 34}|{'-' * 10}|{'-' * 12}|{'-' * 16}|")
-    for row in memory_attention_timings(config, args.batch, args.seq_len, repeats=args.repeats):
+    for row in memory_attention_timings(config, args.batch, args.seq_len):
         print(f"| {row['backend']:<32} | {row['forward_ms']:>8.3f} | {row['forward_backward_ms']:>10.3f} | "
               f"{row['peak_extra_mib']:>14.1f} |")
 
