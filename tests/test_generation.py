@@ -246,6 +246,11 @@ def test_sampling_and_num_return_sequences_and_eos():
     torch.manual_seed(3)
     sampled = model.generate(ids, attention_mask=mask, do_sample=True, top_k=10, max_new_tokens=7, num_return_sequences=3)
     assert sampled.shape == (6, 16)
+    # top_k=1 sampling has one choice per step: each of the 3 returned sequences is the greedy one
+    greedy = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=7, eos_token_id=None)
+    forced = model.generate(ids, attention_mask=mask, do_sample=True, top_k=1, max_new_tokens=7,
+                            num_return_sequences=3, eos_token_id=None)
+    assert torch.equal(forced, greedy.repeat_interleave(3, dim=0))
     # force EOS: a bias on the head makes token 1 (eos) the argmax at every step
     with torch.no_grad():
         model.lm_head.weight[1] = 0
