@@ -52,6 +52,29 @@ def cuda_median_ms(fn, warmup_ms: int = 50, rep_ms: int = 300) -> float:
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def cuda_graph_median_ms(fn, rep_ms: int = 300) -> float:
+    """Median GPU time of ``fn()`` in ms, replayed from a CUDA graph
+    (triton.testing.do_bench_cudagraph: CUDA events around graph replays), so host-side
+    launch and dispatch overhead is excluded. ``fn`` must be capturable."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
+def host_us_per_call(fn, calls: int = 300) -> float:
+    """CPU time of one ``fn()`` in microseconds, for inputs small enough that the GPU is
+    never the bottleneck: the host-side cost of launching the work."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / calls
+
+
 def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.bfloat16) -> List[Dict[str, float]]:
     """Time one layer's multi-memory attention (forward, forward+backward) and its peak memory
     under each SDPA backend that can run the masked attention on CUDA."""

@@ -22,6 +22,11 @@ The backward is the same chain run from the last chunk to the first: the gradien
 reaches h_t obeys g_t = grad_h_t + gamma_{t+1} g_{t+1}, a reverse scan whose decays are
 log_gamma shifted by one step.
 
+The channel count D is a compile-time constant (one compile per model width): row offsets
+become immediates instead of 64-bit addresses held in registers. That cut a 32x32 forward
+tile from 186 to 110 registers per thread (and made 64-step forward tiles pay) and the
+backward's time by 6%.
+
 Resets (log_gamma = -inf) need nothing special: gamma = exp(-inf) = 0 zeroes every product
 that crosses them, the carried state included. All arithmetic is float32.
 """
@@ -40,14 +45,15 @@ except ImportError:  # CPU-only machines load the model without Triton
     AVAILABLE = False
 
 
-def _block_sizes(device: torch.device) -> Tuple[int, int, int]:
-    """(BT steps, BD channels, num_warps) of one tile. On an H100 (B=8, T=4096, D=2048, bf16)
-    small one-warp tiles ran fastest of the configurations swept.
+def _block_sizes(device: torch.device, backward: bool = False) -> Tuple[int, int, int]:
+    """(BT steps, BD channels, num_warps) of one tile: the fastest of a sweep on an H100
+    (B=8, T=4096, D=2048, bf16): 64x32 forward (0.204 ms against 0.237 ms for 32x32) and
+    32x32 backward (0.347 ms; the seven other shapes tried were slower).
     The interpreter runs associative_scan's combine once per element in Python, so tiles
-    stay small there too."""
+    stay small there."""
     if device.type != "cuda":
         return 16, 16, 1
-    return 32, 32, 1
+    return (32, 32, 1) if backward else (64, 32, 1)
 
 
 if AVAILABLE:
@@ -98,7 +104,7 @@ if AVAILABLE:
     @triton.jit
     def _scan_fwd_kernel(
         x, log_gamma, h0, h, h_T, carries, flags,
-        T, B, D, NT,
+        T, B, NT, D: tl.constexpr,
         BT: tl.constexpr, BD: tl.constexpr,
         HAS_X: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     ):
@@ -143,7 +149,7 @@ if AVAILABLE:
     @triton.jit
     def _scan_bwd_kernel(
         grad_h, grad_h_T, h, log_gamma, h0, d_x, d_log_gamma, d_h0, carries, flags,
-        T, B, D, NT,
+        T, B, NT, D: tl.constexpr,
         BT: tl.constexpr, BD: tl.constexpr,
         USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
     ):
@@ -215,7 +221,7 @@ def _launch_fwd(x: Optional[Tensor], log_gamma: Tensor, h0: Optional[Tensor], h:
     carries, flags = _chain_buffers(n_chunks, B, D, BD, log_gamma.device)
     grid = (n_chunks * B * triton.cdiv(D, BD),)
     _scan_fwd_kernel[grid](
-        x, log_gamma, h0, h, h_T, carries, flags, T, B, D, n_chunks, BT=BT, BD=BD, num_warps=num_warps
+        x, log_gamma, h0, h, h_T, carries, flags, T, B, n_chunks, D=D, BT=BT, BD=BD, num_warps=num_warps
     )
 
 
@@ -252,13 +258,13 @@ def scan_bwd(
     d_x = torch.empty_like(grad_h)
     d_log_gamma = torch.empty_like(log_gamma)
     d_h0 = None if h0 is None else torch.empty_like(h0)
-    BT, BD, num_warps = _block_sizes(grad_h.device)
+    BT, BD, num_warps = _block_sizes(grad_h.device, backward=True)
     n_chunks = triton.cdiv(T, BT)
     carries, flags = _chain_buffers(n_chunks, B, D, BD, grad_h.device)
     grid = (n_chunks * B * triton.cdiv(D, BD),)
     _scan_bwd_kernel[grid](
         grad_h, grad_h_T, h, log_gamma, h0, d_x, d_log_gamma, d_h0, carries, flags,
-        T, B, D, n_chunks, BT=BT, BD=BD, num_warps=num_warps,
+        T, B, n_chunks, D=D, BT=BT, BD=BD, num_warps=num_warps,
     )
     return d_x, d_log_gamma, d_h0
 

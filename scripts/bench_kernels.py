@@ -3,16 +3,27 @@
     python scripts/bench_kernels.py [--batch 8 --seq-len 4096 --dim 2048 --dtype bfloat16]
                                     [--skip-torch] [--out bench.md]
 
+Every case is timed twice, in one run, as medians of CUDA-event timings:
+  * eager: ``fn()`` called from Python (triton.testing.do_bench, L2 flushed between calls),
+    which includes any time the GPU waits for the host to launch the work;
+  * GPU: ``fn()`` captured once in a CUDA graph and replayed (do_bench_cudagraph), which is
+    the kernels' own time.
+GB/s, % of copy and the speed-ups use the GPU column; the eager speed-up is printed beside.
+
 Bytes counted: forward = x and log_gamma read + h written; forward+backward adds grad_h,
 h and log_gamma read and d_x, d_log_gamma written. The copy moves the forward's bytes.
+
+A second table gives the host's CPU time per call at a tiny shape (the launch overhead),
+for the eager path that scan() takes, the torch.library custom op that torch.compile
+traces, and fla.
 """
 
 import argparse
 
 import torch
 
-from mm_rec.benchmark import cuda_median_ms
-from mm_rec.scan import scan
+from mm_rec.benchmark import cuda_graph_median_ms, cuda_median_ms, host_us_per_call
+from mm_rec.scan import _scan_fwd, scan
 
 try:
     from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
@@ -36,6 +47,45 @@ def forward_and_backward(op, x, log_gamma, grad_h):
     return run
 
 
+def scan_op(backend):
+    return lambda x, log_gamma: scan(x, log_gamma, backend=backend)
+
+
+def custom_op(x, log_gamma):
+    """The torch.library op itself (what torch.compile calls), with its registered autograd."""
+    return _scan_fwd(x, log_gamma, None, "triton")
+
+
+def gpu_ms(fn):
+    try:
+        return cuda_graph_median_ms(fn)
+    except Exception as error:  # a case that cannot be captured keeps its eager figure only
+        print(f"(no CUDA-graph timing: {type(error).__name__}: {str(error)[:120]})")
+        return None
+
+
+def host_overhead_rows(dtype):
+    x = torch.randn(1, 64, 64, device="cuda", dtype=dtype, requires_grad=True)
+    log_gamma = (-0.1 * torch.rand(1, 64, 64, device="cuda")).to(dtype).requires_grad_()
+    grad_h = torch.randn_like(x)
+    cases = [("mm_rec scan() (eager autograd.Function)", scan_op("triton")),
+             ("mm_rec torch.library custom op", custom_op)]
+    if chunk_hgrn is not None:
+        cases.append(("fla chunk_hgrn", chunk_hgrn))
+    return [[name, f"{host_us_per_call(forward(op, x, log_gamma)):.0f}",
+             f"{host_us_per_call(forward_and_backward(op, x, log_gamma, grad_h)):.0f}"] for name, op in cases]
+
+
+def print_table(title, header, rows, out_lines):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    print(title)
+    for r in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print()
+    out_lines += [f"{title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out_lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
@@ -43,7 +93,7 @@ def main():
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--skip-torch", action="store_true", help="skip the (slow) PyTorch reference")
-    parser.add_argument("--out", help="also write the table as markdown to this path")
+    parser.add_argument("--out", help="also write the tables as markdown to this path")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -57,9 +107,6 @@ def main():
     src = torch.randn(3 * n // 2, device="cuda", dtype=dtype)
     dst = torch.empty_like(src)
 
-    def scan_op(backend):
-        return lambda x, log_gamma: scan(x, log_gamma, backend=backend)
-
     cases = [("copy (roofline)", "fwd", lambda: dst.copy_(src))]
     cases += [("mm_rec scan triton fwd", "fwd", forward(scan_op("triton"), x, log_gamma))]
     cases += [("mm_rec scan triton fwd+bwd", "fwd+bwd", forward_and_backward(scan_op("triton"), x, log_gamma, grad_h))]
@@ -72,31 +119,31 @@ def main():
     if not args.skip_torch:
         cases += [("mm_rec scan torch fwd", "fwd", forward(scan_op("torch"), x, log_gamma))]
 
-    times = {name: None if fn is None else cuda_median_ms(fn) for name, _, fn in cases}
+    eager = {name: None if fn is None else cuda_median_ms(fn) for name, _, fn in cases}
+    gpu = {name: None if fn is None else gpu_ms(fn) for name, _, fn in cases}
 
-    copy_gbs = fwd_bytes / times["copy (roofline)"] / 1e6
-    header = ["kernel", "median ms", "GB/s", "% of copy", "speed-up vs fla chunk_hgrn"]
+    copy_ms = gpu["copy (roofline)"] or eager["copy (roofline)"]
+    copy_gbs = fwd_bytes / copy_ms / 1e6
+    header = ["kernel", "eager ms", "GPU ms", "GB/s", "% of copy", "vs fla chunk_hgrn (GPU)", "vs fla (eager)"]
     rows = []
     for name, kind, _ in cases:
-        ms = times[name]
-        if ms is None:
-            rows.append([name, "fla not installed", "", "", ""])
+        if eager[name] is None:
+            rows.append([name, "fla not installed", "", "", "", "", ""])
             continue
+        ms = gpu[name] or eager[name]
         gbs = (fwd_bytes if kind == "fwd" else fwd_bwd_bytes) / ms / 1e6
-        fla_ms = times.get(f"fla chunk_hgrn {kind}")
-        speedup = f"{fla_ms / ms:.2f}x" if fla_ms and name != "copy (roofline)" else ""
-        rows.append([name, f"{ms:.3f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%", speedup])
+        fla = f"fla chunk_hgrn {kind}"
+        ratio = lambda table, mine: f"{table[fla] / mine:.2f}x" if table.get(fla) and mine and name != "copy (roofline)" else ""
+        rows.append([name, f"{eager[name]:.3f}", "n/a" if gpu[name] is None else f"{gpu[name]:.3f}", f"{gbs:.0f}",
+                     f"{100 * gbs / copy_gbs:.0f}%", ratio(gpu, gpu[name]), ratio(eager, eager[name])])
 
-    title = f"B={B} T={T} D={D} {args.dtype} on {torch.cuda.get_device_name()}"
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    print(title)
-    for r in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    out_lines = []
+    print_table(f"B={B} T={T} D={D} {args.dtype} on {torch.cuda.get_device_name()}", header, rows, out_lines)
+    print_table("Host CPU time per call, B=1 T=64 D=64 (launch overhead; the GPU is idle)",
+                ["path", "fwd us", "fwd+bwd us"], host_overhead_rows(dtype), out_lines)
     if args.out:
-        lines = [f"{title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
         with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write("\n".join(out_lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -88,14 +88,14 @@ def test_float64_is_rejected():
         scan_triton.scan_fwd(x, x.float())
 
 
-def compare_public_op(B, T, D, dtype, resets, tol):
+def compare_public_op(B, T, D, dtype, resets, tol, use_h0=True):
     """scan(backend="triton") against scan(backend="torch") in float64, outputs and gradients."""
     x, log_gamma = make_inputs(B, T, D, dtype=dtype, resets=resets)
     h0 = torch.randn(B, D, device=DEVICE)
     grad_h, grad_h_T = torch.randn_like(x), torch.randn(B, D, device=DEVICE)
     results = []
     for backend, cast in (("triton", lambda t: t), ("torch", torch.Tensor.double)):
-        leaves = [cast(t).detach().requires_grad_() for t in (x, log_gamma, h0)]
+        leaves = [cast(t).detach().requires_grad_() for t in ((x, log_gamma, h0) if use_h0 else (x, log_gamma))]
         h, h_T = scan(*leaves, output_final_state=True, backend=backend)
         ((h * cast(grad_h)).sum() + (h_T * cast(grad_h_T)).sum()).backward()
         results.append([h, h_T] + [t.grad for t in leaves])
@@ -104,8 +104,9 @@ def compare_public_op(B, T, D, dtype, resets, tol):
         assert rel_err(got, ref) < tol, (name, rel_err(got, ref))
 
 
-def test_public_op_matches_torch_backend():
-    compare_public_op(2, 50, 21, torch.float32, resets=True, tol=1e-5)
+@pytest.mark.parametrize("use_h0", [True, False])
+def test_public_op_matches_torch_backend(use_h0):
+    compare_public_op(2, 50, 21, torch.float32, resets=True, tol=1e-5, use_h0=use_h0)
 
 
 @pytest.mark.gpu
