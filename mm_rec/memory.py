@@ -123,6 +123,9 @@ class MultiMemoryAttention(nn.Module):
         summaries = torch.arange(C, device=q.device)[None] < block_count[:, None]  # [B, C]
 
         fold = real & ~reset & (pos % L == 0) & (pos > 0)
+        # Asking the host whether any row folds or resets is a sync on CUDA, but a decode step is
+        # launch-bound: on an H100, always running both updates under torch.where was slower
+        # (12 vs 8 ms/token at d=256, 23 vs 16 ms at d=2048), so the checks stay everywhere.
         if bool(fold.any()):
             folded_k, folded_v = fold_into_slots(slot_keys, slot_values, block_keys, block_values, summaries, self.decay)
             slot_keys = torch.where(fold[:, None, None], folded_k, slot_keys)

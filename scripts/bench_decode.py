@@ -1,6 +1,7 @@
 """Per-token decode time vs. context length on this machine (default: CPU, small model).
 
     python scripts/bench_decode.py --contexts 1024 16384
+    python scripts/bench_decode.py --device cuda --dtype bfloat16 --no-recompute
 """
 
 import argparse
@@ -20,17 +21,20 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-recompute", action="store_true", help="skip timing a step without the cache")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = MMRecConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                          num_attention_heads=4)
-    model = MMRecForCausalLM(config)
+    model = MMRecForCausalLM(config).to(args.device, getattr(torch, args.dtype))
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"MM-Rec {params:.1f}M params (d={args.hidden_size}, {args.layers} layers, block {config.memory_block_size}, "
           f"segment {config.memory_segment_length}, {config.num_memory_slots} slots), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch 1, fp32")
+          f"{where}, batch 1, {args.dtype}")
     print(f"{'context':>8} | {'decode ms/token (median)':>24} | {'p90':>7} | {'prefill s':>9} | {'no-cache step ms':>16}")
     for row in decode_latency(model, args.contexts, steps=args.steps, recompute=not args.no_recompute):
         recompute = f"{row['recompute_ms']:.1f}" if "recompute_ms" in row else "-"

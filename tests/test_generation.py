@@ -127,6 +127,24 @@ def test_packed_rows_equal_documents_run_separately(gate):
             start += n
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_packed_documents_decoded_token_by_token_equal_parallel(device):
+    """Packed documents streamed token by token through the decode step cross segment folds
+    and document resets (position_ids back to 0); they must match the parallel forward."""
+    model = tiny_model().to(device)
+    docs = [torch.randint(2, VOCAB, (2, n), device=device) for n in (27, 4, 15)]
+    ids = torch.cat(docs, 1)
+    position_ids = torch.cat([torch.arange(d.shape[1], device=device) for d in docs])[None].expand(2, -1)
+    with torch.no_grad():
+        full = model(ids, position_ids=position_ids).logits
+        cache, steps = None, []
+        for t in range(ids.shape[1]):
+            out = model(ids[:, t:t + 1], position_ids=position_ids[:, t:t + 1], cache=cache, use_cache=True)
+            cache = cache_of(out)
+            steps.append(out.logits)
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
+
+
 def test_bf16_chunked_matches_parallel_within_tolerance():
     model = tiny_model(dtype=torch.bfloat16)
     ids = torch.randint(2, VOCAB, (2, 30))
