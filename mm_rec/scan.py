@@ -139,12 +139,11 @@ def _backward_impl(grad_h: Tensor, grad_h_T: Optional[Tensor], h: Tensor, log_ga
 
         return scan_bwd(grad_h, grad_h_T, h, log_gamma, h0)
     acc = accumulation_dtype(grad_h.dtype)
-    B, _, D = grad_h.shape
-    start = grad_h.new_zeros(B, D, dtype=acc) if grad_h_T is None else grad_h_T.to(acc)
+    zeros = grad_h.new_zeros(grad_h.shape[0], grad_h.shape[2], dtype=acc)
+    start = zeros if grad_h_T is None else grad_h_T.to(acc)
     grad_state, _ = _chunked_scan_torch(grad_h.flip(1), _reverse_decays(log_gamma), start)
     grad_state = grad_state.flip(1)
-    h_start = grad_h.new_zeros(B, D, dtype=acc) if h0 is None else h0
-    d_log_gamma, d_h0 = _backward_from_reverse_scan(grad_state, h, log_gamma, h_start)
+    d_log_gamma, d_h0 = _backward_from_reverse_scan(grad_state, h, log_gamma, zeros if h0 is None else h0)
     return grad_state.to(grad_h.dtype), d_log_gamma.to(log_gamma.dtype), None if h0 is None else d_h0.to(h0.dtype)
 
 
