@@ -1,10 +1,11 @@
-"""Timing helpers behind scripts/bench_decode.py: the cost of one decoded token."""
+"""Timing helpers behind the benchmark scripts: whole-model training and generation
+(scripts/benchmark.py), one decoded token (scripts/bench_decode.py), the kernels."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -110,3 +111,86 @@ def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         rows.append({"backend": name, "forward_ms": fwd, "forward_backward_ms": fwd_bwd, "peak_extra_mib": peak})
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Whole-model benchmarks (scripts/benchmark.py): any causal LM of transformers' interface
+# ---------------------------------------------------------------------------------------
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by GPU name
+
+
+def peak_bf16_tflops(device: torch.device) -> Optional[float]:
+    """The GPU's dense bf16 peak from its name (None where unknown: no MFU is printed)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_throughput(model, batch_size: int, seq_len: int, steps: int = 8, warmup: int = 3,
+                        bf16: bool = True, seed: int = 0) -> Dict[str, float]:
+    """Full training steps (forward with labels, backward, AdamW step) on random tokens.
+
+    bf16 autocast where ``bf16``; fused AdamW on CUDA. Returns the median step time (s),
+    tokens/s, and the peak memory (GiB) on CUDA, or None for a run that did not fit.
+    """
+    device = next(model.parameters()).device
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del optimizer
+    return {"step_s": step_s, "tokens_per_s": batch_size * seq_len / step_s, "peak_gib": peak, "loss": float(loss)}
+
+
+@torch.no_grad()
+def generate_throughput(model, batch_size: int, context: int, new_tokens: int = 128, seed: int = 0,
+                        **generate_kwargs) -> Dict[str, float]:
+    """Greedy ``generate()`` from a random prompt of ``context`` tokens: prefill time and peak
+    memory (one forward of the prompt through generate, max_new_tokens=1), then the decode
+    rate of ``new_tokens`` more tokens (total time minus prefill)."""
+    device = next(model.parameters()).device
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, context), generator=generator).to(device)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0, **generate_kwargs)
+    model.generate(ids[:, :64], max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up: kernels, graphs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
+    _sync(device)
+    decode_s = max(time.perf_counter() - start - prefill_s, 1e-9)
+    return {"prefill_s": prefill_s, "prefill_peak_gib": peak, "decode_tokens_per_s": batch_size * new_tokens / decode_s,
+            "ms_per_step": 1e3 * decode_s / new_tokens}

@@ -15,10 +15,11 @@ from transformers.activations import ACT2FN
 
 from .cache import LayerState
 from .hem import HEMProjection
-from .mdi import MDIDecay, StateGate, input_gated_recurrence
+from .mdi import MDIDecay, StateGate, recurrence_inputs
 from .memory import MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import TokenLayout
+from .scan import scan
 
 
 class FeedForward(nn.Module):
@@ -65,10 +66,11 @@ class MMRecBlock(nn.Module):
         if state is None:
             state = self.fresh_state(x.shape[0])
         proj = self.hem(self.norm1(x))
-        log_gamma = self.mdi(proj.p).masked_fill(~layout.real[..., None], 0.0)
         if self.state_gate is None:
-            h, h_last = input_gated_recurrence(proj.z, proj.gate, log_gamma, layout.reset, state.h, self.scan_backend)
+            inputs, carry = recurrence_inputs(self.mdi.logits(proj.p), proj.gate, proj.z, layout.real, layout.reset)
+            h, h_last = scan(inputs, carry, state.h, output_final_state=True, backend=self.scan_backend)
         else:
+            log_gamma = self.mdi(proj.p).masked_fill(~layout.real[..., None], 0.0)
             h, h_last = self.state_gate(proj.z, log_gamma, layout.reset, state.h)
         r = self.readout_norm(h).to(x.dtype)
         m, state = self.memory(proj.q, proj.k, proj.v, layout, state)

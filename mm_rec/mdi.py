@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mdi_triton import AVAILABLE as MDI_TRITON_AVAILABLE
 from .scan import scan
 
 LOG_GAMMA_MIN = math.log(1e-6)
@@ -35,9 +36,17 @@ class MDIDecay(nn.Module):
         self.W_E = nn.Linear(pe_dim, hidden_size, bias=True)
         self.W_E.decay_generator = True  # _init_weights calls init_decay_generator_
 
+    def logits(self, p: Tensor) -> Tensor:
+        """a = W_E GELU(p): the decay logits, [B, T, d] in the model dtype."""
+        return self.W_E(F.gelu(p))
+
     def forward(self, p: Tensor) -> Tensor:
-        a = self.W_E(F.gelu(p))
-        return F.logsigmoid(a.float()).clamp(LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+        return log_gamma_from_logits(self.logits(p))
+
+
+def log_gamma_from_logits(a: Tensor) -> Tensor:
+    """clamp(logsigmoid(a), LOG_GAMMA_MIN, LOG_GAMMA_MAX) in float32 (the state's dtype)."""
+    return F.logsigmoid(a.float()).clamp(LOG_GAMMA_MIN, LOG_GAMMA_MAX)
 
 
 def init_decay_generator_(linear: nn.Linear) -> None:
@@ -54,6 +63,11 @@ def init_decay_generator_(linear: nn.Linear) -> None:
         bias.copy_(torch.log1p(-rate) - torch.log(rate))  # sigmoid(b) = 1 - rate
 
 
+def gated_input(log_gamma: Tensor, gate_logits: Tensor, z: Tensor) -> Tensor:
+    """x = (1 - gamma) sigmoid(g~) z in float32, with 1 - gamma = -expm1(log gamma) (exact near gamma = 1)."""
+    return -torch.expm1(log_gamma) * torch.sigmoid(gate_logits.float()) * z.float()
+
+
 def input_gated_recurrence(
     z: Tensor, gate_logits: Tensor, log_gamma: Tensor, reset: Tensor, h0: Optional[Tensor], backend: str
 ) -> Tuple[Tensor, Tensor]:
@@ -62,9 +76,39 @@ def input_gated_recurrence(
     z, gate_logits: [B, T, d]; log_gamma: [B, T, d] fp32 (0 at padding); reset: [B, T] bool;
     h0: [B, d] fp32 or None. Returns (h [B, T, d] fp32, h_T [B, d] fp32).
     """
-    x = -torch.expm1(log_gamma) * torch.sigmoid(gate_logits.float()) * z.float()
     carry_decay = log_gamma.masked_fill(reset[..., None], float("-inf"))
-    return scan(x, carry_decay, h0, output_final_state=True, backend=backend)
+    return scan(gated_input(log_gamma, gate_logits, z), carry_decay, h0, output_final_state=True, backend=backend)
+
+
+class _RecurrenceInputs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, g, z, real, reset):
+        from .mdi_triton import recurrence_inputs_fwd
+
+        ctx.save_for_backward(a, g, z, real, reset)
+        return recurrence_inputs_fwd(a, g, z, real, reset, LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+
+    @staticmethod
+    def backward(ctx, d_x, d_carry):
+        from .mdi_triton import recurrence_inputs_bwd
+
+        a, g, z, real, reset = ctx.saved_tensors
+        d_x = torch.zeros_like(a, dtype=torch.float32) if d_x is None else d_x
+        d_carry = torch.zeros_like(a, dtype=torch.float32) if d_carry is None else d_carry
+        return (*recurrence_inputs_bwd(a, g, z, real, reset, d_x, d_carry, LOG_GAMMA_MIN, LOG_GAMMA_MAX), None, None)
+
+
+def recurrence_inputs(a: Tensor, gate_logits: Tensor, z: Tensor, real: Tensor, reset: Tensor) -> Tuple[Tensor, Tensor]:
+    """The scan's inputs of the "input" mode from the decay logits a = W_E GELU(p).
+
+    a, gate_logits, z: [B, T, d]; real, reset: [B, T] bool. Returns (x, carry) [B, T, d] fp32:
+    x = (1 - gamma) sigmoid(g~) z and carry = log gamma (0 at padding, -inf at a reset).
+    One fused Triton pass on CUDA (mdi_triton.py); the same formulas in PyTorch elsewhere.
+    """
+    if a.is_cuda and MDI_TRITON_AVAILABLE and not torch.compiler.is_compiling():
+        return _RecurrenceInputs.apply(a.contiguous(), gate_logits.contiguous(), z.contiguous(), real, reset)
+    log_gamma = log_gamma_from_logits(a).masked_fill(~real[..., None], 0.0)
+    return gated_input(log_gamma, gate_logits, z), log_gamma.masked_fill(reset[..., None], float("-inf"))
 
 
 class StateGate(nn.Module):

@@ -1,20 +1,27 @@
-"""Multi-memory attention over the hierarchical memory (ARCHITECTURE.md section 2).
+"""Multi-memory attention over the hierarchical memory (docs/ARCHITECTURE.md section 2).
 
 A token at position p attends, per head, over
   * the S long-term slots as they stand for p's segment, and
   * the level-1 summaries (mean k, mean v) of the blocks of p's segment completed before p.
-At a segment boundary the segment's summaries fold into the slots (``fold_into_slots``);
-at a document start (packed rows) the memory returns to the layer's learned slots.
+At a segment boundary the segment's summaries fold into the slots (``fold_weights``); at a
+document start (packed rows) the memory returns to the layer's learned slots.
 
-The input is processed in windows of whole segments (``window_length`` tokens) carrying a
-``LayerState``, so the attention is [window x (slots + summaries)], never [T x T]. Inside a
-window, a row's tokens fall into "local segments" (runs between boundaries); local segment
-0 continues the carried state. Everything below is vectorised over rows with masks, since
-rows of a batch sit at different positions (left padding, caches of other lengths).
+The parallel path has no loop over tokens, windows or segments and no host synchronisation.
+Every real token is placed by its position into a *segment layout* [B, K, L]: layout
+segment 0 is the segment the carried state belongs to, and each later one is the next
+segment of the stream (or, after a document start, the new document's first segment).
+Because visibility depends only on a token's offset j = p mod L inside its segment, the
+attention is one batched call over all B * K segments against their own S + C entries,
+with one static [L, S + C] mask. The only sequential step is the fold from one segment to
+the next: its routing (an argmax, no gradient) runs as one small kernel per row
+(``fold_triton.py`` on CUDA, a loop over segments elsewhere), and the slot trajectory it
+implies is a diagonal linear recurrence over segments, computed by the scan op, which
+gives its gradients.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
@@ -22,52 +29,166 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import LayerState
+from .fold_triton import AVAILABLE as FOLD_TRITON_AVAILABLE
 from .positions import TokenLayout
+from .scan import scan
 
-CUDA_WINDOW_TOKENS = 2048
+
+# ---------------------------------------------------------------------------------------
+# The fold rule
+# ---------------------------------------------------------------------------------------
+
+def fold_weights(slot_keys: Tensor, block_keys: Tensor, selected: Tensor, decay: float) -> Tuple[Tensor, Tensor]:
+    """The fold of a segment's block summaries into the slots, as weights (closed form of the EMA).
+
+    slot_keys: [B, S, d] (the slots at the segment start); block_keys: [B, C, d];
+    selected: [B, C] bool. Block i routes to j(i) = argmax_j <K_j, k_i> (ties: lowest j);
+    slot j with routed blocks i_1..i_m becomes lam^m K_j + (1 - lam) sum_r lam^(m-r) k_(i_r).
+    Returns (weight [B, C, S]: block i's weight in slot j, keep [B, S]: lam^m_j), so that
+    new_slots = keep[..., None] * slots + weight^T @ blocks, for keys and values alike.
+    """
+    S = slot_keys.shape[1]
+    scores = torch.einsum("bcd,bsd->bcs", block_keys, slot_keys)
+    route = F.one_hot(scores.argmax(-1), S).to(slot_keys.dtype) * selected[..., None]  # [B, C, S]
+    count = route.sum(1)  # m_j: [B, S]
+    rank = (route.cumsum(1) * route).sum(-1)  # r of each block among its slot's blocks (1-based)
+    m_of_block = (route * count[:, None]).sum(-1)
+    weight = (1.0 - decay) * decay ** (m_of_block - rank) * selected  # [B, C]
+    return route * weight[..., None], decay ** count
+
+
+def apply_fold(weight: Tensor, keep: Tensor, slots: Tensor, blocks: Tensor) -> Tensor:
+    """keep * slots + weight^T @ blocks. weight: [B, C, S]; keep: [B, S]; slots: [B, S, e]; blocks: [B, C, e]."""
+    return keep[..., None] * slots + torch.einsum("bcs,bce->bse", weight, blocks)
 
 
 def fold_into_slots(
     slot_keys: Tensor, slot_values: Tensor, block_keys: Tensor, block_values: Tensor,
     selected: Tensor, decay: float,
 ) -> Tuple[Tensor, Tensor]:
-    """Fold the selected block summaries, in order, into the slots (closed form of the EMA).
+    """Fold the selected block summaries [B, C, d], in order, into the slots [B, S, d]."""
+    weight, keep = fold_weights(slot_keys, block_keys, selected, decay)
+    return apply_fold(weight, keep, slot_keys, block_keys), apply_fold(weight, keep, slot_values, block_values)
 
-    slot_*: [B, S, d]; block_*: [B, E, d]; selected: [B, E] bool.
-    Block i routes to j(i) = argmax_j <K_j, k_i> with the slots as given (ties: lowest j);
-    slot j with routed blocks i_1..i_m becomes lam^m K_j + (1 - lam) sum_r lam^(m-r) k_(i_r).
+
+def route_segments_torch(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
+                         decay: float) -> Tuple[Tensor, Tensor]:
+    """The routing of every segment transition, one segment after another (no gradient).
+
+    block_keys: [B, K, C, d] fp32, the summaries of each layout segment; slot_keys: [B, S, d]
+    fp32, the slots of segment 0; init_keys: [S, d], the learned slots; restart: [B, K] bool,
+    segment s starts a document (its slots are the learned ones). Returns the fold into each
+    segment s = 1..K-1 as (weight [B, K-1, C, S], keep [B, K-1, S]).
     """
-    S = slot_keys.shape[1]
-    scores = torch.einsum("bed,bsd->bes", block_keys, slot_keys)
-    route = F.one_hot(scores.argmax(-1), S).to(slot_keys.dtype) * selected[..., None]  # [B, E, S]
-    count = route.sum(1)  # m_j: [B, S]
-    rank = (route.cumsum(1) * route).sum(-1)  # r of each block among its slot's blocks (1-based)
-    m_of_block = (route * count[:, None]).sum(-1)
-    weight = (1.0 - decay) * decay ** (m_of_block - rank) * selected  # [B, E]
-    keep = decay ** count[..., None]  # [B, S, 1]
-    new_keys = keep * slot_keys + torch.einsum("bes,be,bed->bsd", route, weight, block_keys)
-    new_values = keep * slot_values + torch.einsum("bes,be,bed->bsd", route, weight, block_values)
-    return new_keys, new_values
+    B, K, C, _ = block_keys.shape
+    selected = torch.ones(B, C, dtype=torch.bool, device=block_keys.device)
+    weights, keeps = [], []
+    keys = slot_keys
+    for s in range(1, K):
+        weight, keep = fold_weights(keys, block_keys[:, s - 1], selected, decay)
+        keys = torch.where(restart[:, s, None, None], init_keys, apply_fold(weight, keep, keys, block_keys[:, s - 1]))
+        weights.append(weight)
+        keeps.append(keep)
+    return torch.stack(weights, 1), torch.stack(keeps, 1)
 
 
-def _gather_sum(index: Tensor, size: int, *sources: Tensor) -> Tuple[Tensor, ...]:
-    """out[b, i] = sum of src[b, t] over t with index[b, t] == i, for each src [B, T, ...];
-    index: [B, T] in [0, size], where index == size drops the row. A one-hot batched matmul:
-    deterministic, and cheap on tensor cores (size is the number of blocks in a window)."""
-    onehot = F.one_hot(index, size + 1)[..., :size].transpose(1, 2)  # [B, size, T]
-    return tuple(torch.bmm(onehot.to(src.dtype), src.flatten(2)).view(src.shape[0], size, *src.shape[2:])
-                 for src in sources)
+def route_segments(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
+                   decay: float) -> Tuple[Tensor, Tensor]:
+    """``route_segments_torch``, as one Triton kernel per row on CUDA."""
+    with torch.no_grad():
+        if block_keys.is_cuda and FOLD_TRITON_AVAILABLE:
+            from .fold_triton import route_segments_triton
+
+            return route_segments_triton(block_keys, slot_keys, init_keys, restart, decay)
+        return route_segments_torch(block_keys, slot_keys, init_keys, restart, decay)
 
 
-def _add_to_first(blocks: Tensor, carried: Tensor) -> Tensor:
-    """blocks[:, 0] + carried, out of place (autograd-safe)."""
-    return torch.cat([blocks[:, :1] + carried[:, None], blocks[:, 1:]], 1)
+# ---------------------------------------------------------------------------------------
+# Where each token sits in the segment layout (computed once per forward, shared by layers)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class SegmentLayout:
+    """Real tokens placed by position into [B, K, L] (K layout segments of L positions)."""
+
+    num_segments: int  # K
+    gather_index: Tensor  # [B * K * L] long: the flat token (b * T + t) at each layout place, B * T if empty
+    scatter_index: Tensor  # [B * T] long: the flat layout place of each token, B * K * L for padding
+    restart: Tensor  # [B, K] bool: layout segment s begins a document (packed rows)
+    has_real: Tensor  # [B] bool
+    last_segment: Tensor  # [B] long: the layout segment of the row's last real token
+    last_position: Tensor  # [B] long: the position of the row's last real token
 
 
-def _scatter_max_rows(index: Tensor, src: Tensor, size: int, fill: int) -> Tensor:
-    out = src.new_full((src.shape[0], size + 1), fill)
-    return out.scatter_reduce_(1, index, src, reduce="amax")[:, :size]
+def segment_layout(layout: TokenLayout, segment_length: int) -> SegmentLayout:
+    """Layout segment of a token: 0 for the segment the carried state is in (that of position
+    offset - 1), then one more per segment boundary crossed and one more per document start.
+    Without position_ids a row spans at most ceil(T / L) + 1 segments (ceil(T / L) from a fresh
+    state), a bound known on the host; with them (packed rows) documents add segments, and K is read from the device once
+    per forward."""
+    key = ("segments", segment_length)
+    if key in layout.memo:
+        return layout.memo[key]
+    L = segment_length
+    pos, real, reset, offset = layout.position, layout.real, layout.reset, layout.offset
+    B, T = pos.shape
+    device = pos.device
+    steps = torch.arange(T, device=device)
+    # position of the previous real token of the row (offset - 1 before the first)
+    last_real_at = torch.where(real, steps, -1).cummax(dim=1).values
+    before = torch.cat([last_real_at.new_full((B, 1), -1), last_real_at[:, :-1]], 1)
+    previous = torch.where(before >= 0, pos.gather(1, before.clamp(min=0)), offset[:, None] - 1)
+    crossed = torch.where(reset, 1, pos // L - previous.clamp(min=0) // L)
+    segment = (crossed * real).cumsum(1)
+    if layout.has_resets:
+        K = int(segment.max()) + 1
+    else:  # a fresh stream starts at position 0: its T tokens fill ceil(T / L) segments
+        K = (T + L - 1) // L + (0 if layout.fresh else 1)
 
+    place = segment * L + pos % L  # [B, T] inside the row's K * L layout
+    rows = torch.arange(B, device=device)[:, None]
+    scatter_index = torch.where(real, rows * (K * L) + place, B * K * L).flatten()
+    tokens = (rows * T + steps).expand(B, T)
+    gather_index = torch.full((B * K * L + 1,), B * T, dtype=torch.long, device=device)
+    gather_index = gather_index.scatter(0, scatter_index, tokens.flatten())[:-1]
+    restart = torch.zeros(B, K + 1, dtype=torch.bool, device=device)
+    restart = restart.scatter(1, torch.where(real & reset, segment, K), True)[:, :K]
+    has_real = real.any(1)
+    last = last_real_at[:, -1].clamp(min=0)
+    result = SegmentLayout(
+        num_segments=K, gather_index=gather_index, scatter_index=scatter_index, restart=restart, has_real=has_real,
+        last_segment=torch.where(has_real, segment.gather(1, last[:, None])[:, 0], 0),
+        last_position=torch.where(has_real, pos.gather(1, last[:, None])[:, 0], offset - 1),
+    )
+    layout.memo[key] = result
+    return result
+
+
+class _Relayout(torch.autograd.Function):
+    """out[i] = x[index[i]] over flattened rows, x padded with a zero row; ``inverse`` maps
+    back, so the backward is a gather too (a one-to-one map between real tokens and layout
+    places: no scatter-add, deterministic)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.rows = x.shape[0]
+        return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return torch.cat([grad, grad.new_zeros(1, grad.shape[1])]).index_select(0, inverse), None, None
+
+
+def relayout(x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+    """x: [R, e] -> [len(index), e]; index in [0, R] (R: a zero row); inverse: the map back."""
+    return _Relayout.apply(x, index, inverse)
+
+
+# ---------------------------------------------------------------------------------------
+# The attention
+# ---------------------------------------------------------------------------------------
 
 class MultiMemoryAttention(nn.Module):
     """Holds the layer's learned long-term slots K^L, V^L: [S, d]."""
@@ -79,8 +200,7 @@ class MultiMemoryAttention(nn.Module):
         self.segment_length = config.memory_segment_length
         self.blocks_per_segment = config.blocks_per_segment
         self.decay = float(config.memory_decay)
-        # Tokens per parallel step (whole segments); None: by device, see window_length_for.
-        self.window_length = None
+        self.scan_backend = config.scan_backend
         self.slot_keys = nn.Parameter(torch.randn(config.num_memory_slots, config.hidden_size))
         self.slot_values = nn.Parameter(torch.randn(config.num_memory_slots, config.hidden_size))
 
@@ -88,156 +208,131 @@ class MultiMemoryAttention(nn.Module):
         """q, k, v: [B, T, d]; returns (m [B, T, d] in q.dtype, the state after the last token)."""
         if q.shape[1] == 1:
             return self._decode_step(q, k, v, layout, state)
-        # split (not slicing) so that autograd's backward is one cat, not a zero-filled [B, T, d] per window
-        length = self.window_length or self.window_length_for(q.device)
-        windows = zip(*(t.split(length, dim=1) for t in (q, k, v, layout.position, layout.real, layout.reset)))
-        outputs = []
-        for q_w, k_w, v_w, pos_w, real_w, reset_w in windows:
-            m, state = self._window(q_w, k_w, v_w, TokenLayout(pos_w, real_w, reset_w), state)
-            outputs.append(m)
-        return torch.cat(outputs, dim=1), state
-
-    def window_length_for(self, device: torch.device) -> int:
-        """The result does not depend on the window (every mask is by position). One window step
-        is ~100 small kernels: on CUDA their launch cost dominates, so windows span several
-        segments (about CUDA_WINDOW_TOKENS); on CPU the [window x entries] attention dominates,
-        so a window is one segment."""
-        if device.type != "cuda":
-            return self.segment_length
-        return self.segment_length * max(1, CUDA_WINDOW_TOKENS // self.segment_length)
+        return self._parallel(q, k, v, layout, state)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """Per-head softmax attention. q: [B, W, d]; keys, values: [B, E, d]; mask: [B, 1, W, E]."""
-        heads = lambda t: t.to(q.dtype).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731
+        """Per-head softmax attention. q: [..., W, d]; keys, values: [..., E, d]; mask broadcasts to [..., W, E]."""
+        heads = lambda t: t.to(q.dtype).unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # noqa: E731
         m = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), attn_mask=mask)
-        return m.transpose(1, 2).flatten(2)
+        return m.transpose(-3, -2).flatten(-2)
+
+    def _visible(self, device: torch.device) -> Tensor:
+        """[L, S + C] bool: the token at offset j of a segment sees every slot, and block c iff (c + 1) N <= j."""
+        offsets = torch.arange(self.segment_length, device=device)[:, None]
+        sees_block = (torch.arange(self.blocks_per_segment, device=device)[None] + 1) * self.block_size <= offsets
+        sees_slot = torch.ones(self.segment_length, self.slot_keys.shape[0], dtype=torch.bool, device=device)
+        return torch.cat([sees_slot, sees_block], 1)
+
+    def _parallel(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState):
+        B, T, d = q.shape
+        N, L, C = self.block_size, self.segment_length, self.blocks_per_segment
+        S = self.slot_keys.shape[0]
+        seg = segment_layout(layout, L)
+        K = seg.num_segments
+
+        def to_layout(x: Tensor) -> Tensor:
+            return relayout(x.reshape(B * T, -1), seg.gather_index, seg.scatter_index).view(B, K, L, -1)
+
+        q_l = to_layout(q)
+        kv_l = to_layout(torch.cat([k, v], -1))  # [B, K, L, 2d]
+        # Block sums (fp32); segment 0 continues the carried state: its first block_count
+        # summaries are carried, and the open block's sums add to block block_count.
+        sums = kv_l.view(B, K, C, N, 2 * d).sum(3, dtype=torch.float32)  # [B, K, C, 2d]
+        block = torch.arange(C, device=q.device)[None]
+        carried = block < state.block_count[:, None]  # [B, C]
+        at_open = (block == state.block_count[:, None]).float()[..., None]
+        open_sums = torch.cat([state.open_key_sum, state.open_value_sum], -1)[:, None]
+        first_sums = sums[:, 0] + at_open * open_sums
+        sums = torch.cat([first_sums[:, None], sums[:, 1:]], 1)
+        carried_summaries = torch.cat([state.block_keys, state.block_values], -1)
+        first = torch.where(carried[..., None], carried_summaries, first_sums / N)
+        summaries = torch.cat([first[:, None], sums[:, 1:] / N], 1)  # [B, K, C, 2d]
+
+        # Slots of every layout segment: routing (no gradient), then the linear recurrence it
+        # defines, by the scan: slots_s = keep_s * slots_(s-1) + weight_s^T @ summaries_(s-1),
+        # or the learned slots where segment s begins a document.
+        init = torch.cat([self.slot_keys, self.slot_values], -1).float()  # [S, 2d]
+        start = torch.cat([state.slot_keys, state.slot_values], -1)  # [B, S, 2d]
+        if K > 1:
+            weight, keep = route_segments(summaries[..., :d].detach(), state.slot_keys.detach(),
+                                          self.slot_keys.detach().float(), seg.restart, self.decay)
+            restart = seg.restart[:, 1:, None, None]
+            inputs = torch.einsum("bkcs,bkce->bkse", weight, summaries[:, :-1])
+            inputs = torch.where(restart, init, inputs)
+            log_keep = torch.log(keep)[..., None].masked_fill(restart, float("-inf")).expand(-1, -1, -1, 2 * d)
+            later, _ = scan(inputs.flatten(2), log_keep.flatten(2), start.flatten(1), backend=self.scan_backend)
+            slots = torch.cat([start[:, None], later.view(B, K - 1, S, 2 * d)], 1)  # [B, K, S, 2d]
+        else:
+            slots = start[:, None]
+
+        entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)
+        m_l = self._attend(q_l.view(B * K, L, d), entries[..., :d], entries[..., d:], self._visible(q.device))
+        m = relayout(m_l.reshape(B * K * L, d), seg.scatter_index, seg.gather_index).view(B, T, d)
+
+        # The state after the row's last real token (unchanged for a row of padding only).
+        rows = torch.arange(B, device=q.device)
+        last_seg, p = seg.last_segment, seg.last_position
+        filled = (p % L + 1) // N  # completed blocks of the last segment (C: folds lazily)
+        open_count = (p + 1) % N
+        open_block = ((p % L) // N).clamp(max=C - 1)
+        last_slots = slots[rows, last_seg]
+        last_summaries = summaries[rows, last_seg] * (block < filled[:, None]).float()[..., None]
+        last_open = sums[rows, last_seg, open_block] * (open_count > 0).float()[:, None]
+        keep_old = ~seg.has_real
+        pick = lambda old, new: torch.where(keep_old.view(-1, *[1] * (new.dim() - 1)), old, new)  # noqa: E731
+        new_state = LayerState(
+            h=state.h,
+            open_key_sum=pick(state.open_key_sum, last_open[:, :d]),
+            open_value_sum=pick(state.open_value_sum, last_open[:, d:]),
+            open_count=pick(state.open_count, open_count),
+            block_keys=pick(state.block_keys, last_summaries[..., :d]),
+            block_values=pick(state.block_values, last_summaries[..., d:]),
+            block_count=pick(state.block_count, filled),
+            slot_keys=pick(state.slot_keys, last_slots[..., :d]),
+            slot_values=pick(state.slot_values, last_slots[..., d:]),
+        )
+        return m, new_state
 
     def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState):
-        """The lean path for one token per row (decoding): O((S + C) d), no window bookkeeping."""
+        """One token per row (decoding): O((S + C) d). Folds and resets are always computed and
+        selected per row, so the step never asks the device a question (CUDA-graph safe)."""
         B = q.shape[0]
         N, L, C = self.block_size, self.segment_length, self.blocks_per_segment
         pos, real, reset = layout.position[:, 0], layout.real[:, 0], layout.reset[:, 0]
-        slot_keys, slot_values = state.slot_keys, state.slot_values
-        block_keys, block_values, block_count = state.block_keys, state.block_values, state.block_count
-        open_k, open_v, open_n = state.open_key_sum, state.open_value_sum, state.open_count
-        summaries = torch.arange(C, device=q.device)[None] < block_count[:, None]  # [B, C]
+        block = torch.arange(C, device=q.device)[None]
+        summaries = block < state.block_count[:, None]  # [B, C]
 
-        fold = real & ~reset & (pos % L == 0) & (pos > 0)
-        # Asking the host whether any row folds or resets is a sync on CUDA, but a decode step is
-        # launch-bound: on an H100, always running both updates under torch.where was slower
-        # (12 vs 8 ms/token at d=256, 23 vs 16 ms at d=2048), so the checks stay everywhere.
-        if bool(fold.any()):
-            folded_k, folded_v = fold_into_slots(slot_keys, slot_values, block_keys, block_values, summaries, self.decay)
-            slot_keys = torch.where(fold[:, None, None], folded_k, slot_keys)
-            slot_values = torch.where(fold[:, None, None], folded_v, slot_values)
-        if bool(reset.any()):
-            slot_keys = torch.where(reset[:, None, None], self.slot_keys.float(), slot_keys)
-            slot_values = torch.where(reset[:, None, None], self.slot_values.float(), slot_values)
-            open_n = open_n.masked_fill(reset, 0)
-            open_k = open_k.masked_fill(reset[:, None], 0.0)
-            open_v = open_v.masked_fill(reset[:, None], 0.0)
-        block_count = block_count.masked_fill(fold | reset, 0)
-        summaries = summaries & ~(fold | reset)[:, None]
+        fold = (real & ~reset & (pos % L == 0) & (pos > 0))[:, None, None]
+        restart = reset[:, None, None]
+        folded_k, folded_v = fold_into_slots(state.slot_keys, state.slot_values, state.block_keys, state.block_values,
+                                             summaries, self.decay)
+        slot_keys = torch.where(restart, self.slot_keys.float(), torch.where(fold, folded_k, state.slot_keys))
+        slot_values = torch.where(restart, self.slot_values.float(), torch.where(fold, folded_v, state.slot_values))
+        emptied = (fold | restart)[:, 0]  # [B, 1]
+        summaries = summaries & ~emptied
+        block_count = state.block_count.masked_fill(emptied[:, 0], 0)
+        open_k = state.open_key_sum.masked_fill(restart[:, 0], 0.0)
+        open_v = state.open_value_sum.masked_fill(restart[:, 0], 0.0)
+        open_n = state.open_count.masked_fill(reset, 0)
 
         S = slot_keys.shape[1]
         mask = torch.cat([summaries.new_ones(B, S), summaries], 1)[:, None, None]  # [B, 1, 1, S + C]
-        m = self._attend(q, torch.cat([slot_keys, block_keys], 1), torch.cat([slot_values, block_values], 1), mask)
+        m = self._attend(q, torch.cat([slot_keys, state.block_keys], 1), torch.cat([slot_values, state.block_values], 1),
+                         mask)
 
         open_k = open_k + k[:, 0].float() * real[:, None]
         open_v = open_v + v[:, 0].float() * real[:, None]
         open_n = open_n + real.long()
         closes = open_n == N
-        at = block_count.clamp(max=C - 1)
-        write = F.one_hot(at, C).bool() & closes[:, None]  # [B, C]
-        block_keys = torch.where(write[..., None], (open_k / N)[:, None], block_keys)
-        block_values = torch.where(write[..., None], (open_v / N)[:, None], block_values)
+        write = ((block == block_count.clamp(max=C - 1)[:, None]) & closes[:, None])[..., None]  # [B, C, 1]
         new_state = LayerState(
             h=state.h,
             open_key_sum=open_k.masked_fill(closes[:, None], 0.0),
             open_value_sum=open_v.masked_fill(closes[:, None], 0.0),
             open_count=open_n.masked_fill(closes, 0),
-            block_keys=block_keys, block_values=block_values, block_count=block_count + closes.long(),
+            block_keys=torch.where(write, (open_k / N)[:, None], state.block_keys),
+            block_values=torch.where(write, (open_v / N)[:, None], state.block_values),
+            block_count=block_count + closes.long(),
             slot_keys=slot_keys, slot_values=slot_values,
-        )
-        return m, new_state
-
-    def _window(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState):
-        B, W, d = q.shape
-        N, L, C = self.block_size, self.segment_length, self.blocks_per_segment
-        pos, real, reset = layout.position, layout.real, layout.reset
-        rows = torch.arange(B, device=q.device)
-
-        # Local segments: a new one starts at a document start or a segment boundary.
-        boundary = real & (reset | ((pos % L == 0) & (pos > 0)))
-        local_seg = boundary.long().cumsum(1)  # [B, W]
-        num_local = int(local_seg.max()) + 1
-
-        # Blocks: local block 0 continues the carried open block.
-        local_block = (real & (pos % N == 0)).long().cumsum(1)
-        num_blocks = int(local_block[:, -1].max()) + 1
-        index = local_block.masked_fill(~real, num_blocks)
-        key_sum, value_sum, count = _gather_sum(index, num_blocks, k.float(), v.float(), real[..., None].float())
-        count = count[..., 0].round().long()
-        key_sum = _add_to_first(key_sum, state.open_key_sum)
-        value_sum = _add_to_first(value_sum, state.open_value_sum)
-        count = _add_to_first(count, state.open_count)
-        complete = count == N
-        block_visible_from = _scatter_max_rows(index, torch.where(real, pos + 1, 0), num_blocks, 0)
-        block_local_seg = _scatter_max_rows(index, local_seg, num_blocks, 0)
-
-        # Level-1 entries: the carried summaries (local segment 0), then this window's blocks.
-        entry_keys = torch.cat([state.block_keys, key_sum / N], 1)  # [B, E, d]
-        entry_values = torch.cat([state.block_values, value_sum / N], 1)
-        carried = torch.arange(C, device=q.device)[None] < state.block_count[:, None]
-        entry_valid = torch.cat([carried, complete], 1)
-        entry_seg = torch.cat([torch.zeros_like(state.block_count)[:, None].expand(B, C), block_local_seg], 1)
-        entry_from = torch.cat([torch.full_like(carried, -1, dtype=torch.long), block_visible_from], 1)
-
-        # Long-term slots for each local segment: fold at a boundary, re-initialise at a reset.
-        starts_with_reset = torch.zeros(B, num_local, dtype=torch.bool, device=q.device)
-        starts_with_reset[rows[:, None].expand(B, W)[boundary], local_seg[boundary]] = reset[boundary]
-        slot_keys, slot_values = [state.slot_keys], [state.slot_values]
-        init_keys = self.slot_keys.float()[None].expand(B, -1, -1)
-        init_values = self.slot_values.float()[None].expand(B, -1, -1)
-        for seg in range(1, num_local):
-            folded_k, folded_v = fold_into_slots(
-                slot_keys[-1], slot_values[-1], entry_keys, entry_values,
-                entry_valid & (entry_seg == seg - 1), self.decay,
-            )
-            fresh = starts_with_reset[:, seg, None, None]
-            slot_keys.append(torch.where(fresh, init_keys, folded_k))
-            slot_values.append(torch.where(fresh, init_values, folded_v))
-        slot_keys, slot_values = torch.stack(slot_keys, 1), torch.stack(slot_values, 1)  # [B, K, S, d]
-
-        # Attention over [slots of every local segment | entries], masked per token.
-        S = slot_keys.shape[2]
-        slot_owner = torch.arange(num_local, device=q.device).repeat_interleave(S)
-        sees_slot = local_seg[..., None] == slot_owner
-        sees_entry = (
-            entry_valid[:, None] & (entry_seg[:, None] == local_seg[..., None]) & (entry_from[:, None] <= pos[..., None])
-        )
-        mask = torch.cat([sees_slot, sees_entry], -1)[:, None]  # [B, 1, W, K*S + E]
-        m = self._attend(q, torch.cat([slot_keys.flatten(1, 2), entry_keys], 1),
-                         torch.cat([slot_values.flatten(1, 2), entry_values], 1), mask)
-
-        # The state after the window, per row: its last local segment and last block.
-        last_seg = local_seg[:, -1]
-        keep = entry_valid & (entry_seg == last_seg[:, None])
-        slot = keep.long().cumsum(1) - 1
-        target = slot.masked_fill(~keep, C)  # compacted, in order; capacity C
-        compacted_keys, compacted_values = _gather_sum(target, C, entry_keys, entry_values)
-        last_block = local_block[:, -1]
-        open_done = complete[rows, last_block]
-        zero = torch.zeros((), device=q.device)
-        new_state = LayerState(
-            h=state.h,
-            open_key_sum=torch.where(open_done[:, None], zero, key_sum[rows, last_block]),
-            open_value_sum=torch.where(open_done[:, None], zero, value_sum[rows, last_block]),
-            open_count=torch.where(open_done, 0, count[rows, last_block]),
-            block_keys=compacted_keys,
-            block_values=compacted_values,
-            block_count=keep.sum(1),
-            slot_keys=slot_keys[rows, last_seg],
-            slot_values=slot_values[rows, last_seg],
         )
         return m, new_state

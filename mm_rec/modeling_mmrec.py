@@ -20,6 +20,7 @@ from .cache import MMRecCache
 from .configuration_mmrec import MMRecConfig
 from .hem import xavier_uniform_rows_
 from .hub import check_loading_info, write_model_card
+from .loss import causal_lm_loss
 from .mdi import init_decay_generator_
 from .memory import MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
@@ -164,7 +165,7 @@ class MMRecModel(MMRecPreTrainedModel):
         if position_ids is not None and tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
         offset = cache.position if cache is not None else torch.zeros(B, dtype=torch.long, device=hidden.device)
-        layout = token_layout(attention_mask, position_ids, offset)
+        layout = token_layout(attention_mask, position_ids, offset, fresh=cache is None)
 
         all_hidden = [hidden] if output_hidden_states else None
         new_states = []
@@ -241,7 +242,9 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Union[Tuple, CausalLMOutputWithPast]:
         """labels: [B, T] token ids, -100 = ignored; shifted inside (predict token t+1 at t).
-        Returns CausalLMOutputWithPast with logits [B, T, vocab] (float32) and the cache."""
+        Returns CausalLMOutputWithPast with logits [B, T, vocab] (float32) and the cache. When
+        the loss needs gradients (training with labels), the loss is computed chunk by chunk
+        from the hidden states and ``logits`` is None: the [B, T, vocab] logits are never built."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -249,13 +252,17 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep]).float()
-        loss = None
-        if labels is not None:
-            if labels.shape != hidden.shape[:2]:
-                raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if labels is not None and labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+        logits = loss = None
+        if labels is not None and torch.is_grad_enabled() and hidden.requires_grad:
+            # training: the loss and its gradients chunk by chunk, never [B, T, vocab] logits
+            loss = causal_lm_loss(hidden, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep]).float()
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out_cache = getattr(outputs, CACHE_FIELD)
         if not return_dict:
             return tuple(v for v in (loss, logits, out_cache, outputs.hidden_states) if v is not None)

@@ -8,7 +8,7 @@ fed whole, in chunks, token by token, or left-padded inside a batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,6 +22,10 @@ class TokenLayout:
     position: Tensor  # long; position of each real token (meaningless at padding)
     real: Tensor  # bool; attention_mask == 1
     reset: Tensor  # bool; a real token that starts a new document (packed rows)
+    offset: Tensor  # [B] long; real tokens the row's stream saw before this call (the cache's count)
+    has_resets: bool = False  # position_ids were given, so ``reset`` may hold True anywhere
+    fresh: bool = False  # no cache: every row starts at position 0 (offset is all zeros)
+    memo: dict = field(default_factory=dict, repr=False)  # per-forward values shared by all layers
 
     def next_position(self, offset: Tensor) -> Tensor:
         """[B] long: the position of each row's next real token (``offset`` where the row had none)."""
@@ -33,12 +37,14 @@ class TokenLayout:
 
 
 def token_layout(
-    attention_mask: Tensor, position_ids: Optional[Tensor], offset: Tensor
+    attention_mask: Tensor, position_ids: Optional[Tensor], offset: Tensor, fresh: bool = False
 ) -> TokenLayout:
     """attention_mask: [B, T] (1 = real token); position_ids: [B, T] or None; offset: [B] long.
 
     Without position_ids, positions continue from ``offset`` (the cache's count). With them,
     they are taken as given and every real token at position 0 starts a new document.
+    ``fresh``: the caller knows that ``offset`` is all zeros (no cache), which lets the memory
+    size its layout without asking the device.
     """
     real = attention_mask.bool()
     if position_ids is None:
@@ -48,4 +54,5 @@ def token_layout(
         position = position_ids.long()
         reset = real & (position == 0)
     position = position.masked_fill(~real, 0)
-    return TokenLayout(position=position, real=real, reset=reset)
+    return TokenLayout(position=position, real=real, reset=reset, offset=offset, has_resets=position_ids is not None,
+                       fresh=fresh)

@@ -8,7 +8,7 @@ Decays are given in log space. ``log_gamma = -inf`` at a position is a *reset*:
 gamma = 0 there, so the state forgets everything before it (packed documents).
 
 Backends:
-    "torch"  - chunked log-space reference in pure PyTorch; runs everywhere (the CPU path).
+    "torch"  - chunked reference in pure PyTorch; runs everywhere (the CPU path).
     "triton" - Triton kernels (``scan_triton.py``); CUDA, or CPU under TRITON_INTERPRET=1.
     "auto"   - "triton" on CUDA tensors when Triton is importable, else "torch".
 
@@ -26,6 +26,7 @@ Dtype policy: accumulation is float32 (float64 for float64 inputs); ``h`` is ret
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Optional, Tuple
 
@@ -37,7 +38,6 @@ from .scan_triton import AVAILABLE as TRITON_AVAILABLE
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
-CHUNK_SIZE = 32  # the reference's intra-chunk matrix is [B, C, C, D]: keep C small
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,32 +71,33 @@ def associative_scan_exponential(gamma: Tensor, dim: int = 1) -> Tensor:
 def _chunked_scan_torch(x: Tensor, log_gamma: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
     """x, log_gamma: [B, T, D]; h0: [B, D] (accumulation dtype). Returns (h [B,T,D] acc, h_T).
 
-    Within a chunk of C steps, h_t = sum_{s<=t} exp(L_t - L_s) x_s + exp(L_t) h_start with
-    L the cumulative log-decay of the chunk; every exponent is <= 0, so nothing overflows.
-    Resets (-inf) split a chunk into runs; weights across a run boundary are zero.
+    Two levels over chunks of about sqrt(T) steps, so the loops are O(sqrt(T)) steps of
+    whole-tensor work: every chunk is scanned from a zero state (all chunks at once, one step
+    at a time), the cumulative decay inside each chunk is exp(cumsum(log gamma)) (the seed's
+    associative_scan_exponential), and the carries pass from chunk to chunk. Resets (-inf)
+    need nothing special: exp(-inf) = 0 cuts every product across them.
     """
     acc = h0.dtype
     B, T, D = x.shape
-    xf = x.to(acc)
-    lg = log_gamma.to(acc)
-    reset = torch.isneginf(lg)
-    lg = lg.masked_fill(reset, 0.0)
-    h = h0
-    out = torch.empty(B, T, D, dtype=acc, device=x.device)
-    causal = torch.ones(CHUNK_SIZE, CHUNK_SIZE, dtype=torch.bool, device=x.device).tril()
-    for start in range(0, T, CHUNK_SIZE):
-        stop = min(start + CHUNK_SIZE, T)
-        C = stop - start
-        L = cumulative_log_decay(lg[:, start:stop])            # [B, C, D]
-        run = reset[:, start:stop].cumsum(1)                     # [B, C, D] run index in chunk
-        same_run = run[:, :, None] == run[:, None, :]            # [B, C(t), C(s), D]
-        visible = same_run & causal[:C, :C, None]
-        log_w = (L[:, :, None] - L[:, None, :]).masked_fill(~visible, float("-inf"))
-        h_chunk = torch.einsum("btsd,bsd->btd", torch.exp(log_w), xf[:, start:stop])
-        h_chunk = h_chunk + torch.exp(L) * (run == 0) * h[:, None]
-        out[:, start:stop] = h_chunk
-        h = h_chunk[:, -1]
-    return out, h.clone()  # a fresh tensor: custom-op outputs must not be views
+    C = max(1, math.isqrt(T))
+    n = -(-T // C)
+    pad = (0, 0, 0, n * C - T)  # padded steps: gamma = 1, x = 0, so the end state is h_T
+    xs = torch.nn.functional.pad(x.to(acc), pad).view(B, n, C, D)
+    log_gammas = torch.nn.functional.pad(log_gamma.to(acc), pad).view(B, n, C, D)
+    gammas = torch.exp(log_gammas)
+    decay = torch.exp(cumulative_log_decay(log_gammas, dim=2))  # prod of gamma inside the chunk
+    h = xs[:, :, 0]
+    local = [h]
+    for t in range(1, C):
+        h = xs[:, :, t] + gammas[:, :, t] * h
+        local.append(h)
+    local = torch.stack(local, 2)  # [B, n, C, D]: each chunk from a zero state
+    carry, carries = h0, []
+    for c in range(n):
+        carries.append(carry)
+        carry = local[:, c, -1] + decay[:, c, -1] * carry
+    h = local + decay * torch.stack(carries, 1)[:, :, None]
+    return h.view(B, n * C, D)[:, :T].contiguous(), carry
 
 
 def _reverse_decays(log_gamma: Tensor) -> Tensor:

@@ -172,8 +172,8 @@ def test_decay_init_is_log_uniform_over_timescales():
         assert layer.mdi.W_E.weight.abs().max() < 0.5 * xavier  # W_E small
     # Consequence: a fresh model's decays stay near the init range at every token.
     seen = []
-    for layer in model.model.layers:
-        layer.mdi.register_forward_hook(lambda mod, inp, out: seen.append(-torch.expm1(out)))
+    for layer in model.model.layers:  # W_E's output is the decay logit a: 1 - gamma = sigmoid(-a)
+        layer.mdi.W_E.register_forward_hook(lambda mod, inp, out: seen.append(torch.sigmoid(-out.double())))
     model(torch.randint(0, 60, (2, 20)))
     rates = torch.cat([s.flatten() for s in seen])
     assert rates.min() > 0.5e-3 and rates.max() < 2e-1

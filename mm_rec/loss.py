@@ -1,0 +1,82 @@
+"""The language-model loss without [tokens, vocab] logits: a chunked, fused linear + cross-entropy.
+
+Training never materialises the logits of the whole batch: rows are taken ``chunk_rows`` at
+a time, their logits computed, turned into the loss and, at once, into the gradients of the
+hidden states and of the head's weight, and dropped. The backward only scales those
+gradients. Peak memory is set by the chunk, not by batch x length x vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+        """hidden: [R, d]; weight: [V, d] (same dtype); targets: [R] long, IGNORE_INDEX skipped.
+        Returns the summed cross-entropy (an fp32 scalar; fp64 for fp64 inputs)."""
+        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        d_hidden = torch.empty_like(hidden) if needs_hidden else None
+        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_weight else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h = hidden[start:start + chunk_rows]
+                target = targets[start:start + chunk_rows]
+                valid = target != IGNORE_INDEX
+                logits = (h @ weight.T).to(acc)
+                log_z = torch.logsumexp(logits, -1)
+                safe = target.clamp(min=0)
+                picked = logits.gather(1, safe[:, None])[:, 0]
+                total += ((log_z - picked) * valid).sum()
+                if needs_hidden or needs_weight:
+                    grad = logits.sub_(log_z[:, None]).exp_()  # softmax, in place
+                    grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
+                    grad = (grad * valid[:, None]).to(hidden.dtype)
+                    if needs_hidden:
+                        d_hidden[start:start + chunk_rows] = grad @ weight
+                    if needs_weight:
+                        d_weight += (grad.T @ h).to(acc)
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        d_hidden, d_weight = ctx.saved_tensors
+        d_hidden = None if d_hidden is None else d_hidden * grad_total.to(d_hidden.dtype)
+        d_weight = None if d_weight is None else (d_weight * grad_total).to(ctx.weight_dtype)
+        return d_hidden, d_weight, None, None
+
+
+def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, num_items_in_batch: Optional[Tensor | int] = None,
+                   chunk_rows: Optional[int] = None) -> Tensor:
+    """Mean next-token cross-entropy of ``hidden @ weight.T`` against ``labels`` shifted by one,
+    as transformers' causal-LM loss computes it (IGNORE_INDEX skipped; divided by
+    ``num_items_in_batch`` when given, for gradient accumulation), without the logits.
+
+    hidden: [B, T, d]; weight: [V, d]; labels: [B, T] long. Under autocast the product runs
+    in the autocast dtype; the loss and its accumulation are fp32.
+    """
+    B, T, d = hidden.shape
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        hidden = hidden.to(weight.dtype)
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    total = _LinearCrossEntropy.apply(hidden.reshape(B * T, d), weight, targets, rows)
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

@@ -1,0 +1,76 @@
+"""mm_rec/mdi_triton.py: the fused recurrence inputs against the PyTorch formulas (float64),
+forward and backward, including decays within 1e-6 of 1 and of the clamp, padding and resets."""
+
+import math
+
+import pytest
+import torch
+
+import torch.nn.functional as F
+
+from mm_rec.mdi import LOG_GAMMA_MAX, LOG_GAMMA_MIN
+from mm_rec.mdi_triton import AVAILABLE
+
+pytestmark = [pytest.mark.skipif(not AVAILABLE, reason="triton is not installed"),
+              # the interpreter evaluates both sides of tl.where; the unselected side may divide by 0
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(a, g, z, real, reset):
+    """docs/ARCHITECTURE.md section 1 in float64."""
+    log_gamma = F.logsigmoid(a).clamp(math.log(1e-6), math.log1p(-1e-6)).masked_fill(~real[..., None], 0.0)
+    x = -torch.expm1(log_gamma) * torch.sigmoid(g) * z
+    return x, log_gamma.masked_fill(reset[..., None], float("-inf"))
+
+
+def inputs(seed, B=2, T=9, d=37, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    a = 4.0 * torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    # the hard regions: 1 - gamma near 1e-6 (a near log(1e6) = 13.8, where logsigmoid is
+    # about -1e-6) on both sides of the clamp, and past the lower clamp
+    a[0, 0, :6] = torch.tensor([13.0, 13.7, 13.8155, 13.9, 20.0, -14.5], dtype=torch.float64)
+    gate = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    z = torch.randn(B, T, d, generator=g, dtype=torch.float64)
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[1, :3] = False
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[0, 4] = reset[1, 3] = True
+    return [t.to(dtype) if t.is_floating_point() else t for t in (a, gate, z)] + [real, reset]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_forward_and_backward_equal_the_formulas(dtype, tol):
+    from mm_rec.mdi_triton import recurrence_inputs_bwd, recurrence_inputs_fwd
+
+    a, g, z, real, reset = inputs(0, dtype=dtype)
+    dev = [t.to(DEVICE) for t in (a, g, z, real, reset)]
+    x, carry = recurrence_inputs_fwd(*dev, LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+    leaves = [t.double().requires_grad_() for t in (a, g, z)]  # the bf16 values, exactly, in float64
+    x_ref, carry_ref = reference(*leaves, real, reset)
+    assert x.dtype == carry.dtype == torch.float32
+    torch.testing.assert_close(x.cpu().double(), x_ref.detach(), rtol=tol, atol=1e-12)
+    torch.testing.assert_close(carry.cpu().double(), carry_ref.detach(), rtol=tol, atol=1e-12)
+
+    gen = torch.Generator().manual_seed(1)
+    d_x, d_carry = torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen)
+    grads = recurrence_inputs_bwd(*dev, d_x.to(DEVICE), d_carry.to(DEVICE), LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+    finite = torch.isfinite(carry_ref)  # -inf at resets carries no gradient
+    ((x_ref * d_x.double()).sum() + (carry_ref[finite] * d_carry.double()[finite]).sum()).backward()
+    for name, got, leaf in zip("agz", grads, leaves):
+        assert got.dtype == dtype, name
+        scale = leaf.grad.abs().max().item()
+        err = (got.cpu().double() - leaf.grad).abs().max().item()
+        assert err <= (tol if dtype == torch.float32 else 1e-2) * scale, (name, err, scale)
+
+
+def test_one_minus_gamma_is_exact_near_one():
+    """1 - gamma = 1e-6 must not come out of a cancellation (1 - exp(log gamma))."""
+    from mm_rec.mdi_triton import recurrence_inputs_fwd
+
+    a = torch.full((1, 1, 16), math.log(1e6 - 1.0) - 0.05, device=DEVICE)  # 1 - gamma just above 1e-6
+    ones = torch.ones_like(a)
+    flags = torch.ones(1, 1, dtype=torch.bool, device=DEVICE)
+    x, _ = recurrence_inputs_fwd(a, torch.full_like(a, 50.0), ones, flags, ~flags, LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+    expected = 1.0 / (1.0 + math.exp(a[0, 0, 0].item()))  # sigmoid(-a), in float64
+    assert abs(x[0, 0, 0].item() - expected) <= 1e-5 * expected
