@@ -7,7 +7,7 @@ The fold's routing is the only sequential step of the memory: which slot each bl
 segment goes to depends on the slots at that segment's start, which depend on every
 earlier fold. One program per row keeps the row's slot keys [S, d] in registers and walks
 the segments in order: scores of the segment's C block summaries against the slots (an
-fp32 dot, not tf32, so the argmax agrees with the PyTorch reference), the argmax (ties to
+fp32-accurate dot: three tf32 products, not one, so the argmax agrees with the PyTorch reference), the argmax (ties to
 the lowest slot), the closed-form EMA weights, and the updated slots. It writes only the
 weights and the per-slot decays; memory.py turns them into the differentiable slot
 trajectory with the scan op. Nothing here needs a gradient: the routing is an argmax.
@@ -50,7 +50,7 @@ if AVAILABLE:
         block_mask = mask_c[:, None] & mask_d[None, :]
         for s in range(1, K):
             blocks = tl.load(block_keys + ((b * K + s - 1) * C) * D + block_tile, mask=block_mask, other=0.0)
-            scores = tl.dot(blocks, tl.trans(keys), input_precision="ieee")  # [BC, BS]
+            scores = tl.dot(blocks, tl.trans(keys), input_precision="tf32x3")  # [BC, BS]
             scores = tl.where(mask_s[None, :], scores, float("-inf"))
             best = tl.argmax(scores, axis=1, tie_break_left=True)  # [BC]
             route = ((o_s[None, :] == best[:, None]) & mask_c[:, None]).to(tl.float32)
@@ -62,7 +62,7 @@ if AVAILABLE:
             out = (b * (K - 1) + s - 1)
             tl.store(weight + out * C * S + o_c[:, None] * S + o_s[None, :], w, mask=mask_c[:, None] & mask_s[None, :])
             tl.store(keep + out * S + o_s, kept, mask=mask_s)
-            keys = kept[:, None] * keys + tl.dot(tl.trans(w), blocks, input_precision="ieee")
+            keys = kept[:, None] * keys + tl.dot(tl.trans(w), blocks, input_precision="tf32x3")
             if tl.load(restart + b * K + s) != 0:  # a document starts: the learned slots again
                 keys = tl.load(init_keys + slot_tile, mask=slot_mask, other=0.0)
 

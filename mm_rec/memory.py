@@ -92,15 +92,29 @@ def route_segments_torch(block_keys: Tensor, slot_keys: Tensor, init_keys: Tenso
     return torch.stack(weights, 1), torch.stack(keeps, 1)
 
 
+@torch.library.custom_op("mm_rec::route_segments", mutates_args=())
+def _route_segments_op(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
+                       decay: float) -> Tuple[Tensor, Tensor]:
+    if block_keys.is_cuda and FOLD_TRITON_AVAILABLE:
+        from .fold_triton import route_segments_triton
+
+        return route_segments_triton(block_keys, slot_keys, init_keys, restart, decay)
+    return route_segments_torch(block_keys, slot_keys, init_keys, restart, decay)
+
+
+@_route_segments_op.register_fake
+def _(block_keys, slot_keys, init_keys, restart, decay):
+    B, K, C, _ = block_keys.shape
+    S = slot_keys.shape[1]
+    return block_keys.new_empty(B, K - 1, C, S), block_keys.new_empty(B, K - 1, S)
+
+
 def route_segments(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
                    decay: float) -> Tuple[Tensor, Tensor]:
-    """``route_segments_torch``, as one Triton kernel per row on CUDA."""
+    """``route_segments_torch``, as one Triton kernel per row on CUDA; a ``torch.library`` op,
+    so torch.compile and torch.export see one opaque call (it has no gradient)."""
     with torch.no_grad():
-        if block_keys.is_cuda and FOLD_TRITON_AVAILABLE:
-            from .fold_triton import route_segments_triton
-
-            return route_segments_triton(block_keys, slot_keys, init_keys, restart, decay)
-        return route_segments_torch(block_keys, slot_keys, init_keys, restart, decay)
+        return _route_segments_op(block_keys.detach(), slot_keys.detach(), init_keys.detach(), restart, float(decay))
 
 
 # ---------------------------------------------------------------------------------------
