@@ -151,7 +151,9 @@ def check_loading_info(model, path, loading_info: Mapping, ignore_mismatched_siz
             layer_keys.setdefault(layer_of(key), []).append(key)
     present = {i for i, keys in layer_keys.items() if not missing.issuperset(keys)}
     present |= {layer_of(key) for key in unexpected if layer_of(key) is not None}
-    saved_layers = max(present) + 1 if present else 0
+    # A checkpoint without any layer tensor has no layer count to disagree with: like any missing
+    # tensor, its layers are initialised and reported (transformers' contract).
+    saved_layers = max(present) + 1 if present else config.num_hidden_layers
     if saved_layers != config.num_hidden_layers:
         raise ValueError(f"{where}: num_hidden_layers: the checkpoint has {saved_layers} layers, the config "
                          f"{config.num_hidden_layers}")
