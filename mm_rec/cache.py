@@ -132,7 +132,8 @@ class MMRecCache:
             save_file(tensors, tmp, metadata=meta)
             os.replace(tmp, path)
         except BaseException:
-            os.unlink(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
             raise
 
     @classmethod
