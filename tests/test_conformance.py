@@ -50,7 +50,8 @@ def cache_of(output):
 def fresh_process(script: str, *args, tmp_path, stdin=None, timeout=300) -> dict:
     """Run ``script`` in a new interpreter (this worktree first on the path, offline) and return
     the JSON object it prints last."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), HF_HUB_OFFLINE="1",
+    path = [str(REPO), str(REPO / "tests"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=timeout, stdin=stdin)
