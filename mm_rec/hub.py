@@ -81,7 +81,7 @@ def model_card(config, num_parameters: Optional[int] = None, metrics: Optional[M
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
         'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40, do_sample=True)[0]))",
         "```",

@@ -291,12 +291,13 @@ TOKENIZER_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("imports,kwargs", [("import mm_rec", ""), ("", ", trust_remote_code=False")])
+@pytest.mark.parametrize("imports,kwargs", [("import mm_rec", ""), ("", ", trust_remote_code=True"),
+                                            ("", ", trust_remote_code=False")])
 def test_tokenizer_of_a_checkpoint_loads_without_asking(saved, tmp_path, imports, kwargs):
     """stdin closed: transformers' remote-code question would be printed and answered by EOF.
     AutoTokenizer reads the folder's config.json first (transformers 5.x); with mm_rec imported the
     config class is registered locally, so nothing is asked; a process without mm_rec must say
-    trust_remote_code=False (or True) - the tokenizer itself needs no remote code."""
+    trust_remote_code (True, as the model card does, or False: the tokenizer needs no remote code)."""
     import shutil
 
     from mm_rec.data import byte_level_tokenizer
