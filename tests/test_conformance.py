@@ -6,6 +6,7 @@ files, clear errors for bad inputs, and torch.export of prefill and decode steps
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 import mm_rec
 from mm_rec import LayerState, MMRecCache, MMRecConfig, MMRecForCausalLM, MMRecModel, is_mmrec_cache
@@ -147,8 +147,6 @@ def saved(tmp_path_factory):
 
 
 def _copy_without(saved, folder, dropped):
-    import shutil
-
     shutil.copytree(saved, folder)
     tensors = load_file(folder / WEIGHTS)
     for key in dropped:
@@ -250,8 +248,6 @@ def test_base_model_loads_from_the_causal_lm_checkpoint(saved):
 
 # -------------------------------------------------------------------- Auto classes, tokenizer
 def test_import_registers_the_auto_classes_for_a_folder_without_auto_map(saved, tmp_path):
-    import shutil
-
     folder = tmp_path / "no_auto_map"
     shutil.copytree(saved, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -298,8 +294,6 @@ def test_tokenizer_of_a_checkpoint_loads_without_asking(saved, tmp_path, imports
     AutoTokenizer reads the folder's config.json first (transformers 5.x); with mm_rec imported the
     config class is registered locally, so nothing is asked; a process without mm_rec must say
     trust_remote_code (True, as the model card does, or False: the tokenizer needs no remote code)."""
-    import shutil
-
     from mm_rec.data import byte_level_tokenizer
 
     folder = tmp_path / "with_tokenizer"
