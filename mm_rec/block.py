@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import LayerState
 from .hem import HEMProjection
@@ -36,7 +37,12 @@ class FeedForward(nn.Module):
         return self.down(self.act(self.up(x)))
 
 
-class MMRecBlock(nn.Module):
+class MMRecBlock(GradientCheckpointingLayer):
+    """A GradientCheckpointingLayer: ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable``
+    recompute it in the backward. ``x`` must stay the first positional argument (use_reentrant=True
+    tracks gradients through positional tensors only); the carried state is an input, never
+    updated in place, so the recompute sees the same state."""
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         d = config.hidden_size

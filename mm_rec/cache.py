@@ -8,17 +8,19 @@ token reads only this.
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from safetensors.torch import load_file, save_file
 
 CACHE_FORMAT_VERSION = 1
+CACHE_FILE_FORMAT = "mmrec-cache"
 
 
 @dataclass
@@ -69,6 +71,9 @@ class MMRecCache:
     """
 
     is_compileable = False
+    # Every copy of this code (the package, a checkpoint's transformers_modules copy) defines its
+    # own class; is_mmrec_cache recognises any of them by this marker.
+    _mmrec_cache_format = CACHE_FORMAT_VERSION
 
     def __init__(self, layers: List[LayerState], position: Tensor):
         self.layers = layers
@@ -103,26 +108,38 @@ class MMRecCache:
         self.position = self.position.index_select(0, beam_idx.to(self.position.device))
 
     def detach(self) -> "MMRecCache":
-        return MMRecCache([layer.map(lambda t: t.detach()) for layer in self.layers], self.position.detach())
+        return type(self)([layer.map(lambda t: t.detach()) for layer in self.layers], self.position.detach())
 
     def to(self, device=None) -> "MMRecCache":
-        return MMRecCache([layer.map(lambda t: t.to(device)) for layer in self.layers], self.position.to(device))
+        return type(self)([layer.map(lambda t: t.to(device)) for layer in self.layers], self.position.to(device))
 
     # ------------------------------------------------------------------ disk
     def save(self, path: str | os.PathLike) -> None:
-        """Write the cache to one safetensors file (atomically: a crash leaves no half file)."""
-        tensors = {"position": self.position.contiguous()}
+        """Write the cache to one safetensors file, atomically: a temporary file in the same
+        folder, renamed over ``path`` once complete; on any error it is removed."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"MMRecCache.save: path {path!r} is a directory, expected a file name")
+        tensors = {"position": self.position.detach().contiguous()}
         for i, layer in enumerate(self.layers):
             for name, t in layer.tensors().items():
                 tensors[f"layers.{i}.{name}"] = t.detach().contiguous()
-        meta = {"format": "mmrec-cache", "version": str(CACHE_FORMAT_VERSION), "num_layers": str(len(self.layers))}
-        tmp = f"{os.fspath(path)}.tmp"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        meta = {"format": CACHE_FILE_FORMAT, "version": str(CACHE_FORMAT_VERSION), "num_layers": str(len(self.layers))}
+        folder, name = os.path.split(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, config=None, device=None) -> "MMRecCache":
-        """Read a cache written by ``save``. With ``config``, check it fits that model."""
+        """Read a cache written by ``save``; every field is checked (ValueError naming it).
+        With ``config``, also check it fits that model."""
         from safetensors import safe_open
 
         try:
@@ -131,18 +148,47 @@ class MMRecCache:
             tensors = load_file(os.fspath(path), device=str(device) if device is not None else "cpu")
         except Exception as err:  # safetensors raises its own types for corrupt files
             raise ValueError(f"cannot read an MMRecCache from {path!r}: {err}") from err
-        if meta.get("format") != "mmrec-cache":
+        where = f"MMRecCache file {path!r}"
+        if meta.get("format") != CACHE_FILE_FORMAT:
             raise ValueError(f"{path!r} is not an MMRecCache file (metadata {meta})")
-        num_layers = int(meta["num_layers"])
+        version = _int_field(meta, "version", where)
+        if version != CACHE_FORMAT_VERSION:
+            newer = " (written by a newer mm_rec)" if version > CACHE_FORMAT_VERSION else ""
+            raise ValueError(f"{where} has format version {version}{newer}; this mm_rec reads version {CACHE_FORMAT_VERSION}")
+        num_layers = _int_field(meta, "num_layers", where)
+        if num_layers < 1:
+            raise ValueError(f"{where}: num_layers must be at least 1, got {num_layers}")
         names = [f.name for f in fields(LayerState)]
-        try:
-            layers = [LayerState(**{n: tensors[f"layers.{i}.{n}"] for n in names}) for i in range(num_layers)]
-            cache = cls(layers, tensors["position"])
-        except KeyError as err:
-            raise ValueError(f"MMRecCache file {path!r} is missing tensor {err}") from err
+        expected = {"position"} | {f"layers.{i}.{n}" for i in range(num_layers) for n in names}
+        missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+        if missing:
+            raise ValueError(f"{where} (num_layers={num_layers}) is missing tensors {missing}")
+        if extra:
+            raise ValueError(f"{where} (num_layers={num_layers}) has unexpected tensors {extra}")
+        layers = [LayerState(**{n: tensors[f"layers.{i}.{n}"] for n in names}) for i in range(num_layers)]
+        cache = cls(layers, tensors["position"])
+        cache.check_consistent(where)
         if config is not None:
             cache.check_compatible(config, cache.batch_size)
         return cache
+
+    def check_consistent(self, where: str = "MMRecCache") -> None:
+        """Raise ValueError unless every tensor has the dtype and a shape consistent with the others
+        (one B, d, C, S across layers) and the positions and counts are not negative."""
+        position = self.position
+        if position.dim() != 1 or position.shape[0] < 1 or position.dtype != torch.long:
+            raise ValueError(f"{where}: position must be a [B] int64 tensor with B >= 1, got {position.dtype} {tuple(position.shape)}")
+        if not self.layers:
+            raise ValueError(f"{where}: the cache has no layers")
+        first = self.layers[0]
+        if first.h.dim() != 2 or first.block_keys.dim() != 3 or first.slot_keys.dim() != 3:
+            raise ValueError(f"{where} layer 0: h, block_keys, slot_keys must be [B, d], [B, C, d], [B, S, d], got "
+                             f"{tuple(first.h.shape)}, {tuple(first.block_keys.shape)}, {tuple(first.slot_keys.shape)}")
+        B, d, C, S = position.shape[0], first.h.shape[1], first.block_keys.shape[1], first.slot_keys.shape[1]
+        self._check_layers(where, _layer_shapes(B, d, C, S))
+        if bool((position < 0).any()) or any(bool((layer.open_count < 0).any() | (layer.block_count < 0).any())
+                                              for layer in self.layers):
+            raise ValueError(f"{where}: position, open_count and block_count must not be negative")
 
     def check_compatible(self, config, batch_size: int) -> None:
         """Raise ValueError unless this cache belongs to a model of ``config`` and ``batch_size`` rows."""
@@ -150,16 +196,58 @@ class MMRecCache:
             raise ValueError(f"cache has {len(self.layers)} layers, the model has {config.num_hidden_layers}")
         if self.batch_size != batch_size:
             raise ValueError(f"cache holds {self.batch_size} rows but the input has batch size {batch_size}")
-        d, C, S = config.hidden_size, config.blocks_per_segment, config.num_memory_slots
-        expected = {
-            "h": (batch_size, d), "open_key_sum": (batch_size, d), "open_value_sum": (batch_size, d),
-            "open_count": (batch_size,), "block_keys": (batch_size, C, d), "block_values": (batch_size, C, d),
-            "block_count": (batch_size,), "slot_keys": (batch_size, S, d), "slot_values": (batch_size, S, d),
-        }
+        self._check_layers("cache", _layer_shapes(batch_size, config.hidden_size, config.blocks_per_segment,
+                                                  config.num_memory_slots))
+
+    def _check_layers(self, where: str, expected: Dict[str, tuple]) -> None:
         for i, layer in enumerate(self.layers):
             for name, t in layer.tensors().items():
                 if tuple(t.shape) != expected[name]:
-                    raise ValueError(f"cache layer {i} {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+                    raise ValueError(f"{where} layer {i} {name} has shape {tuple(t.shape)}, expected {expected[name]}")
                 want = torch.long if name.endswith("count") else torch.float32
                 if t.dtype != want:
-                    raise ValueError(f"cache layer {i} {name} has dtype {t.dtype}, expected {want}")
+                    raise ValueError(f"{where} layer {i} {name} has dtype {t.dtype}, expected {want}")
+
+
+def _layer_shapes(B: int, d: int, C: int, S: int) -> Dict[str, tuple]:
+    return {
+        "h": (B, d), "open_key_sum": (B, d), "open_value_sum": (B, d), "open_count": (B,),
+        "block_keys": (B, C, d), "block_values": (B, C, d), "block_count": (B,),
+        "slot_keys": (B, S, d), "slot_values": (B, S, d),
+    }
+
+
+def _int_field(meta: Dict[str, str], name: str, where: str) -> int:
+    value = meta.get(name)
+    if value is None:
+        raise ValueError(f"{where} has no {name!r} in its metadata")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{where}: {name} must be an integer, got {value!r}") from None
+
+
+def is_mmrec_cache(obj) -> bool:
+    """True for an MMRecCache of this format from any copy of the code: the package's class and
+    the one transformers imports from a checkpoint folder (trust_remote_code) are different
+    classes, so ``isinstance`` accepts only one of them."""
+    return getattr(type(obj), "_mmrec_cache_format", None) == CACHE_FORMAT_VERSION and hasattr(obj, "layers") \
+        and hasattr(obj, "position")
+
+
+def _register_pytree_nodes() -> None:
+    """torch.export flattens a model's inputs and outputs: it sees a cache as its tensors."""
+    if LayerState not in pytree.SUPPORTED_NODES:
+        torch.export.register_dataclass(LayerState, serialized_type_name=f"{__name__}.LayerState")
+    if MMRecCache not in pytree.SUPPORTED_NODES:
+        pytree.register_pytree_node(
+            MMRecCache,
+            lambda cache: ([cache.layers, cache.position], None),
+            lambda children, _: MMRecCache(list(children[0]), children[1]),
+            serialized_type_name=f"{__name__}.MMRecCache",
+            flatten_with_keys_fn=lambda cache: (
+                [(pytree.GetAttrKey("layers"), cache.layers), (pytree.GetAttrKey("position"), cache.position)], None),
+        )
+
+
+_register_pytree_nodes()

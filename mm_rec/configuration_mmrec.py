@@ -36,6 +36,8 @@ class MMRecConfig(PretrainedConfig):
         scan_backend: "auto", "triton" or "torch".
         dropout: residual dropout.
         initializer_range: std of embeddings and FFN weights.
+        use_cache: whether an evaluation-mode forward returns the ``MMRecCache`` when the call does
+            not say (training-mode forwards return none unless asked).
     """
 
     model_type = "mmrec"
@@ -61,6 +63,7 @@ class MMRecConfig(PretrainedConfig):
         dropout: float = 0.0,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
+        use_cache: bool = True,
         bos_token_id: Optional[int] = None,
         eos_token_id: Optional[int] = None,
         pad_token_id: Optional[int] = None,
@@ -95,6 +98,7 @@ class MMRecConfig(PretrainedConfig):
         self.scan_backend = scan_backend
         self.dropout = dropout
         self.initializer_range = initializer_range
+        self.use_cache = use_cache
         self._validate()
         super().__init__(
             bos_token_id=bos_token_id,
@@ -132,8 +136,9 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError(f"MMRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.rms_norm_eps) > 0.0:
             raise ValueError(f"MMRecConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        if not isinstance(self.use_hem, bool):
-            raise ValueError(f"MMRecConfig.use_hem must be a bool, got {self.use_hem!r}")
+        for name in ("use_hem", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MMRecConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

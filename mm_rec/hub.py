@@ -1,4 +1,4 @@
-"""MM-Rec as a Hugging Face Hub model: the model card, strict checkpoint loading, auto classes.
+"""MM-Rec as a Hugging Face Hub model: the model card, checkpoint loading checks, auto classes.
 
 A folder written by ``model.save_pretrained(path)`` (plus ``tokenizer.save_pretrained(path)``)
 is self-contained: safetensors weights, ``config.json`` with ``auto_map``,
@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from huggingface_hub import metadata_load
@@ -80,7 +81,7 @@ def model_card(config, num_parameters: Optional[int] = None, metrics: Optional[M
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)",
         'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40, do_sample=True)[0]))",
         "```",
@@ -122,21 +123,56 @@ def write_model_card(save_directory: str | os.PathLike, config, num_parameters: 
     return True
 
 
-def check_loading_info(class_name: str, path, loading_info: Mapping, ignore_mismatched_sizes: bool) -> None:
-    """Raise ValueError when ``from_pretrained`` left a parameter at its random initialisation:
-    a tensor missing from the checkpoint, or (unless ``ignore_mismatched_sizes``) one whose
-    shape does not match the config. ``loading_info`` is transformers' ``output_loading_info``."""
-    missing = sorted(loading_info.get("missing_keys") or [])
-    if missing:
-        raise ValueError(
-            f"cannot load {class_name} from {path!r}: the checkpoint has no tensor for {missing}; "
-            "it is incomplete or was written by another model"
-        )
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Config fields that set a tensor dimension, in the order they are named when sizes clash.
+_WIDTH_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "pe_dim", "num_memory_slots")
+
+
+def check_loading_info(model, path, loading_info: Mapping, ignore_mismatched_sizes: bool) -> None:
+    """Raise ValueError when the checkpoint at ``path`` does not fit ``model``'s config, naming the
+    config field: a different number of layers (``num_hidden_layers``), a different layer layout
+    (``use_hem`` / ``recurrence_gate``), or (unless ``ignore_mismatched_sizes``) other widths.
+
+    A tensor the checkpoint lacks inside layers that it has is not an error: transformers has
+    initialised it as ``__init__`` would and lists it in ``loading_info["missing_keys"]``
+    (transformers' ``output_loading_info``)."""
+    where = f"cannot load {type(model).__name__} from {path!r}"
+    config = model.config
+    missing = set(loading_info.get("missing_keys") or ())
+    unexpected = sorted(loading_info.get("unexpected_keys") or ())
+
+    def layer_of(key: str) -> Optional[int]:
+        match = _LAYER_KEY.search(key)
+        return int(match.group(1)) if match else None
+
+    layer_keys: Dict[int, List[str]] = {}
+    for key in model.state_dict():
+        if layer_of(key) is not None:
+            layer_keys.setdefault(layer_of(key), []).append(key)
+    present = {i for i, keys in layer_keys.items() if not missing.issuperset(keys)}
+    present |= {layer_of(key) for key in unexpected if layer_of(key) is not None}
+    # A checkpoint without any layer tensor has no layer count to disagree with: like any missing
+    # tensor, its layers are initialised and reported (transformers' contract).
+    saved_layers = max(present) + 1 if present else config.num_hidden_layers
+    if saved_layers != config.num_hidden_layers:
+        raise ValueError(f"{where}: num_hidden_layers: the checkpoint has {saved_layers} layers, the config "
+                         f"{config.num_hidden_layers}")
+    in_layers = [key for key in unexpected if layer_of(key) is not None]
+    if in_layers:
+        fields = [name for name, marker in (("use_hem", "hem.W_"), ("recurrence_gate", "state_gate.")) if
+                  any(marker in key for key in in_layers + sorted(missing))]
+        raise ValueError(f"{where}: the checkpoint's layers hold tensors this config has no place for: {in_layers}"
+                         + (f"; check {' and '.join(fields)}" if fields else ""))
+
     mismatched = sorted(loading_info.get("mismatched_keys") or [])
     if mismatched and not ignore_mismatched_sizes:
-        described = ", ".join(f"{key} (checkpoint {tuple(saved)}, model {tuple(expected)})" for key, saved, expected in mismatched)
+        described = []
+        for key, saved, expected in mismatched:
+            sizes = {e for s, e in zip(saved, expected) if s != e} if len(saved) == len(expected) else set(expected)
+            fields = [name for name in _WIDTH_FIELDS if getattr(config, name, None) in sizes] or ["a width"]
+            described.append(f"{' / '.join(fields)}: {key} (checkpoint {tuple(saved)}, model {tuple(expected)})")
         raise ValueError(
-            f"cannot load {class_name} from {path!r}: tensor shapes do not match the config: {described}; "
+            f"{where}: tensor shapes do not match the config: {'; '.join(described)}; "
             "pass ignore_mismatched_sizes=True to re-initialise those tensors instead"
         )
 

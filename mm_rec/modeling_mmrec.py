@@ -6,6 +6,7 @@ sibling modules (hem, mdi, scan, memory, block, cache, positions).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional, Tuple, Union
 
@@ -28,6 +29,16 @@ from .positions import token_layout
 
 # transformers 5.24 renamed the cache argument and output field from past_key_values to cache.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding indexes with
+
+
+def _eager() -> bool:
+    """Whether checks that read tensor values on the host may run: not while torch.compile or
+    torch.export traces the model (there a value is symbolic and reading it breaks the graph or
+    fails the export). Shape checks run always."""
+    return not torch.compiler.is_compiling()
 
 
 def _pick_cache(cache, past_key_values) -> Optional[MMRecCache]:
@@ -54,17 +65,18 @@ class MMRecPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes: bool = False,
                         output_loading_info: bool = False, **kwargs):
-        """transformers' from_pretrained, made strict: a tensor missing from the checkpoint, or of
-        the wrong shape, raises ValueError naming it (transformers would only warn about a missing
-        one and initialise it at random); so does a truncated weights file.
-        ``ignore_mismatched_sizes=True`` re-initialises mismatched tensors, as in transformers."""
+        """transformers' from_pretrained: a tensor missing from the checkpoint is initialised as in
+        ``__init__`` and listed in ``output_loading_info``'s ``missing_keys``. Stricter where a
+        checkpoint does not fit the config: other layer counts, layer layouts or (unless
+        ``ignore_mismatched_sizes=True``, which re-initialises them) widths raise ValueError naming
+        the config field (see ``check_loading_info``); so does a truncated weights file."""
         try:
             model, loading_info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
             )
         except SafetensorError as err:
             raise ValueError(f"cannot load {cls.__name__} from {pretrained_model_name_or_path!r}: a weights file is corrupt or truncated ({err})") from err
-        check_loading_info(cls.__name__, pretrained_model_name_or_path, loading_info, ignore_mismatched_sizes)
+        check_loading_info(model, pretrained_model_name_or_path, loading_info, ignore_mismatched_sizes)
         return (model, loading_info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
@@ -75,31 +87,48 @@ class MMRecPreTrainedModel(PreTrainedModel):
             write_model_card(save_directory, self.config, self.num_parameters())
 
     def _init_weights(self, module: nn.Module) -> None:
+        """Initialise ``module``'s own parameters, except those transformers flagged as loaded from a
+        checkpoint (``_is_hf_initialized``): a fresh model initialises all, a partial checkpoint
+        only the missing ones."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             if hasattr(module, "xavier_rows"):
-                xavier_uniform_rows_(module.weight, module.bias, module.xavier_rows)
+                _init_unloaded(module, lambda m: xavier_uniform_rows_(m.weight, m.bias, m.xavier_rows))
             elif getattr(module, "decay_generator", False):
-                init_decay_generator_(module)
-            elif not getattr(module.weight, "_is_hf_initialized", False):
+                _init_unloaded(module, init_decay_generator_)
+            else:
                 scale = 1 / math.sqrt(2 * self.config.num_hidden_layers) if getattr(module, "residual_out", False) else 1.0
-                with torch.no_grad():
-                    module.weight.normal_(0.0, std * scale)
-                    if module.bias is not None:
-                        module.bias.zero_()
+                _init_unloaded(module, lambda m: _normal_linear_(m, std * scale))
         elif isinstance(module, nn.Embedding):
-            if not getattr(module.weight, "_is_hf_initialized", False):
-                with torch.no_grad():
-                    module.weight.normal_(0.0, std)
+            _init_unloaded(module, lambda m: m.weight.normal_(0.0, std))
         elif isinstance(module, (RMSNorm, GroupRMSNorm)):
-            if not getattr(module.weight, "_is_hf_initialized", False):
-                with torch.no_grad():
-                    module.weight.fill_(1.0)
+            _init_unloaded(module, lambda m: m.weight.fill_(1.0))
         elif isinstance(module, MultiMemoryAttention):
-            for p in (module.slot_keys, module.slot_values):
-                if not getattr(p, "_is_hf_initialized", False):
-                    with torch.no_grad():
-                        p.normal_(0.0, 1.0)  # on the scale of the keys of a unit-RMS input
+            # on the scale of the keys of a unit-RMS input
+            _init_unloaded(module, lambda m: (m.slot_keys.normal_(0.0, 1.0), m.slot_values.normal_(0.0, 1.0)))
+
+
+def _normal_linear_(linear: nn.Linear, std: float) -> None:
+    linear.weight.normal_(0.0, std)
+    if linear.bias is not None:
+        linear.bias.zero_()
+
+
+@torch.no_grad()
+def _init_unloaded(module: nn.Module, init) -> None:
+    """Run ``init(module)``, which initialises all of the module's own parameters, keeping those
+    already loaded: when some are loaded, ``init`` runs on a scratch copy and only the others
+    are copied from it."""
+    own = dict(module.named_parameters(recurse=False))
+    unloaded = [name for name, p in own.items() if not getattr(p, "_is_hf_initialized", False)]
+    if len(unloaded) == len(own):
+        init(module)
+    elif unloaded:
+        scratch = copy.copy(module)
+        scratch._parameters = {name: nn.Parameter(torch.empty_like(p)) for name, p in own.items()}
+        init(scratch)
+        for name in unloaded:
+            own[name].copy_(scratch._parameters[name])
 
 
 class MMRecModel(MMRecPreTrainedModel):
@@ -108,7 +137,7 @@ class MMRecModel(MMRecPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(MMRecBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable; the blocks act on it
         self.post_init()
 
     def get_input_embeddings(self):
@@ -123,16 +152,24 @@ class MMRecModel(MMRecPreTrainedModel):
         if inputs_embeds is not None:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(f"inputs_embeds must be [B, T, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}")
-            return inputs_embeds
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]")
-        return self.embed_tokens(input_ids)
+            if not inputs_embeds.is_floating_point():
+                raise ValueError(f"inputs_embeds must be a floating-point tensor, got dtype {inputs_embeds.dtype}")
+            hidden = inputs_embeds
+        else:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+            if input_ids.dtype not in ID_DTYPES:
+                raise ValueError(f"input_ids must have dtype torch.int64 or torch.int32, got {input_ids.dtype}")
+            if input_ids.numel() and _eager():
+                lo, hi = int(input_ids.min()), int(input_ids.max())
+                if lo < 0 or hi >= self.config.vocab_size:
+                    raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]")
+            hidden = self.embed_tokens(input_ids)
+        if hidden.shape[0] == 0:
+            raise ValueError(f"the input has an empty batch (batch size 0, shape {tuple(hidden.shape[:2])})")
+        if hidden.shape[1] == 0:
+            raise ValueError("input has no tokens (seq_len 0)")
+        return hidden
 
     def forward(
         self,
@@ -152,10 +189,9 @@ class MMRecModel(MMRecPreTrainedModel):
         cache / past_key_values: an MMRecCache to continue from (updated in place and returned)."""
         hidden = self._embed(input_ids, inputs_embeds)
         B, T = hidden.shape[:2]
-        if T == 0:
-            raise ValueError("input has no tokens (seq_len 0)")
         cache = _pick_cache(cache, past_key_values)
-        use_cache = use_cache if use_cache is not None else (cache is not None or not self.training)
+        if use_cache is None:  # a cache passed in is continued and returned; training keeps none
+            use_cache = cache is not None or (not self.training and self.config.use_cache)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
@@ -171,10 +207,7 @@ class MMRecModel(MMRecPreTrainedModel):
         new_states = []
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, new_state = self._gradient_checkpointing_func(layer.__call__, hidden, layout, state)
-            else:
-                hidden, new_state = layer(hidden, layout, state)
+            hidden, new_state = layer(hidden, layout, state)
             new_states.append(new_state)
             if output_hidden_states:
                 all_hidden.append(hidden)
@@ -199,8 +232,8 @@ class MMRecModel(MMRecPreTrainedModel):
             return torch.ones(B, T, dtype=torch.bool, device=device)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
             raise ValueError(f"attention_mask must be [B, T] = {(B, T)} (or [B, past + T]), got {tuple(attention_mask.shape)}")
-        mask = attention_mask[:, -T:]
-        if not bool(((mask == 0) | (mask == 1)).all()):
+        mask = attention_mask[:, -T:]  # exporters pass [B, past + T] on every decode step
+        if _eager() and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
         return mask.bool()
 

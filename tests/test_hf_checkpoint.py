@@ -1,6 +1,6 @@
 """The checkpoint folder as a Hub model: what save_pretrained writes, loading it with and without
-mm_rec installed (trust_remote_code), pipeline(), the model card, and strict loading of broken
-checkpoints."""
+mm_rec installed (trust_remote_code), pipeline(), the model card, and loading broken
+checkpoints (see test_conformance.py for partial checkpoints)."""
 
 import json
 import os
@@ -171,7 +171,8 @@ def _other_model_type(folder):
 
 
 BROKEN = {
-    "missing tensor": (_edit_weights(lambda t: t.pop("model.layers.1.ffn.up.weight")), "model.layers.1.ffn.up.weight"),
+    "missing layer": (_edit_weights(lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.1.")]),
+                      "num_hidden_layers: the checkpoint has 1 layers, the config 2"),
     "wrong shape": (_edit_weights(lambda t: t.update({"model.layers.0.W_o.weight": torch.zeros(32, 16)})),
                     r"model.layers.0.W_o.weight \(checkpoint \(32, 16\), model \(32, 32\)\)"),
     "truncated file": (_truncate, "corrupt or truncated"),
