@@ -36,6 +36,9 @@ class MMRecConfig(PretrainedConfig):
         scan_backend: "auto", "triton" or "torch".
         dropout: residual dropout.
         initializer_range: std of embeddings and FFN weights.
+        inference_chunk_size: in eval mode without labels, ``MMRecForCausalLM`` runs longer inputs
+            in chunks of this many tokens carrying the cache (exact), so a long prompt's peak
+            memory is set by the chunk; None runs every input in one pass.
     """
 
     model_type = "mmrec"
@@ -60,6 +63,7 @@ class MMRecConfig(PretrainedConfig):
         scan_backend: str = "auto",
         dropout: float = 0.0,
         initializer_range: float = 0.02,
+        inference_chunk_size: Optional[int] = 4096,
         tie_word_embeddings: bool = True,
         bos_token_id: Optional[int] = None,
         eos_token_id: Optional[int] = None,
@@ -95,6 +99,7 @@ class MMRecConfig(PretrainedConfig):
         self.scan_backend = scan_backend
         self.dropout = dropout
         self.initializer_range = initializer_range
+        self.inference_chunk_size = inference_chunk_size
         self._validate()
         super().__init__(
             bos_token_id=bos_token_id,
@@ -132,6 +137,9 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError(f"MMRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.rms_norm_eps) > 0.0:
             raise ValueError(f"MMRecConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+        chunk = self.inference_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+            raise ValueError(f"MMRecConfig.inference_chunk_size must be a positive integer or None, got {chunk!r}")
         if not isinstance(self.use_hem, bool):
             raise ValueError(f"MMRecConfig.use_hem must be a bool, got {self.use_hem!r}")
 
