@@ -78,8 +78,11 @@ def _unseen_tail(cache: MMRecCache, num_inputs: int, attention_mask: Optional[Te
         real = attention_mask.bool().to(cache.position.device)
     counts = real.sum(1)
     unseen = counts - cache.position
-    if bool((unseen < 1).any()):
-        row = int((unseen < 1).nonzero()[0, 0])
+    # generate() reads the next token's logits at the last column: it must be an unseen token
+    # (or padding, as in a prefill chunk that holds none of a left-padded row's tokens).
+    stale = (unseen < 0) | (real[:, -1] & (unseen < 1))
+    if bool(stale.any()):
+        row = int(stale.nonzero()[0, 0])
         raise ValueError(
             f"row {row} of input_ids holds {int(counts[row])} real tokens but the cache has already seen "
             f"{int(cache.position[row])}: with past_key_values, generate() takes the full sequence (every "
@@ -87,7 +90,7 @@ def _unseen_tail(cache: MMRecCache, num_inputs: int, attention_mask: Optional[Te
             f"tokens, call model.continue_stream(new_ids, cache)")
     from_right = real.flip(1).long().cumsum(1).flip(1)  # real tokens at or after each column
     fresh = real & (from_right <= unseen[:, None])
-    n = real.shape[1] - int(fresh.any(0).long().argmax())
+    n = real.shape[1] - int(fresh.any(0).long().argmax()) if bool(fresh.any()) else 1
     if n > num_inputs:
         raise ValueError(f"the cache has not seen {int(unseen.max())} tokens of the attention mask's sequence, but "
                          f"input_ids hold only {num_inputs}: pass the full sequence with its attention mask")
@@ -377,9 +380,22 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         only the tokens the cache has not seen are fed. The cache returned with
         ``return_dict_in_generate=True`` has seen every token of ``sequences`` but the last, so
         ``generate(out.sequences, past_key_values=out.past_key_values, ...)`` continues exactly.
-        To continue a saved stream with only its new tokens, use ``continue_stream``."""
+        To continue a saved stream with only its new tokens, use ``continue_stream``.
+
+        ``prefill_chunk_size`` (a generate / GenerationConfig option) runs the prompt through the
+        model's own chunked forward (see ``config.inference_chunk_size``): transformers' chunked
+        prefill would need a cache before the first forward."""
         _reject_foreign_cache({k: v for k, v in kwargs.items() if k not in (CACHE_FIELD, "past_key_values", "cache")})
-        return super().generate(*args, **kwargs)
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        chunk = kwargs.pop("prefill_chunk_size", None) or getattr(generation_config, "prefill_chunk_size", None)
+        if chunk is None:
+            return super().generate(*args, **kwargs)
+        own = self.config.inference_chunk_size
+        self.config.inference_chunk_size = chunk
+        try:
+            return super().generate(*args, prefill_chunk_size=None, **kwargs)
+        finally:
+            self.config.inference_chunk_size = own
 
     def continue_stream(self, input_ids: Tensor, cache: MMRecCache, **generate_kwargs):
         """generate() from a stream's saved state, given only the tokens that follow it.

@@ -81,6 +81,19 @@ def test_long_prompt_runs_in_chunks_and_keeps_one_position():
     assert torch.equal(chunked, model.generate(ids, attention_mask=mask, max_new_tokens=6, **GREEDY))
 
 
+def test_generate_prefill_chunk_size_uses_the_chunked_forward():
+    """transformers' prefill_chunk_size option: the prompt reaches the layers 5 tokens at a time,
+    the tokens are those of one pass, and the model's own chunk size is restored afterwards."""
+    model = tiny_model(inference_chunk_size=None)
+    torch.manual_seed(11)
+    ids, mask = left_padded_prompts()
+    widths = []
+    model.model.norm.register_forward_hook(lambda mod, inp, out: widths.append(out.shape[1]))
+    chunked = model.generate(ids, attention_mask=mask, max_new_tokens=4, prefill_chunk_size=5, **GREEDY)
+    assert widths == [5, 4, 1, 1, 1] and model.config.inference_chunk_size is None
+    assert torch.equal(chunked, model.generate(ids, attention_mask=mask, max_new_tokens=4, **GREEDY))
+
+
 def test_chunked_forward_equals_one_pass():
     """Logits (all, last k, chosen positions), hidden states and the cache of a chunked forward
     equal those of one pass, continuing a cache and with left padding."""
