@@ -319,9 +319,9 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
                             inputs_embeds=inputs_embeds, cache=cache, past_key_values=past_key_values,
                             use_cache=use_cache, output_hidden_states=output_hidden_states)
         source = input_ids if input_ids is not None else inputs_embeds
+        T = source.shape[1] if source is not None and source.dim() >= 2 else 0  # malformed inputs: the model raises
         chunk = self.config.inference_chunk_size
-        if chunk is not None and labels is None and not self.training and source is not None and source.dim() >= 2 \
-                and source.shape[1] > chunk:
+        if chunk is not None and T > chunk and labels is None and not self.training:
             hidden, out_cache, hidden_states = self._forward_in_chunks(chunk, keep, **model_inputs)
         else:
             outputs = self.model(**model_inputs, return_dict=True)

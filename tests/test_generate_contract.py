@@ -197,3 +197,27 @@ def test_continue_stream_resumes_a_saved_state_exactly(tmp_path):
     assert torch.equal(again[:, -5:], at_once[:, -5:])
     with pytest.raises(ValueError, match="second argument"):
         model.continue_stream(turn, resumed, past_key_values=resumed)
+
+
+@pytest.mark.gpu
+def test_prefill_peak_memory_is_set_by_the_chunk_not_the_prompt():
+    """On CUDA, generate()'s prefill of an 8x longer prompt peaks within 10% of the short one's, plus
+    64 bytes a token for generate's own [B, T] id and mask tensors (chunks of 512 tokens, lm_head
+    on one position; a [B, T, d] activation would be 1 KiB a token); the whole prompt in one pass
+    peaks higher."""
+    model = tiny_model(hidden_size=256, num_attention_heads=4, vocab_size=4096, memory_segment_length=128,
+                       memory_block_size=16, scan_backend="auto", inference_chunk_size=512).cuda()
+    generator = torch.Generator().manual_seed(12)
+
+    def peak(T, chunk):
+        model.config.inference_chunk_size = chunk
+        ids = torch.randint(2, 4096, (4, T), generator=generator).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model.generate(ids, max_new_tokens=1, **GREEDY)
+        return torch.cuda.max_memory_allocated() - base
+
+    short, long = peak(1024, 512), peak(8192, 512)
+    assert long <= 1.1 * short + 64 * 4 * 8192
+    assert peak(8192, None) > 2 * long
