@@ -14,18 +14,20 @@ GREEDY = dict(do_sample=False, eos_token_id=None)
 
 
 def test_full_sequence_and_returned_cache_continue_exactly():
-    """generate(out.sequences, cache=out.cache) == one uninterrupted generate, left padding included;
-    the returned cache has seen every token of the sequences but the last."""
+    """generate(out.sequences, cache=out.cache) == one uninterrupted generate (tokens and logits),
+    left padding included; the returned cache has seen every token of the sequences but the last."""
     model = tiny_model()
     torch.manual_seed(0)
     ids, mask = left_padded_prompts()
-    first = model.generate(ids, attention_mask=mask, max_new_tokens=5, return_dict_in_generate=True, use_cache=True, **GREEDY)
+    kwargs = dict(return_dict_in_generate=True, output_logits=True, **GREEDY)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True, **kwargs)
     cache = getattr(first, CACHE_FIELD)
     full_mask = torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], 1)
     assert cache.position.tolist() == (full_mask.sum(1) - 1).tolist()
-    second = model.generate(first.sequences, attention_mask=full_mask, max_new_tokens=7, **{CACHE_FIELD: cache}, **GREEDY)
-    uninterrupted = model.generate(ids, attention_mask=mask, max_new_tokens=12, **GREEDY)
-    assert torch.equal(second, uninterrupted)
+    second = model.generate(first.sequences, attention_mask=full_mask, max_new_tokens=7, **{CACHE_FIELD: cache}, **kwargs)
+    uninterrupted = model.generate(ids, attention_mask=mask, max_new_tokens=12, **kwargs)
+    assert torch.equal(second.sequences, uninterrupted.sequences)
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(second.logits, uninterrupted.logits[5:]))
 
 
 def test_beam_search_continues_from_full_sequence_and_cache():
@@ -188,13 +190,17 @@ def test_continue_stream_resumes_a_saved_state_exactly(tmp_path):
     with torch.no_grad():
         cache_of(model(history, use_cache=True)).save(tmp_path / "stream.safetensors")
     resumed = MMRecCache.load(tmp_path / "stream.safetensors", config=model.config)
-    out = model.continue_stream(turn, resumed, max_new_tokens=6, return_dict_in_generate=True, **GREEDY)
-    at_once = model.generate(torch.cat([history, turn], 1), max_new_tokens=6, **GREEDY)
-    assert torch.equal(out.sequences, at_once[:, 15:])
+    kwargs = dict(return_dict_in_generate=True, output_logits=True, **GREEDY)
+    out = model.continue_stream(turn, resumed, max_new_tokens=6, **kwargs)
+    at_once = model.generate(torch.cat([history, turn], 1), max_new_tokens=6, **kwargs)
+    assert torch.equal(out.sequences, at_once.sequences[:, 15:])
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(out.logits, at_once.logits))
+    at_once = at_once.sequences
     again = model.continue_stream(torch.cat([out.sequences[:, -1:], turn2], 1), getattr(out, CACHE_FIELD),
-                                  max_new_tokens=5, **GREEDY)
-    at_once = model.generate(torch.cat([at_once, turn2], 1), max_new_tokens=5, **GREEDY)
-    assert torch.equal(again[:, -5:], at_once[:, -5:])
+                                  max_new_tokens=5, **kwargs)
+    at_once = model.generate(torch.cat([at_once, turn2], 1), max_new_tokens=5, **kwargs)
+    assert torch.equal(again.sequences[:, -5:], at_once.sequences[:, -5:])
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(again.logits, at_once.logits))
     with pytest.raises(ValueError, match="second argument"):
         model.continue_stream(turn, resumed, past_key_values=resumed)
 
