@@ -38,6 +38,9 @@ class MMRecConfig(PretrainedConfig):
         initializer_range: std of embeddings and FFN weights.
         use_cache: whether an evaluation-mode forward returns the ``MMRecCache`` when the call does
             not say (training-mode forwards return none unless asked).
+        inference_chunk_size: in eval mode without labels, ``MMRecForCausalLM`` runs longer inputs
+            in chunks of this many tokens carrying the cache (exact), so a long prompt's peak
+            memory is set by the chunk; None runs every input in one pass.
     """
 
     model_type = "mmrec"
@@ -62,6 +65,7 @@ class MMRecConfig(PretrainedConfig):
         scan_backend: str = "auto",
         dropout: float = 0.0,
         initializer_range: float = 0.02,
+        inference_chunk_size: Optional[int] = 4096,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
         bos_token_id: Optional[int] = None,
@@ -99,6 +103,7 @@ class MMRecConfig(PretrainedConfig):
         self.dropout = dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.inference_chunk_size = inference_chunk_size
         self._validate()
         super().__init__(
             bos_token_id=bos_token_id,
@@ -139,6 +144,9 @@ class MMRecConfig(PretrainedConfig):
         for name in ("use_hem", "use_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MMRecConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        chunk = self.inference_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+            raise ValueError(f"MMRecConfig.inference_chunk_size must be a positive integer or None, got {chunk!r}")
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):

@@ -13,11 +13,11 @@ from typing import Optional, Tuple, Union
 import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import Cache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .block import MMRecBlock
-from .cache import MMRecCache
+from .cache import MMRecCache, is_mmrec_cache
 from .configuration_mmrec import MMRecConfig
 from .hem import xavier_uniform_rows_
 from .hub import check_loading_info, write_model_card
@@ -45,9 +45,67 @@ def _pick_cache(cache, past_key_values) -> Optional[MMRecCache]:
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
     chosen = cache if cache is not None else past_key_values
-    if chosen is not None and not isinstance(chosen, MMRecCache):
+    if chosen is not None and not is_mmrec_cache(chosen):
         raise ValueError(f"cache must be an MMRecCache (from a previous forward or MMRecCache.load), got {type(chosen).__name__}")
     return chosen
+
+
+# Other models' names for their cache (Mamba's cache_params, RWKV's state, XLNet's mems, ...).
+# Ignored, such a cache would leave the model starting from an empty state: wrong logits, no error.
+FOREIGN_CACHE_KEYWORDS = frozenset({
+    "cache_params", "state", "states", "past", "past_state", "past_states", "mems", "past_buckets_states",
+    "layer_past", "recurrent_state", "initial_state", "cache_state",
+})
+
+
+def _reject_foreign_cache(kwargs: dict) -> None:
+    """Raise ValueError for a cache passed under any keyword but ``cache`` / ``past_key_values``."""
+    for name, value in kwargs.items():
+        if name in FOREIGN_CACHE_KEYWORDS or is_mmrec_cache(value) or isinstance(value, Cache):
+            raise ValueError(f"MM-Rec got a cache-like keyword `{name}=`: pass the cache as `past_key_values=` "
+                             f"(or `cache=` on transformers >= 5.24)")
+
+
+def _select_rows(cache: MMRecCache, rows: Tensor) -> MMRecCache:
+    """A new cache holding ``cache``'s rows ``rows`` [B'] (copies: the original stays as it was)."""
+    rows = rows.to(cache.position.device)
+    return type(cache)([layer.map(lambda t: t.index_select(0, rows.to(t.device))) for layer in cache.layers],
+                       cache.position.index_select(0, rows))
+
+
+def _unseen_tail(cache: MMRecCache, num_inputs: int, attention_mask: Optional[Tensor]) -> Tuple[int, Tensor]:
+    """Which trailing tokens of a full sequence the cache has not seen yet.
+
+    The cache counts the real tokens it has seen per row (``cache.position``); the attention
+    mask (None: all real) says how many real tokens the sequence holds. The unseen ones are each
+    row's last ``real - seen`` real tokens. Returns (n, mask): feed the last n columns of the
+    inputs with ``mask`` [B, n] (the unseen tokens; a row's already seen ones become padding,
+    which leaves its state untouched).
+    """
+    B = cache.batch_size
+    if attention_mask is None:
+        real = torch.ones(B, num_inputs, dtype=torch.bool, device=cache.position.device)
+    else:
+        real = attention_mask.bool().to(cache.position.device)
+    counts = real.sum(1)
+    unseen = counts - cache.position
+    # generate() reads the next token's logits at the last column: it must be an unseen token
+    # (or padding, as in a prefill chunk that holds none of a left-padded row's tokens).
+    stale = (unseen < 0) | (real[:, -1] & (unseen < 1))
+    if bool(stale.any()):
+        row = int(stale.nonzero()[0, 0])
+        raise ValueError(
+            f"row {row} of input_ids holds {int(counts[row])} real tokens but the cache has already seen "
+            f"{int(cache.position[row])}: with past_key_values, generate() takes the full sequence (every "
+            f"token the cache saw plus at least one new one); to continue a saved stream with only its new "
+            f"tokens, call model.continue_stream(new_ids, cache)")
+    from_right = real.flip(1).long().cumsum(1).flip(1)  # real tokens at or after each column
+    fresh = real & (from_right <= unseen[:, None])
+    n = real.shape[1] - int(fresh.any(0).long().argmax()) if bool(fresh.any()) else 1
+    if n > num_inputs:
+        raise ValueError(f"the cache has not seen {int(unseen.max())} tokens of the attention mask's sequence, but "
+                         f"input_ids hold only {num_inputs}: pass the full sequence with its attention mask")
+    return n, fresh[:, -n:].long()
 
 
 class MMRecPreTrainedModel(PreTrainedModel):
@@ -187,6 +245,7 @@ class MMRecModel(MMRecPreTrainedModel):
         """input_ids: [B, T]; attention_mask: [B, T] (or [B, T_past + T], HF style), 1 = real token;
         position_ids: [B, T] for packed rows (a real token at position 0 starts a document);
         cache / past_key_values: an MMRecCache to continue from (updated in place and returned)."""
+        _reject_foreign_cache(kwargs)
         hidden = self._embed(input_ids, inputs_embeds)
         B, T = hidden.shape[:2]
         cache = _pick_cache(cache, past_key_values)
@@ -275,16 +334,33 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Union[Tuple, CausalLMOutputWithPast]:
         """labels: [B, T] token ids, -100 = ignored; shifted inside (predict token t+1 at t).
-        Returns CausalLMOutputWithPast with logits [B, T, vocab] (float32) and the cache. When
+        logits_to_keep: k > 0 keeps the logits of the last k positions, 0 of all; a 1-D tensor
+        keeps those positions (generate() passes 1). Labels need every position's logits.
+        kwargs: passed to the loss (e.g. num_items_in_batch).
+
+        In eval mode without labels, an input longer than ``config.inference_chunk_size`` runs in
+        chunks of that many tokens carrying the cache (exact), keeping only the positions whose
+        logits are asked for, so a long prompt's peak memory is set by the chunk.
+        Returns CausalLMOutputWithPast with logits [B, kept, vocab] (float32) and the cache. When
         the loss needs gradients (training with labels), the loss is computed chunk by chunk
         from the hidden states and ``logits`` is None: the [B, T, vocab] logits are never built."""
+        _reject_foreign_cache(kwargs)
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError(f"labels need the logits of every position: pass logits_to_keep=0 (the default) with labels, "
+                             f"got logits_to_keep={logits_to_keep!r}")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, cache=cache, past_key_values=past_key_values,
-            use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
-        )
-        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            inputs_embeds=inputs_embeds, cache=cache, past_key_values=past_key_values,
+                            use_cache=use_cache, output_hidden_states=output_hidden_states)
+        source = input_ids if input_ids is not None else inputs_embeds
+        T = source.shape[1] if source is not None and source.dim() >= 2 else 0  # malformed inputs: the model raises
+        chunk = self.config.inference_chunk_size
+        if chunk is not None and T > chunk and labels is None and not self.training:
+            hidden, out_cache, hidden_states = self._forward_in_chunks(chunk, keep, **model_inputs)
+        else:
+            outputs = self.model(**model_inputs, return_dict=True)
+            hidden, out_cache, hidden_states = outputs.last_hidden_state[:, keep], getattr(outputs, CACHE_FIELD), outputs.hidden_states
         if labels is not None and labels.shape != hidden.shape[:2]:
             raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
         logits = loss = None
@@ -292,30 +368,133 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
             # training: the loss and its gradients chunk by chunk, never [B, T, vocab] logits
             loss = causal_lm_loss(hidden, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
         else:
-            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(hidden[:, keep]).float()
+            logits = self.lm_head(hidden).float()
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        out_cache = getattr(outputs, CACHE_FIELD)
         if not return_dict:
-            return tuple(v for v in (loss, logits, out_cache, outputs.hidden_states) if v is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: out_cache})
+            return tuple(v for v in (loss, logits, out_cache, hidden_states) if v is not None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states, **{CACHE_FIELD: out_cache})
+
+    def _forward_in_chunks(self, chunk: int, keep: Union[slice, Tensor], input_ids, attention_mask, position_ids,
+                           inputs_embeds, cache, past_key_values, use_cache, output_hidden_states):
+        """The model over [B, T] inputs, ``chunk`` tokens at a time, carrying the cache. Exact, since a
+        cache continues a stream exactly; only the positions ``keep`` selects outlive their chunk.
+        Returns (final hidden states at those positions [B, K, d], the cache or None, every layer's
+        hidden states [B, T, d] when output_hidden_states)."""
+        source = input_ids if input_ids is not None else inputs_embeds
+        T = source.shape[1]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -T:]  # HF style [B, past + T]: only the last T are these tokens'
+        wanted = torch.arange(T, device=source.device)[keep]
+        order = wanted.argsort(stable=True)
+        ascending = wanted[order]
+        state = _pick_cache(cache, past_key_values)
+        if state is not None and use_cache is False:
+            state = _select_rows(state, torch.arange(state.batch_size))  # chunks update it; the caller's must not change
+        kept, layers = [], []
+        for start in range(0, T, chunk):
+            part = slice(start, start + chunk)
+            out = self.model(
+                input_ids=None if input_ids is None else input_ids[:, part],
+                attention_mask=None if attention_mask is None else attention_mask[:, part],
+                position_ids=None if position_ids is None else position_ids[:, part],
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, part],
+                cache=state, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
+            )
+            state = getattr(out, CACHE_FIELD)
+            here = ascending[(ascending >= start) & (ascending < start + chunk)] - start
+            kept.append(out.last_hidden_state[:, here])
+            if output_hidden_states:
+                layers.append(out.hidden_states)
+        hidden = torch.cat(kept, 1)[:, order.argsort()]
+        hidden_states = tuple(torch.cat(per_layer, 1) for per_layer in zip(*layers)) if output_hidden_states else None
+        return hidden, (None if use_cache is False else state), hidden_states
+
+    def generate(self, *args, **kwargs):
+        """transformers' generate(), refusing a cache passed under another model's keyword
+        (``cache_params=``, ``state=``, ...) instead of silently starting from an empty state.
+
+        With ``past_key_values=cache`` (``cache=`` on transformers >= 5.24), the inputs are the
+        FULL sequence, as for every transformers model: the cache's history plus the new tokens;
+        only the tokens the cache has not seen are fed. The cache returned with
+        ``return_dict_in_generate=True`` has seen every token of ``sequences`` but the last, so
+        ``generate(out.sequences, past_key_values=out.past_key_values, ...)`` continues exactly.
+        To continue a saved stream with only its new tokens, use ``continue_stream``.
+
+        ``prefill_chunk_size`` (a generate / GenerationConfig option) runs the prompt through the
+        model's own chunked forward (see ``config.inference_chunk_size``): transformers' chunked
+        prefill would need a cache before the first forward."""
+        _reject_foreign_cache({k: v for k, v in kwargs.items() if k not in (CACHE_FIELD, "past_key_values", "cache")})
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        chunk = kwargs.pop("prefill_chunk_size", None) or getattr(generation_config, "prefill_chunk_size", None)
+        if chunk is None:
+            return super().generate(*args, **kwargs)
+        own = self.config.inference_chunk_size
+        self.config.inference_chunk_size = chunk
+        try:
+            return super().generate(*args, prefill_chunk_size=None, **kwargs)
+        finally:
+            self.config.inference_chunk_size = own
+
+    def continue_stream(self, input_ids: Tensor, cache: MMRecCache, **generate_kwargs):
+        """generate() from a stream's saved state, given only the tokens that follow it.
+
+        input_ids: [B, T] the new tokens only (e.g. a chat's next turn); cache: an MMRecCache of B
+        rows (from a forward with use_cache=True, a previous generate, or MMRecCache.load) that
+        has seen everything before them. The other keywords are generate()'s (attention_mask
+        covers the new tokens). Returns what generate() returns: ``sequences`` are the new tokens
+        plus the generated ones; the cache in the output (return_dict_in_generate=True) has seen
+        all of them but the last generated token, so the next turn is
+        ``continue_stream(torch.cat([out.sequences[:, -1:], next_turn], 1), out.cache)``.
+        The cache passed in may be updated in place: keep a saved copy to branch a stream."""
+        if _pick_cache(cache, None) is None:
+            raise ValueError("continue_stream needs the stream's cache (an MMRecCache), got None")
+        for name in (CACHE_FIELD, "past_key_values", "cache"):
+            if name in generate_kwargs:
+                raise ValueError(f"continue_stream takes the cache as its second argument, not as `{name}=`")
+        return self.generate(input_ids, **{CACHE_FIELD: cache}, _new_tokens_only=True, **generate_kwargs)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """None: MM-Rec counts positions itself, from the cache and the attention mask. The positions
+        generate would make restart at 0 for the new tokens of a continued stream, which MM-Rec
+        reads as a new document (a state reset). Position ids passed to generate still reach forward."""
+        return None
 
     def prepare_inputs_for_generation(
-        self, input_ids, attention_mask=None, inputs_embeds=None, use_cache=True, is_first_iteration=False, **kwargs
+        self, input_ids, next_sequence_length=None, attention_mask=None, inputs_embeds=None, is_first_iteration=False,
+        _new_tokens_only=False, **kwargs
     ):
-        """The first step feeds the whole prompt (continuing a cache the caller passed, if any);
-        later steps feed only the newest token: the state already holds the rest."""
-        cache = _pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"))
-        first = is_first_iteration or cache is None
-        inputs = {"use_cache": use_cache, CACHE_FIELD: cache}
-        if first and inputs_embeds is not None:
-            inputs["inputs_embeds"] = inputs_embeds
+        """The forward arguments of one generate() step. The first step (the prefill) feeds the
+        prompt; with a cache passed in, only the tokens of the full sequence it has not seen (or,
+        from continue_stream, all of them). Later steps feed the newest token. Every other keyword
+        generate passes (logits_to_keep, output_hidden_states, use_cache, ...) reaches forward."""
+        cache = _pick_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
+        position_ids = kwargs.pop("position_ids", None)
+        source = inputs_embeds if inputs_embeds is not None and is_first_iteration else input_ids
+        if cache is None:
+            n, mask = source.shape[1], attention_mask
+        elif not is_first_iteration:
+            n = next_sequence_length or 1
+            mask = attention_mask
         else:
-            inputs["input_ids"] = input_ids if first else input_ids[:, -1:]
-        if attention_mask is not None:
-            T = inputs["inputs_embeds"].shape[1] if "inputs_embeds" in inputs else inputs["input_ids"].shape[1]
-            inputs["attention_mask"] = attention_mask[:, -T:]
+            if cache.batch_size != source.shape[0]:  # generate repeated each row for beams / num_return_sequences
+                if source.shape[0] % cache.batch_size:
+                    raise ValueError(f"the cache holds {cache.batch_size} rows, the inputs {source.shape[0]}")
+                rows = torch.arange(cache.batch_size).repeat_interleave(source.shape[0] // cache.batch_size)
+                cache = _select_rows(cache, rows)
+            if _new_tokens_only:
+                n, mask = source.shape[1], attention_mask
+            else:
+                if position_ids is not None:
+                    raise ValueError("position_ids with a cache in generate(): the cache counts positions, not tokens, "
+                                     "so the full sequence cannot be matched to it; use model.continue_stream")
+                n, mask = _unseen_tail(cache, source.shape[1], attention_mask)
+        inputs = {"inputs_embeds" if source is inputs_embeds else "input_ids": source[:, -n:], CACHE_FIELD: cache}
+        if mask is not None:
+            inputs["attention_mask"] = mask[:, -n:]
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[:, -n:]
+        inputs.update(kwargs)
         return inputs
 
 

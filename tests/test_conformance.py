@@ -357,8 +357,6 @@ def test_is_mmrec_cache_accepts_every_copy_of_the_code(auto_loaded_stream):
     assert auto_loaded_stream["other_objects_rejected"]
 
 
-@pytest.mark.xfail(reason="merge: _pick_cache (issue 11) must use cache.is_mmrec_cache instead of isinstance",
-                   strict=False)
 def test_readme_stream_example_with_a_model_loaded_through_auto(auto_loaded_stream):
     """The README's example, in a fresh process, with the model's classes from transformers_modules
     and the cache from the mm_rec package."""
@@ -526,14 +524,6 @@ def test_decode_with_the_exporters_full_length_mask():
 
 
 # ------------------------------------------------------------------------------ torch.export
-MEMORY_HOST_SYNC = pytest.mark.xfail(reason="memory.py host sync; lead's rewrite removes it", strict=False)
-
-
-def _memory_stand_in(self, q, k, v, layout, state):
-    """A memory readout without host reads, for exporting everything but memory.py."""
-    return torch.tanh(q + k * v), LayerState(**state.tensors())
-
-
 def _export_and_compare(model, args, kwargs, dynamic_shapes=None, others=()):
     """Export ``model``; its program must give the eager logits on the traced inputs and ``others``."""
     program = torch.export.export(model, args=args, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
@@ -583,14 +573,7 @@ EXPORTS = {"prefill static": _prefill_static, "prefill dynamic seq_len": _prefil
 
 
 @pytest.mark.parametrize("case", list(EXPORTS))
-def test_export_of_everything_but_the_memory(case, monkeypatch):
-    """The HF face, the blocks, the scan and the cache export: input validation reads no tensor
-    values while tracing. memory.py is replaced by a stand-in until its host syncs are gone."""
-    monkeypatch.setattr(MultiMemoryAttention, "forward", _memory_stand_in)
-    EXPORTS[case](tiny_model())
-
-
-@MEMORY_HOST_SYNC
-@pytest.mark.parametrize("case", list(EXPORTS))
 def test_export_of_the_model(case):
+    """Prefill (static and dynamic length) and a decode step export, and the program gives the
+    eager logits (and cache): no host reads of tensor values anywhere in the forward."""
     EXPORTS[case](tiny_model())

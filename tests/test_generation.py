@@ -279,7 +279,7 @@ def test_sampling_and_num_return_sequences_and_eos():
 
 
 def test_generate_continues_a_saved_stream(tmp_path):
-    """A chat that resumes tomorrow: prompt -> save cache -> reload -> generate from the new turn."""
+    """A chat that resumes tomorrow: prompt -> save cache -> reload -> continue_stream from the new turn."""
     model = tiny_model()
     history = torch.randint(2, VOCAB, (1, 15))
     turn = torch.randint(2, VOCAB, (1, 4))
@@ -287,7 +287,7 @@ def test_generate_continues_a_saved_stream(tmp_path):
         cache_of(model(history, use_cache=True)).save(tmp_path / "stream.safetensors")
     resumed = MMRecCache.load(tmp_path / "stream.safetensors", config=model.config)
     kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
-    continued = model.generate(turn, **{CACHE_FIELD: resumed}, **kwargs)
+    continued = model.continue_stream(turn, resumed, **kwargs)
     from_scratch = model.generate(torch.cat([history, turn], 1), **kwargs)
     assert torch.equal(continued[:, 4:], from_scratch[:, 19:])
 
