@@ -38,6 +38,8 @@ class MMRecConfig(PretrainedConfig):
         initializer_range: std of embeddings and FFN weights.
         use_cache: whether an evaluation-mode forward returns the ``MMRecCache`` when the call does
             not say (training-mode forwards return none unless asked).
+        decode_cuda_graph: generate() replays its one-token decode steps from a captured CUDA
+            graph on CUDA (same logits as the eager step; False runs every step eagerly).
         inference_chunk_size: in eval mode without labels, ``MMRecForCausalLM`` runs longer inputs
             in chunks of this many tokens carrying the cache (exact), so a long prompt's peak
             memory is set by the chunk; None runs every input in one pass.
@@ -66,6 +68,7 @@ class MMRecConfig(PretrainedConfig):
         dropout: float = 0.0,
         initializer_range: float = 0.02,
         inference_chunk_size: Optional[int] = 4096,
+        decode_cuda_graph: bool = True,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
         bos_token_id: Optional[int] = None,
@@ -104,6 +107,7 @@ class MMRecConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.inference_chunk_size = inference_chunk_size
+        self.decode_cuda_graph = decode_cuda_graph
         self._validate()
         super().__init__(
             bos_token_id=bos_token_id,
@@ -141,7 +145,7 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError(f"MMRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.rms_norm_eps) > 0.0:
             raise ValueError(f"MMRecConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        for name in ("use_hem", "use_cache"):
+        for name in ("use_hem", "use_cache", "decode_cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MMRecConfig.{name} must be a bool, got {getattr(self, name)!r}")
         chunk = self.inference_chunk_size

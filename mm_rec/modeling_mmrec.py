@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .block import MMRecBlock
 from .cache import MMRecCache, is_mmrec_cache
 from .configuration_mmrec import MMRecConfig
+from .graph_decode import GraphDecoder
 from .hem import xavier_uniform_rows_
 from .hub import check_loading_info, write_model_card
 from .loss import causal_lm_loss
@@ -37,8 +38,9 @@ ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding indexes with
 def _eager() -> bool:
     """Whether checks that read tensor values on the host may run: not while torch.compile or
     torch.export traces the model (there a value is symbolic and reading it breaks the graph or
-    fails the export). Shape checks run always."""
-    return not torch.compiler.is_compiling()
+    fails the export), nor while a CUDA graph is captured. Shape checks run always."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return not (torch.compiler.is_compiling() or capturing)
 
 
 def _pick_cache(cache, past_key_values) -> Optional[MMRecCache]:
@@ -304,6 +306,7 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MMRecModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._graph_decoder: Optional[GraphDecoder] = None  # made on the first CUDA decode step
         self.post_init()
 
     def get_input_embeddings(self):
@@ -344,7 +347,13 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         Returns CausalLMOutputWithPast with logits [B, kept, vocab] (float32) and the cache. When
         the loss needs gradients (training with labels), the loss is computed chunk by chunk
         from the hidden states and ``logits`` is None: the [B, T, vocab] logits are never built."""
+        graph_decode = kwargs.pop("_graph_decode", False)
         _reject_foreign_cache(kwargs)
+        if graph_decode and self._graph_decodes(input_ids, labels, output_hidden_states, return_dict):
+            cache = _pick_cache(cache, past_key_values)
+            mask = None if attention_mask is None else attention_mask[:, -1:]
+            logits = self._graph_decoder.step(self, input_ids, mask, cache, CACHE_FIELD)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError(f"labels need the logits of every position: pass logits_to_keep=0 (the default) with labels, "
                              f"got logits_to_keep={logits_to_keep!r}")
@@ -374,6 +383,18 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         if not return_dict:
             return tuple(v for v in (loss, logits, out_cache, hidden_states) if v is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states, **{CACHE_FIELD: out_cache})
+
+    def _graph_decodes(self, input_ids, labels, output_hidden_states, return_dict) -> bool:
+        """Whether a generate() decode step runs from the captured CUDA graph (see graph_decode.py):
+        on CUDA, in eval mode, with ``config.decode_cuda_graph``, for a step that asks for nothing
+        but the logits and the cache."""
+        if not (self.config.decode_cuda_graph and input_ids is not None and input_ids.is_cuda and not self.training):
+            return False
+        if labels is not None or output_hidden_states or return_dict is False:
+            return False
+        if self._graph_decoder is None:
+            self._graph_decoder = GraphDecoder()
+        return True
 
     def _forward_in_chunks(self, chunk: int, keep: Union[slice, Tensor], input_ids, attention_mask, position_ids,
                            inputs_embeds, cache, past_key_values, use_cache, output_hidden_states):
@@ -495,6 +516,8 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         if position_ids is not None:
             inputs["position_ids"] = position_ids[:, -n:]
         inputs.update(kwargs)
+        if cache is not None and not is_first_iteration and n == 1 and source is input_ids and position_ids is None:
+            inputs["_graph_decode"] = True  # a plain decode step: forward may replay it from a CUDA graph
         return inputs
 
 
