@@ -166,31 +166,45 @@ def training_throughput(model, batch_size: int, seq_len: int, steps: int = 8, wa
     return {"step_s": step_s, "tokens_per_s": batch_size * seq_len / step_s, "peak_gib": peak, "loss": float(loss)}
 
 
+class _StepClock:
+    """A generate() streamer that only timestamps: put() is called once with the prompt, then
+    once per generated token (after that step's forward and sampling)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def put(self, value) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
 def generate_throughput(model, batch_size: int, context: int, new_tokens: int = 128, seed: int = 0,
                         **generate_kwargs) -> Dict[str, float]:
-    """Greedy ``generate()`` from a random prompt of ``context`` tokens: prefill time and peak
-    memory (one forward of the prompt through generate, max_new_tokens=1), then the decode
-    rate of ``new_tokens`` more tokens (total time minus prefill)."""
+    """Greedy ``generate()`` from a random prompt of ``context`` tokens, timed step by step:
+    the prefill (prompt to first token) and its peak memory, then the decode rate over
+    ``new_tokens`` more tokens (the median step). A first full call at the same shapes warms
+    up kernels and captured graphs."""
     device = next(model.parameters()).device
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, context), generator=generator).to(device)
-    mask = torch.ones_like(ids)
-    kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0, **generate_kwargs)
-    model.generate(ids[:, :64], max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up: kernels, graphs
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0,
+                  max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **generate_kwargs)
+    model.generate(ids, **kwargs)  # warm-up at these shapes
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    clock = _StepClock(device)
     _sync(device)
     start = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
-    _sync(device)
-    prefill_s = time.perf_counter() - start
+    model.generate(ids, streamer=clock, **kwargs)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
-    _sync(device)
-    decode_s = max(time.perf_counter() - start - prefill_s, 1e-9)
-    return {"prefill_s": prefill_s, "prefill_peak_gib": peak, "decode_tokens_per_s": batch_size * new_tokens / decode_s,
-            "ms_per_step": 1e3 * decode_s / new_tokens}
+    prefill_s = clock.times[1] - start  # the prompt's forward and the first token
+    steps = [b - a for a, b in zip(clock.times[1:-1], clock.times[2:])]
+    step_s = statistics.median(steps)
+    return {"prefill_s": prefill_s, "peak_gib": peak, "decode_tokens_per_s": batch_size / step_s,
+            "ms_per_step": 1e3 * step_s}

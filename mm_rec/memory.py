@@ -134,46 +134,78 @@ class SegmentLayout:
     last_position: Tensor  # [B] long: the position of the row's last real token
 
 
+def _last_real_at(real: Tensor) -> Tensor:
+    """[B, T] long: the index of the last real token at or before t (-1 before the first)."""
+    steps = torch.arange(real.shape[1], device=real.device)
+    return torch.where(real, steps, -1).cummax(dim=1).values
+
+
+@torch.library.custom_op("mm_rec::segment_index", mutates_args=())
+def _segment_index(position: Tensor, real: Tensor, reset: Tensor, offset: Tensor, segment_length: int) -> Tensor:
+    """[B, T] long: each token's layout segment (meaningless at padding)."""
+    L = segment_length
+    last_real_at = _last_real_at(real)
+    before = torch.cat([last_real_at.new_full((real.shape[0], 1), -1), last_real_at[:, :-1]], 1)
+    previous = torch.where(before >= 0, position.gather(1, before.clamp(min=0)), offset[:, None] - 1)
+    crossed = torch.where(reset, 1, (position // L - previous.clamp(min=0) // L).clamp(min=0))
+    return (crossed * real).cumsum(1)
+
+
+@_segment_index.register_fake
+def _(position, real, reset, offset, segment_length):
+    return torch.empty_like(position)
+
+
+@torch.library.custom_op("mm_rec::segment_places", mutates_args=())
+def _segment_places(segment: Tensor, position: Tensor, real: Tensor, reset: Tensor, offset: Tensor,
+                    segment_length: int, num_segments: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The index maps and per-row facts of ``SegmentLayout`` (integer bookkeeping, no gradient;
+    one opaque op for torch.compile and torch.export)."""
+    L, K = segment_length, num_segments
+    B, T = position.shape
+    device = position.device
+    place = segment * L + position % L  # [B, T] inside the row's K * L layout
+    rows = torch.arange(B, device=device)[:, None]
+    scatter_index = torch.where(real, rows * (K * L) + place, B * K * L).flatten()
+    tokens = (rows * T + torch.arange(T, device=device)).expand(B, T)
+    gather_index = torch.full((B * K * L + 1,), B * T, dtype=torch.long, device=device)
+    gather_index = gather_index.scatter(0, scatter_index, tokens.flatten())[:-1]
+    restart = torch.zeros(B, K + 1, dtype=torch.bool, device=device)
+    restart = restart.scatter(1, torch.where(real & reset, segment, K), True)[:, :K].contiguous()
+    has_real = real.any(1)
+    last = _last_real_at(real)[:, -1].clamp(min=0)[:, None]
+    last_segment = torch.where(has_real, segment.gather(1, last)[:, 0], 0)
+    last_position = torch.where(has_real, position.gather(1, last)[:, 0], offset - 1)
+    return gather_index, scatter_index, restart, has_real, last_segment, last_position
+
+
+@_segment_places.register_fake
+def _(segment, position, real, reset, offset, segment_length, num_segments):
+    B, T = position.shape
+    K, L = num_segments, segment_length
+    long = dict(dtype=torch.long, device=position.device)
+    return (torch.empty(B * K * L, **long), torch.empty(B * T, **long),
+            torch.empty(B, K, dtype=torch.bool, device=position.device), torch.empty(B, dtype=torch.bool, device=position.device),
+            torch.empty(B, **long), torch.empty(B, **long))
+
+
 def segment_layout(layout: TokenLayout, segment_length: int) -> SegmentLayout:
     """Layout segment of a token: 0 for the segment the carried state is in (that of position
     offset - 1), then one more per segment boundary crossed and one more per document start.
     Without position_ids a row spans at most ceil(T / L) + 1 segments (ceil(T / L) from a fresh
-    state), a bound known on the host; with them (packed rows) documents add segments, and K is read from the device once
-    per forward."""
+    state), a bound known on the host; with them (packed rows) documents add segments, and K
+    is read from the device once per forward."""
     key = ("segments", segment_length)
     if key in layout.memo:
         return layout.memo[key]
-    L = segment_length
-    pos, real, reset, offset = layout.position, layout.real, layout.reset, layout.offset
-    B, T = pos.shape
-    device = pos.device
-    steps = torch.arange(T, device=device)
-    # position of the previous real token of the row (offset - 1 before the first)
-    last_real_at = torch.where(real, steps, -1).cummax(dim=1).values
-    before = torch.cat([last_real_at.new_full((B, 1), -1), last_real_at[:, :-1]], 1)
-    previous = torch.where(before >= 0, pos.gather(1, before.clamp(min=0)), offset[:, None] - 1)
-    crossed = torch.where(reset, 1, pos // L - previous.clamp(min=0) // L)
-    segment = (crossed * real).cumsum(1)
+    L, T = segment_length, layout.position.shape[1]
+    args = (layout.position, layout.real, layout.reset, layout.offset)
+    segment = _segment_index(*args, L)
     if layout.has_resets:
         K = int(segment.max()) + 1
     else:  # a fresh stream starts at position 0: its T tokens fill ceil(T / L) segments
         K = (T + L - 1) // L + (0 if layout.fresh else 1)
-
-    place = segment * L + pos % L  # [B, T] inside the row's K * L layout
-    rows = torch.arange(B, device=device)[:, None]
-    scatter_index = torch.where(real, rows * (K * L) + place, B * K * L).flatten()
-    tokens = (rows * T + steps).expand(B, T)
-    gather_index = torch.full((B * K * L + 1,), B * T, dtype=torch.long, device=device)
-    gather_index = gather_index.scatter(0, scatter_index, tokens.flatten())[:-1]
-    restart = torch.zeros(B, K + 1, dtype=torch.bool, device=device)
-    restart = restart.scatter(1, torch.where(real & reset, segment, K), True)[:, :K]
-    has_real = real.any(1)
-    last = last_real_at[:, -1].clamp(min=0)
-    result = SegmentLayout(
-        num_segments=K, gather_index=gather_index, scatter_index=scatter_index, restart=restart, has_real=has_real,
-        last_segment=torch.where(has_real, segment.gather(1, last[:, None])[:, 0], 0),
-        last_position=torch.where(has_real, pos.gather(1, last[:, None])[:, 0], offset - 1),
-    )
+    result = SegmentLayout(K, *_segment_places(segment, *args, L, K))
     layout.memo[key] = result
     return result
 

@@ -9,7 +9,8 @@ Training: full steps (bf16 autocast on CUDA, AdamW), tokens/s, step time, peak m
 and 32768 x 1 on CUDA (hidden 768, 12 layers, vocab 32000); on CPU MM-Rec and Llama at
 hidden 128, 4 layers, vocab 2048, seq 512 x 8 and 2048 x 2, fp32.
 Generation (CUDA): greedy generate() from random prompts of 2k, 16k and 64k tokens, 128 new
-tokens, batch 1 and 8, bf16 weights: decode tokens/s, ms per step, prefill time and peak.
+tokens, batch 1 and 8, bf16 weights: decode tokens/s and ms per step (median step), prefill time
+(prompt to first token) and the call's peak memory.
 
 fla is optional (installed on the GPU machine from wheels, not a project dependency); a model
 that is missing or runs out of memory gets a row that says so. Writes a Markdown table and a
@@ -138,19 +139,19 @@ def train_table(rows):
                          f"{r['note']} | | | |")
             continue
         lines.append(f"| {r['model']} | {r['params_m']:.1f}M | {r['seq']} x {r['batch']} | {r['tokens_per_s'] / 1e3:.1f}k | "
-                     f"{1e3 * r['step_s']:.1f} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% |")
+                     f"{1e3 * r['step_s']:.1f} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} |")
     return lines
 
 
 def generate_table(rows):
-    lines = ["| model | context | batch | decode tokens/s | ms per step | prefill s | prefill peak GiB |",
+    lines = ["| model | context | batch | decode tokens/s | ms per step | prefill s | peak GiB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "decode_tokens_per_s" not in r:
             lines.append(f"| {r['model']} | {r.get('context', '')} | {r.get('batch', '')} | {r['note']} | | | |")
             continue
         lines.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['decode_tokens_per_s']:.0f} | "
-                     f"{r['ms_per_step']:.2f} | {r['prefill_s']:.3f} | {fmt(r['prefill_peak_gib'], '.2f')} |")
+                     f"{r['ms_per_step']:.2f} | {r['prefill_s']:.3f} | {fmt(r['peak_gib'], '.2f')} |")
     return lines
 
 
