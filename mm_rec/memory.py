@@ -294,22 +294,8 @@ class MultiMemoryAttention(nn.Module):
         first = torch.where(carried[..., None], carried_summaries, first_sums / N)
         summaries = torch.cat([first[:, None], sums[:, 1:] / N], 1)  # [B, K, C, 2d]
 
-        # Slots of every layout segment: routing (no gradient), then the linear recurrence it
-        # defines, by the scan: slots_s = keep_s * slots_(s-1) + weight_s^T @ summaries_(s-1),
-        # or the learned slots where segment s begins a document.
-        init = torch.cat([self.slot_keys, self.slot_values], -1).float()  # [S, 2d]
-        start = torch.cat([state.slot_keys, state.slot_values], -1)  # [B, S, 2d]
-        if K > 1:
-            weight, keep = route_segments(summaries[..., :d].detach(), state.slot_keys.detach(),
-                                          self.slot_keys.detach().float(), seg.restart, self.decay)
-            restart = seg.restart[:, 1:, None, None]
-            inputs = torch.einsum("bkcs,bkce->bkse", weight, summaries[:, :-1])
-            inputs = torch.where(restart, init, inputs)
-            log_keep = torch.log(keep)[..., None].masked_fill(restart, float("-inf")).expand(-1, -1, -1, 2 * d)
-            later, _ = scan(inputs.flatten(2), log_keep.flatten(2), start.flatten(1), backend=self.scan_backend)
-            slots = torch.cat([start[:, None], later.view(B, K - 1, S, 2 * d)], 1)  # [B, K, S, 2d]
-        else:
-            slots = start[:, None]
+        with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
+            slots = self._segment_slots(summaries, state, seg.restart)  # [B, K, S, 2d]
 
         entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)
         m_l = self._attend(q_l.view(B * K, L, d), entries[..., :d], entries[..., d:], self._visible(q.device))
@@ -339,6 +325,24 @@ class MultiMemoryAttention(nn.Module):
         )
         return m, new_state
 
+    def _segment_slots(self, summaries: Tensor, state: LayerState, restart: Tensor) -> Tensor:
+        """The slots of every layout segment [B, K, S, 2d] (keys | values), fp32: the routing (no
+        gradient), then the linear recurrence it defines, by the scan:
+        slots_s = keep_s * slots_(s-1) + weight_s^T @ summaries_(s-1), or the learned slots where
+        segment s begins a document. summaries: [B, K, C, 2d]; restart: [B, K] bool."""
+        B, K, _, width = summaries.shape
+        d, S = width // 2, self.slot_keys.shape[0]
+        start = torch.cat([state.slot_keys, state.slot_values], -1)  # [B, S, 2d]
+        if K == 1:
+            return start[:, None]
+        weight, keep = route_segments(summaries[..., :d], state.slot_keys, self.slot_keys.float(), restart, self.decay)
+        fresh = restart[:, 1:, None, None]
+        init = torch.cat([self.slot_keys, self.slot_values], -1).float()  # [S, 2d]
+        inputs = torch.where(fresh, init, torch.einsum("bkcs,bkce->bkse", weight, summaries[:, :-1]))
+        log_keep = torch.log(keep)[..., None].masked_fill(fresh, float("-inf")).expand(-1, -1, -1, width)
+        later, _ = scan(inputs.flatten(2), log_keep.flatten(2), start.flatten(1), backend=self.scan_backend)
+        return torch.cat([start[:, None], later.view(B, K - 1, S, width)], 1)
+
     def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState):
         """One token per row (decoding): O((S + C) d). Folds and resets are always computed and
         selected per row, so the step never asks the device a question (CUDA-graph safe)."""
@@ -350,8 +354,9 @@ class MultiMemoryAttention(nn.Module):
 
         fold = (real & ~reset & (pos % L == 0) & (pos > 0))[:, None, None]
         restart = reset[:, None, None]
-        folded_k, folded_v = fold_into_slots(state.slot_keys, state.slot_values, state.block_keys, state.block_values,
-                                             summaries, self.decay)
+        with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
+            folded_k, folded_v = fold_into_slots(state.slot_keys, state.slot_values, state.block_keys,
+                                                 state.block_values, summaries, self.decay)
         slot_keys = torch.where(restart, self.slot_keys.float(), torch.where(fold, folded_k, state.slot_keys))
         slot_values = torch.where(restart, self.slot_values.float(), torch.where(fold, folded_v, state.slot_values))
         emptied = (fold | restart)[:, 0]  # [B, 1]

@@ -373,8 +373,9 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         if labels is not None and labels.shape != hidden.shape[:2]:
             raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
         logits = loss = None
-        if labels is not None and torch.is_grad_enabled() and hidden.requires_grad:
+        if labels is not None and torch.is_grad_enabled() and hidden.requires_grad and not torch.compiler.is_compiling():
             # training: the loss and its gradients chunk by chunk, never [B, T, vocab] logits
+            # (under torch.compile the plain loss below is traced instead: the compiler plans its memory)
             loss = causal_lm_loss(hidden, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
         else:
             logits = self.lm_head(hidden).float()
