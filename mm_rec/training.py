@@ -377,7 +377,7 @@ class RunConfig:
         length, evaluation, saving and bf16 may change; anything that changes the data, the
         tokenizer or the model is refused."""
         given = {k: v for k, v in flags.items() if v is not None}
-        candidate = RunConfig.from_preset(given.get("preset", self.preset), **{**given, "preset": None})
+        candidate = RunConfig.from_preset(given.get("preset", self.preset), **{k: v for k, v in given.items() if k != "preset"})
         for name in FIXED_FIELDS:
             if name in given and getattr(candidate, name) != getattr(self, name):
                 raise ValueError(f"--resume: --{name.replace('_', '-')} {given[name]} differs from the saved run's "
