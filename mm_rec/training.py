@@ -147,8 +147,8 @@ def load_corpus(data: Optional[Sequence[str] | str] = None, text_field: str = "t
     """Documents from ``data``: None for the bundled Shakespeare corpus (one document per work);
     paths of text files (one document each), folders of them (searched recursively for
     .txt/.text/.md/.rst and .jsonl), JSONL files (one document per line, from ``text_field``),
-    a folder written by ``datasets``' ``save_to_disk``; or the name of a dataset for
-    ``datasets.load_dataset`` (its "validation" or "test" split, if any, becomes the held-out
+    a folder written by ``datasets``' ``save_to_disk``; or a dataset for ``datasets.load_dataset``,
+    "name" or "name:config" (its "validation" or "test" split, if any, becomes the held-out
     text). ``max_documents``: the first n documents only. ValueError for anything unreadable."""
     if max_documents is not None and max_documents <= 0:
         raise ValueError(f"max_documents must be positive, got {max_documents}")
@@ -197,13 +197,14 @@ def _load_from_disk(path: Path):
         raise ValueError(f"--data {path}: cannot load the saved dataset ({one_line(err)})") from err
 
 
-def _load_dataset(name: str):
+def _load_dataset(spec: str):
     import datasets
 
+    name, _, config = spec.partition(":")  # "wikitext:wikitext-2-raw-v1"
     try:
-        return datasets.load_dataset(name)
+        return datasets.load_dataset(name, config or None)
     except Exception as err:  # offline, unknown name, bad config: all one message for the user
-        raise ValueError(f"--data {name}: not a file or folder, and `datasets.load_dataset` cannot load it "
+        raise ValueError(f"--data {spec}: not a file or folder, and `datasets.load_dataset` cannot load it "
                          f"({one_line(err)})") from err
 
 

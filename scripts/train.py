@@ -30,7 +30,7 @@ def parse_args(argv):
     parser.add_argument("--output-dir", required=True, help="folder for the run (new or empty, unless --resume/--overwrite)")
     parser.add_argument("--preset", choices=list(PRESETS), help="model and run size (default: laptop)")
     parser.add_argument("--data", nargs="+", help="text files, folders of them, .jsonl files, a saved `datasets` folder, "
-                        "or a `datasets` name (default: the bundled Shakespeare corpus)")
+                        "or a `datasets` name[:config] (default: the bundled Shakespeare corpus)")
     parser.add_argument("--text-field", help="the text field of .jsonl records and datasets (default: text)")
     parser.add_argument("--max-works", type=positive_int, help="use only the first N documents (quick runs)")
     parser.add_argument("--validation-fraction", type=float, help="share of whole documents held out (default 0.05)")

@@ -46,7 +46,7 @@ def data_dir(tmp_path_factory):
 def trained(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     assert train_script.main([*QUICK, "--data", str(data_dir), "--max-steps", "10", "--eval-steps", "5",
-                              "--prompt", "ROMEO.", "--output-dir", str(out)]) == 0
+                              "--prompt", "ROMEO.", "--bf16", "--output-dir", str(out)]) == 0
     return out
 
 
@@ -78,6 +78,32 @@ def test_trained_folder_holds_the_run(trained):
         assert (trained / name).is_file(), name
     assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
     assert not any(p.name.endswith(".tmp") for p in trained.rglob("*"))
+    assert json.loads((trained / "run_config.json").read_text())["bf16"]  # CPU autocast
+    history = json.loads((trained / "checkpoints" / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [5]  # the end's evaluation is the final one
+    assert all(math.isfinite(entry["eval_bits_per_byte"]) for entry in history if "eval_loss" in entry)
+
+
+def test_corpus_from_jsonl_and_a_saved_dataset(tmp_path):
+    import datasets
+
+    records = [{"text": f"document {i}\nwith two lines", "id": i} for i in range(5)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+    corpus = load_corpus([str(tmp_path / "a.jsonl")])
+    assert list(corpus.documents.values()) == [r["text"] for r in records] and corpus.validation is None
+    train_texts, held_out = split_corpus(corpus, 0.2)
+    assert len(held_out) == 1 and set(held_out.values()) | set(train_texts.values()) == set(corpus.documents.values())
+
+    datasets.DatasetDict(train=datasets.Dataset.from_list(records[:3]), validation=datasets.Dataset.from_list(records[3:])
+                         ).save_to_disk(str(tmp_path / "saved"))
+    train_texts, held_out = split_corpus(load_corpus([str(tmp_path / "saved")], max_documents=2), 0.05)
+    assert list(train_texts.values()) == [records[0]["text"], records[1]["text"]]
+    assert list(held_out.values()) == [records[3]["text"], records[4]["text"]]
+
+    (tmp_path / "one.txt").write_text("line one\nline two\nline three\nline four\n")
+    train_texts, held_out = split_corpus(load_corpus([str(tmp_path / "one.txt")]), 0.3)
+    assert "".join(train_texts.values()) + "".join(held_out.values()) == "line one\nline two\nline three\nline four"
+    assert list(held_out.values()) == ["\nline three\nline four"]  # the last line break before 70%
 
 
 def test_evaluate_beats_the_untrained_model_and_counts_bytes(trained, data_dir, tmp_path, capsys):
