@@ -758,6 +758,8 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
                                   f"Resume with: {resume_command}") from None
 
     steps = trainer.state.global_step
+    # accelerate leaves forward wrapped in the training autocast: evaluate and sample in the model's dtype
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     final = evaluate_rows(model, held_rows["input_ids"], tokenizer, run.batch_size, description="final evaluation")
     trainer.state.log_history.append({"eval_loss": final["loss"], "step": steps})
     log(f"held-out loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f}, "

@@ -67,6 +67,7 @@ def assert_one_line_error(capsys, rc, *words):
         assert word in err, err
 
 
+@pytest.mark.slow
 def test_trained_folder_holds_the_run(trained):
     results = json.loads((trained / "results.json").read_text())
     assert results["optimizer steps"] == 10 and results["training documents"] == 3 and results["held-out documents"] == 1
