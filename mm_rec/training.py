@@ -471,14 +471,14 @@ def _trainer_class():
             folder = super()._get_output_dir(trial)
             return os.path.join(folder, STAGING) if self._saving else folder
 
-        def _save_checkpoint(self, model, trial):
+        def _save_checkpoint(self, model, trial, *args, **kwargs):
             checkpoints = Path(super()._get_output_dir(trial))
             name = f"checkpoint-{self.state.global_step}"
             staging = checkpoints / STAGING
             shutil.rmtree(staging, ignore_errors=True)
             self._saving = True
             try:
-                super()._save_checkpoint(model, trial)
+                super()._save_checkpoint(model, trial, *args, **kwargs)
             finally:
                 self._saving = False
             if self.args.should_save:
