@@ -286,3 +286,29 @@ def test_generate_and_evaluate_bad_flags_are_one_line_errors(trained, bad_data, 
     ]
     for argv, named in evaluate_cases:
         assert_one_line_error(capsys, evaluate_script.main(argv), named)
+
+
+@pytest.mark.parametrize("preset, low, high", [("tiny", 0.01, 0.1), ("laptop", 1.0, 1.5), ("gpu-small", 15, 25), ("gpu-130m", 100, 135)])
+def test_preset_sizes(preset, low, high):
+    from mm_rec import MMRecConfig, MMRecForCausalLM
+    from mm_rec.training import PRESETS
+
+    config = MMRecConfig(vocab_size=PRESETS[preset]["vocab_size"], **PRESETS[preset]["model"])
+    with torch.device("meta"):
+        model = MMRecForCausalLM(config)
+    assert low <= model.num_parameters() / 1e6 <= high
+
+
+@pytest.mark.gpu
+def test_gpu_preset_trains_in_bf16(data_dir, tmp_path, capsys):
+    out = tmp_path / "gpu"
+    assert train_script.main(["--preset", "gpu-small", "--data", str(data_dir), "--block-size", "256", "--batch-size", "8",
+                              "--max-steps", "20", "--eval-steps", "10", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "run_config.json").read_text())["bf16"]
+    assert results["optimizer steps"] == 20 and results["held-out loss"] < math.log(results["vocab size"])
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).cuda()
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    _, held_out = split_corpus(load_corpus([str(data_dir)]), 0.05)
+    metrics = evaluate_texts(model, tokenizer, held_out.values(), block_size=256, progress=False)
+    assert metrics["loss"] == pytest.approx(results["held-out loss"], rel=1e-3)
