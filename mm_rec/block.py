@@ -1,4 +1,4 @@
-"""One MM-Rec block (ARCHITECTURE.md section 1):
+"""One MM-Rec block (docs/ARCHITECTURE.md section 1):
 
     u = RMSNorm1(x);  q, k, v, z, g~, p = HEM(u);  log gamma = MDI(p)
     h = recurrence(z, gate, gamma);  r = GroupRMSNorm_H(h);  m = MultiMemoryAttention(q, k, v)

@@ -1,4 +1,4 @@
-"""MMRecCache: the whole recurrent state of a stream (ARCHITECTURE.md section 3).
+"""MMRecCache: the whole recurrent state of a stream (docs/ARCHITECTURE.md section 3).
 
 Per layer (``LayerState``): the fp32 state h; the running sums and count of the open
 memory block; the completed block summaries of the current segment; the long-term slots.

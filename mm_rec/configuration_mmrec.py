@@ -1,4 +1,4 @@
-"""MMRecConfig: the hyper-parameters of an MM-Rec model (ARCHITECTURE.md section 6)."""
+"""MMRecConfig: the hyper-parameters of an MM-Rec model (docs/ARCHITECTURE.md section 6)."""
 
 from __future__ import annotations
 

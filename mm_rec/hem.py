@@ -1,4 +1,4 @@
-"""HEM: every per-token projection of a block in ONE GEMM (ARCHITECTURE.md section 1).
+"""HEM: every per-token projection of a block in ONE GEMM (docs/ARCHITECTURE.md section 1).
 
 u [B, T, d] -> q, k, v, z (d each), g~ (d, "input" gate mode only), p (pe_dim).
 ``use_hem=True`` holds one ``W_fused = nn.Linear(d, 5d + pe_dim)`` (4d + pe_dim in "state"

@@ -18,16 +18,15 @@ With ``use_hem=False`` target ``LORA_TARGET_MODULES_UNFUSED`` instead. The decay
 they set the memory timescales, which a small adapter should not move.
 
 This module is copied into every checkpoint and imported by the model code there, so it
-imports only what transformers itself needs (matplotlib, for ``save_loss_curve``, is optional).
+imports only what transformers itself needs (training code lives in ``training.py``, never copied).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional
 
 from huggingface_hub import metadata_load
 
@@ -188,40 +187,3 @@ def register_auto_classes() -> None:
     AutoConfig.register(MMRecConfig.model_type, MMRecConfig, exist_ok=True)
     AutoModel.register(MMRecConfig, MMRecModel, exist_ok=True)
     AutoModelForCausalLM.register(MMRecConfig, MMRecForCausalLM, exist_ok=True)
-
-
-def loss_history(log_history: Sequence[Mapping]) -> Dict[str, List[tuple]]:
-    """Trainer's ``state.log_history`` -> {"train": [(step, loss)], "validation": [(step, eval_loss)]}."""
-    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
-    validation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry and "step" in entry]
-    return {"train": train, "validation": validation}
-
-
-def save_loss_curve(log_history: Sequence[Mapping], path: str | os.PathLike, title: str = "MM-Rec") -> None:
-    """Plot the train and validation loss of a Trainer run (``trainer.state.log_history``) to a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("save_loss_curve needs matplotlib: pip install matplotlib") from err
-    curves = loss_history(log_history)
-    if not curves["train"] and not curves["validation"]:
-        raise ValueError("log_history holds no 'loss' or 'eval_loss' entries to plot")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, style in (("train", "-"), ("validation", "o-")):
-        if curves[name]:
-            steps, losses = zip(*curves[name])
-            ax.plot(steps, losses, style, label=f"{name} loss")
-    if curves["validation"]:
-        step, loss = curves["validation"][-1]
-        ax.annotate(f"{loss:.3f} (ppl {math.exp(loss):.1f})", (step, loss), textcoords="offset points", xytext=(-60, 10))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,4 +1,4 @@
-"""MDI: the data-dependent decay, the gates and the level-0 recurrence (ARCHITECTURE.md section 1).
+"""MDI: the data-dependent decay, the gates and the level-0 recurrence (docs/ARCHITECTURE.md section 1).
 
     a_t       = W_E GELU(p_t) + b_E                       decay logits, W_E: pe_dim -> d
     log g_t   = clamp(logsigmoid(a_t), log 1e-6, log(1 - 1e-6))       (float32)

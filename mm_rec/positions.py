@@ -1,4 +1,4 @@
-"""Positions, padding and packing (ARCHITECTURE.md section 5).
+"""Positions, padding and packing (docs/ARCHITECTURE.md section 5).
 
 A position counts the real tokens of a row (attention_mask = 1) since the row's stream,
 or its current document, began: p = offset + cumsum(mask) - 1. Memory block and segment

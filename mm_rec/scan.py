@@ -1,4 +1,4 @@
-"""The scan op: h_t = x_t + gamma_t * h_{t-1} over [B, T, D] (ARCHITECTURE.md section 4).
+"""The scan op: h_t = x_t + gamma_t * h_{t-1} over [B, T, D] (docs/ARCHITECTURE.md section 4).
 
 Public API:
     scan(x, log_gamma, initial_state=None, output_final_state=False, backend="auto")

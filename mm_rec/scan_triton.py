@@ -1,4 +1,4 @@
-"""Triton kernels behind scan.py's backend="triton" (ARCHITECTURE.md section 4).
+"""Triton kernels behind scan.py's backend="triton" (docs/ARCHITECTURE.md section 4).
 
 Importing this module never fails: without Triton, AVAILABLE is False and scan.py
 chooses the PyTorch reference.

@@ -1,4 +1,4 @@
-"""Ground truth for the tests: readable per-token loops written from ARCHITECTURE.md."""
+"""Ground truth for the tests: readable per-token loops written from docs/ARCHITECTURE.md."""
 
 import torch
 
@@ -16,7 +16,7 @@ def naive_scan(x, log_gamma, initial_state=None):
 
 
 def naive_positions(attention_mask, position_ids=None):
-    """Per-row lists of (t, p, starts_document) for the real tokens, from ARCHITECTURE.md section 5:
+    """Per-row lists of (t, p, starts_document) for the real tokens, from docs/ARCHITECTURE.md section 5:
     p counts the real tokens of the row; with position_ids, p is taken as given and p == 0
     starts a new document."""
     B, T = attention_mask.shape
@@ -87,7 +87,7 @@ def naive_fold(slot_keys, slot_values, blocks, decay):
 
 def naive_memory_attention(q, k, v, slot_keys, slot_values, block_size, segment_length, decay, num_heads,
                            attention_mask=None, position_ids=None):
-    """The whole multi-memory attention of ARCHITECTURE.md section 2, token by token, in float64.
+    """The whole multi-memory attention of docs/ARCHITECTURE.md section 2, token by token, in float64.
 
     q, k, v: [B, T, d]; slot_*: the learned slots [S, d]. Keeps explicit lists per row: the
     long-term slots, the completed block summaries of the current segment, the open block.

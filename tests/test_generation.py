@@ -1,4 +1,4 @@
-"""Section 3 of ARCHITECTURE.md: the cache, exact streaming, padding, packing and generate()."""
+"""Section 3 of docs/ARCHITECTURE.md: the cache, exact streaming, padding, packing and generate()."""
 
 import random
 

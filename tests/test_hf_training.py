@@ -21,7 +21,8 @@ from hf_common import corpus_blocks, cpu_trainer, step_losses, tiny_model  # noq
 from mm_rec import MMRecForCausalLM  # noqa: E402
 from mm_rec.data import (EOS_TOKEN, PAD_TOKEN, byte_level_tokenizer, lm_datasets, load_shakespeare, split_works,  # noqa: E402
                          train_tokenizer)
-from mm_rec.hub import LORA_TARGET_MODULES, save_loss_curve  # noqa: E402
+from mm_rec.hub import LORA_TARGET_MODULES  # noqa: E402
+from mm_rec.training import save_loss_curve  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

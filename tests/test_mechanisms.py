@@ -1,4 +1,4 @@
-"""Each mechanism of ARCHITECTURE.md sections 1, 2 and 4 against a naive reference.
+"""Each mechanism of docs/ARCHITECTURE.md sections 1, 2 and 4 against a naive reference.
 
 The references live in tests/naive.py (per-token loops written from the formulas) or are
 written out here; none of them calls the code under test.
@@ -235,7 +235,7 @@ def _gelu(x):
 
 
 def naive_block(block, config, x, attention_mask, position_ids):
-    """ARCHITECTURE.md section 1 for one block, written out in float64 from its parameters.
+    """docs/ARCHITECTURE.md section 1 for one block, written out in float64 from its parameters.
     Returns (h, y)."""
     P = {name: p.detach().double() for name, p in block.named_parameters()}
     d, eps = config.hidden_size, config.rms_norm_eps

