@@ -65,7 +65,7 @@ def associative_scan_exponential(gamma: Tensor, dim: int = 1) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# The PyTorch reference: chunked, log-space
+# The PyTorch reference: chunked, two levels
 # ---------------------------------------------------------------------------------------
 
 def _chunked_scan_torch(x: Tensor, log_gamma: Tensor, h0: Tensor) -> Tuple[Tensor, Tensor]:
