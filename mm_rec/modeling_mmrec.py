@@ -345,8 +345,8 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         chunks of that many tokens carrying the cache (exact), keeping only the positions whose
         logits are asked for, so a long prompt's peak memory is set by the chunk.
         Returns CausalLMOutputWithPast with logits [B, kept, vocab] (float32) and the cache. When
-        the loss needs gradients (training with labels), the loss is computed chunk by chunk
-        from the hidden states and ``logits`` is None: the [B, T, vocab] logits are never built."""
+        training with labels (train mode, gradients on), the loss is computed chunk by chunk from
+        the hidden states and ``logits`` is None: the [B, T, vocab] logits are never built."""
         graph_decode = kwargs.pop("_graph_decode", False)
         _reject_foreign_cache(kwargs)
         if graph_decode and self._graph_decodes(input_ids, labels, output_hidden_states, return_dict):
@@ -373,7 +373,7 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         if labels is not None and labels.shape != hidden.shape[:2]:
             raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
         logits = loss = None
-        if labels is not None and torch.is_grad_enabled() and hidden.requires_grad and not torch.compiler.is_compiling():
+        if labels is not None and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # training: the loss and its gradients chunk by chunk, never [B, T, vocab] logits
             # (under torch.compile the plain loss below is traced instead: the compiler plans its memory)
             loss = causal_lm_loss(hidden, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
