@@ -132,6 +132,7 @@ class SegmentLayout:
     has_real: Tensor  # [B] bool
     last_segment: Tensor  # [B] long: the layout segment of the row's last real token
     last_position: Tensor  # [B] long: the position of the row's last real token
+    identity: bool = False  # every token sits at its own index: the relayout is a reshape
 
 
 def _last_real_at(real: Tensor) -> Tensor:
@@ -206,6 +207,10 @@ def segment_layout(layout: TokenLayout, segment_length: int) -> SegmentLayout:
     else:  # a fresh stream starts at position 0: its T tokens fill ceil(T / L) segments
         K = (T + L - 1) // L + (0 if layout.fresh else 1)
     result = SegmentLayout(K, *_segment_places(segment, *args, L, K))
+    # Rows that start fresh, fill whole segments and hold no padding sit in the layout as they
+    # are: the relayout is then a reshape. (Checking the mask reads it on the host: free on CPU.)
+    result.identity = (layout.fresh and not layout.has_resets and T == K * L and layout.real.device.type == "cpu"
+                       and not torch.compiler.is_compiling() and bool(layout.real.all()))
     layout.memo[key] = result
     return result
 
@@ -277,6 +282,8 @@ class MultiMemoryAttention(nn.Module):
         K = seg.num_segments
 
         def to_layout(x: Tensor) -> Tensor:
+            if seg.identity:
+                return x.reshape(B, K, L, -1)
             return relayout(x.reshape(B * T, -1), seg.gather_index, seg.scatter_index).view(B, K, L, -1)
 
         q_l = to_layout(q)
@@ -299,7 +306,10 @@ class MultiMemoryAttention(nn.Module):
 
         entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)
         m_l = self._attend(q_l.view(B * K, L, d), entries[..., :d], entries[..., d:], self._visible(q.device))
-        m = relayout(m_l.reshape(B * K * L, d), seg.scatter_index, seg.gather_index).view(B, T, d)
+        if seg.identity:
+            m = m_l.reshape(B, T, d)
+        else:
+            m = relayout(m_l.reshape(B * K * L, d), seg.scatter_index, seg.gather_index).view(B, T, d)
 
         # The state after the row's last real token (unchanged for a row of padding only).
         rows = torch.arange(B, device=q.device)
