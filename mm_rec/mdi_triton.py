@@ -49,8 +49,8 @@ if AVAILABLE:
         return tl.minimum(tl.maximum(ls, lo), hi), ls
 
     @triton.jit
-    def _recurrence_inputs_fwd_kernel(a, g, z, real, reset, x, carry, N, D: tl.constexpr, lo, hi,
-                                      BLOCK: tl.constexpr):
+    def _load_inputs(a, g, z, real, reset, N, D: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's BLOCK elements: (offsets, mask, is_real, is_reset, a, g, z in fp32)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         row = offs // D
@@ -59,6 +59,12 @@ if AVAILABLE:
         a_ = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32)
         g_ = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
         z_ = tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
+        return offs, mask, is_real, is_reset, a_, g_, z_
+
+    @triton.jit
+    def _recurrence_inputs_fwd_kernel(a, g, z, real, reset, x, carry, N, D: tl.constexpr, lo, hi,
+                                      BLOCK: tl.constexpr):
+        offs, mask, is_real, is_reset, a_, g_, z_ = _load_inputs(a, g, z, real, reset, N, D, BLOCK)
         lg, _ = _log_gamma(a_, lo, hi)
         lg = tl.where(is_real, lg, 0.0)
         gate = 1.0 / (1.0 + tl.exp(-g_))
@@ -68,14 +74,7 @@ if AVAILABLE:
     @triton.jit
     def _recurrence_inputs_bwd_kernel(a, g, z, real, reset, d_x, d_carry, d_a, d_g, d_z, N, D: tl.constexpr, lo, hi,
                                       BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        row = offs // D
-        is_real = tl.load(real + row, mask=mask, other=0) != 0
-        is_reset = tl.load(reset + row, mask=mask, other=0) != 0
-        a_ = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32)
-        g_ = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
-        z_ = tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask, is_real, is_reset, a_, g_, z_ = _load_inputs(a, g, z, real, reset, N, D, BLOCK)
         dx = tl.load(d_x + offs, mask=mask, other=0.0).to(tl.float32)
         dc = tl.load(d_carry + offs, mask=mask, other=0.0).to(tl.float32)
         lg, ls = _log_gamma(a_, lo, hi)

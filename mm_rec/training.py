@@ -110,6 +110,23 @@ def probability(text: str) -> float:
     return value
 
 
+def check_model_folder(path) -> Path:
+    """The folder of a saved model (``save_pretrained`` or train.py), or ValueError."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{path}: not a saved model folder (no config.json)")
+    return folder
+
+
+def load_model_folder(folder):
+    """(model in eval mode, tokenizer) of a saved folder, through the Auto classes with the
+    folder's own code (trust_remote_code=True)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval(), tokenizer
+
+
 def run_main(main: Callable[[], int]) -> int:
     """Call a script's body: a user error becomes one line ``error: ...`` on stderr and exit
     status 2; Ctrl-C before training ends quietly with status 130. transformers' weight

@@ -37,12 +37,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     args = parse_args(argv)
-    folder = Path(args.model)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{args.model}: not a saved model folder (no config.json)")
+    folder = training.check_model_folder(args.model)
     run = training.RunConfig.load(folder) if (folder / training.RUN_CONFIG).is_file() else None
     if args.data:
         texts = training.load_corpus(args.data, args.text_field).documents
@@ -57,8 +53,7 @@ def _main(argv) -> int:
     if block_size is None:
         raise ValueError("pass --block-size (the folder has no run configuration to take it from)")
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    model, tokenizer = training.load_model_folder(folder)
     metrics = training.evaluate_texts(model, tokenizer, texts.values(), block_size, args.batch_size, args.max_blocks)
     result = {"model": str(folder), "data": source, "block_size": block_size, **metrics}
     text = json.dumps(result, indent=2)

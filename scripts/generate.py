@@ -48,17 +48,14 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
     args = parse_args(argv)
-    folder = Path(args.model)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{args.model}: not a saved model folder (no config.json)")
+    folder = training.check_model_folder(args.model)
     state = Path(args.state) if args.state else None
     if state is not None and not state.parent.is_dir():
         raise ValueError(f"--state {args.state}: the folder {state.parent} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    model, tokenizer = training.load_model_folder(folder)
 
     cache = training.load_state(model, state) if state is not None and state.exists() else None
     if cache is not None and not args.prompt:

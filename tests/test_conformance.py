@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mm_rec
-from mm_rec import LayerState, MMRecCache, MMRecConfig, MMRecForCausalLM, MMRecModel, is_mmrec_cache
+from mm_rec import MMRecCache, MMRecConfig, MMRecForCausalLM, MMRecModel, is_mmrec_cache
 from mm_rec.cache import CACHE_FORMAT_VERSION
-from mm_rec.memory import MultiMemoryAttention
 from mm_rec.modeling_mmrec import CACHE_FIELD
 
 REPO = Path(__file__).resolve().parents[1]
