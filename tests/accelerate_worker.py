@@ -1,7 +1,7 @@
 """Trains a tiny MM-Rec for a few steps with Trainer and writes rank 0's per-step losses and a
 weight checksum to OUT/result.json. Run once as plain python and once under
-``accelerate launch --cpu --num_processes 2`` with half the per-device batch
-(test_hf_training.py::test_accelerate_two_cpu_processes_match_one)."""
+``accelerate launch --multi_gpu --num_processes 2`` (no GPU visible: gloo on CPU) with half the
+per-device batch (test_hf_training.py::test_accelerate_two_cpu_processes_match_one)."""
 
 import argparse
 import json
@@ -27,6 +27,11 @@ def main() -> None:
         result = dict(world_size=trainer.args.world_size, losses=step_losses(trainer), weight_sum=weight_sum)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(result))
+    # Leave together: a rank that exits while the other is still working closes its gloo
+    # sockets under it. Then tear the group down before interpreter exit.
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

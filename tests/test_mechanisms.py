@@ -568,7 +568,27 @@ def test_fold_into_slots_equals_blockwise_ema(decay):
         K_ref, V_ref = naive_fold(slot_keys[b], slot_values[b], blocks, decay)
         torch.testing.assert_close(new_keys[b], K_ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(new_values[b], V_ref, rtol=1e-12, atol=1e-12)
-    assert not torch.equal(new_keys[1, 2], new_keys[1, 0])  # ties went to slot 0 only
+    assert torch.equal(new_keys[1, 2], slot_keys[1, 2]) and torch.equal(new_values[1, 2], slot_values[1, 2])  # ties: slot 0
+
+
+def test_fold_ties_go_to_the_lowest_slot():
+    """Ties that the lowest-j rule settles differently from highest-j, from "the slot already
+    used in this segment" and from "slot 0": block A routes to slot 3 alone; block B ties
+    slots 1 and 3; block C ties slots 1, 2 and 3. Lowest j sends B and C to slot 1. The
+    expected slots are the EMA written out by hand."""
+    decay = 0.75
+    slot_keys = torch.tensor([[-1.0, 0, 0], [0, 1, 0], [0, 0, -1], [0, 1, 1]], dtype=torch.float64)
+    slot_values = torch.arange(12, dtype=torch.float64).view(4, 3)
+    block_keys = torch.tensor([[0.0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.float64)  # A, B, C
+    block_values = torch.tensor([[5.0, 6, 7], [-1, 2, -3], [4, -4, 8]], dtype=torch.float64)
+    assert (block_keys @ slot_keys.T).tolist() == [[0, 0, -1, 1], [0, 1, 0, 1], [-1, 0, 0, 0]]  # the ties hold
+    new_keys, new_values = fold_into_slots(slot_keys[None], slot_values[None], block_keys[None], block_values[None],
+                                           torch.ones(1, 3, dtype=torch.bool), decay)
+    for new, old, blocks in ((new_keys[0], slot_keys, block_keys), (new_values[0], slot_values, block_values)):
+        expected = old.clone()
+        expected[3] = decay * old[3] + (1 - decay) * blocks[0]
+        expected[1] = decay * (decay * old[1] + (1 - decay) * blocks[1]) + (1 - decay) * blocks[2]
+        torch.testing.assert_close(new, expected, rtol=1e-15, atol=1e-15)
 
 
 def test_fold_with_nothing_selected_keeps_slots():
