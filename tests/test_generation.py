@@ -145,14 +145,18 @@ def test_packed_documents_decoded_token_by_token_equal_parallel(device):
     assert (torch.cat(steps, 1) - full).abs().max() <= 1e-4
 
 
-def test_bf16_chunked_matches_parallel_within_tolerance():
+def test_bf16_chunked_matches_parallel_and_fp32():
     model = tiny_model(dtype=torch.bfloat16)
     ids = torch.randint(2, VOCAB, (2, 30))
     with torch.no_grad():
         full = model(ids).logits
         chunked, _ = stream(model, ids, [0, 7, 19, 30])
-    scale = full.abs().max()
-    assert (chunked - full).abs().max() <= 2e-2 * scale
+        fp32 = tiny_model()(ids).logits
+    scale = fp32.abs().max()
+    # Chunk cuts change only the order of fp32 sums in the state: one bf16 rounding (2^-8) at most.
+    assert (chunked.float() - full.float()).abs().max() <= 2 ** -8 * scale
+    # The bf16 model against the same weights in fp32: bf16 rounding through 2 layers.
+    assert (full.float() - fp32).abs().max() <= 3e-2 * scale
 
 
 @pytest.mark.parametrize("with_config", [True, False])

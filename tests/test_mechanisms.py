@@ -140,7 +140,7 @@ def test_scan_long_sequence_at_the_decay_extremes(dtype):
     h_ref, h_T_ref = naive_scan(x, log_gamma)
     rel = lambda a, b: ((a.double() - b).norm(dim=1) / b.norm(dim=1)).max().item()  # noqa: E731  per channel
     assert rel(h_T, h_T_ref) < 1e-5
-    assert rel(h, h_ref) < (1e-5 if dtype == torch.float32 else 4e-3)  # bf16: h's own rounding, 2^-8
+    assert rel(h, h_ref) < (1e-5 if dtype == torch.float32 else 4e-3)  # bf16: h's own rounding, at most 2^-8
 
 
 def test_scan_gradcheck_float64():
@@ -161,7 +161,7 @@ def test_scan_bf16_input(gamma_dtype):
     h, h_T = scan(x, log_gamma, output_final_state=True, backend="torch")
     h_ref, h_T_ref = naive_scan(x, log_gamma)
     assert h.dtype == torch.bfloat16 and h_T.dtype == torch.float32  # fp32 accumulation
-    torch.testing.assert_close(h.double(), h_ref, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(h.double(), h_ref, rtol=4e-3, atol=1e-6)  # h rounded to bf16: unit roundoff 2^-8
     torch.testing.assert_close(h_T.double(), h_T_ref, rtol=1e-5, atol=1e-5)
 
 

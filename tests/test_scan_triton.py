@@ -72,7 +72,7 @@ def test_bf16_inputs():
     h, h_T = scan_triton.scan_fwd(x, log_gamma, h0)
     ref, ref_T = naive_scan(x.cpu(), log_gamma.cpu(), h0.cpu())
     assert h.dtype == torch.bfloat16
-    assert rel_err(h.cpu(), ref) < 1e-2 and rel_err(h_T.cpu(), ref_T) < 1e-5
+    assert rel_err(h.cpu(), ref) < 4e-3 and rel_err(h_T.cpu(), ref_T) < 1e-5  # h rounded to bf16: at most 2^-8
 
     grad_h, grad_h_T = randn(B, T, D, seed=6).bfloat16(), randn(B, D, seed=7)
     grads = scan_triton.scan_bwd(grad_h, grad_h_T, h, log_gamma, h0)
