@@ -182,8 +182,8 @@ def test_cache_save_load_continues_identically(tmp_path, with_config, device):
             for name, t in saved_layer.tensors().items():
                 loaded = loaded_layer.tensors()[name]
                 assert loaded.dtype == t.dtype and torch.equal(loaded.cpu(), t), name
-        tail = model.to(device or "cpu")(ids[:, 21:].to(device or "cpu"), attention_mask=mask[:, 21:].to(device or "cpu"),
-                                         cache=restored, use_cache=True).logits
+        on = device or "cpu"
+        tail = model.to(on)(ids[:, 21:].to(on), attention_mask=mask[:, 21:].to(on), cache=restored, use_cache=True).logits
     assert (tail.cpu() - full[:, 21:]).abs().max() <= 1e-4
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -280,7 +280,8 @@ def test_beam_search_returns_its_best_scoring_beams():
 def test_sampling_and_num_return_sequences_and_eos():
     model = tiny_model()
     ids, mask = left_padded_prompts()
-    sample = dict(attention_mask=mask, do_sample=True, top_k=10, max_new_tokens=7, num_return_sequences=3, eos_token_id=None)
+    sample = dict(attention_mask=mask, do_sample=True, top_k=10, max_new_tokens=7, num_return_sequences=3,
+                  eos_token_id=None)
     torch.manual_seed(3)
     sampled = model.generate(ids, **sample)
     assert sampled.shape == (6, 16)

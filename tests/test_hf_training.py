@@ -90,7 +90,7 @@ def test_bf16_autocast_steps_on_cpu_match_fp32(tokenizer, blocks, tmp_path):
     assert sorted(losses[True]) == [1, 2, 3]
     assert losses[True][1] != losses[False][1]  # autocast ran: bf16 matmuls round differently
     for step, loss in losses[False].items():
-        assert losses[True][step] == pytest.approx(loss, rel=2 ** -8), step  # a mean over tokens: within bf16's unit roundoff
+        assert losses[True][step] == pytest.approx(loss, rel=2 ** -8), step  # a token mean: bf16's unit roundoff
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])

@@ -122,7 +122,7 @@ def test_gpu_realistic_shapes(dtype, tol):
 
 
 @pytest.mark.gpu
-def test_gpu_long_sequence_extreme_decays_stay_finite():
+def test_gpu_long_sequence_extreme_decays_match_float64():
     B, T, D = 2, 65536, 256
     x = randn(B, T, D, seed=13, device="cuda").bfloat16()
     near_one = torch.full((B, T, D // 2), -1e-6, device="cuda")
@@ -133,8 +133,13 @@ def test_gpu_long_sequence_extreme_decays_stay_finite():
     (h.float().square().mean() + h_T.square().mean()).backward()
     for name, t in (("h", h), ("h_T", h_T), ("d_x", x.grad), ("d_log_gamma", log_gamma.grad)):
         assert torch.isfinite(t).all(), name
-    ref, _ = scan(x.double(), log_gamma.double(), backend="torch")
-    assert rel_err(h, ref) < 1e-2
+    leaves = [t.detach().double().requires_grad_() for t in (x, log_gamma)]
+    ref, ref_T = scan(*leaves, output_final_state=True, backend="torch")
+    (ref.square().mean() + ref_T.square().mean()).backward()
+    assert rel_err(h, ref) < 4e-3  # h rounded to bf16 (2^-8)
+    assert rel_err(h_T, ref_T) < 1e-4  # fp32, but carried through 65536 steps
+    # the backward reads the saved bf16 h: 2e-2, as in test_gpu_realistic_shapes
+    assert rel_err(x.grad, leaves[0].grad) < 2e-2 and rel_err(log_gamma.grad, leaves[1].grad) < 2e-2
 
 
 @pytest.mark.gpu
