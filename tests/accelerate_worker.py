@@ -5,6 +5,8 @@ per-device batch (test_hf_training.py::test_accelerate_two_cpu_processes_match_o
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -27,11 +29,16 @@ def main() -> None:
         result = dict(world_size=trainer.args.world_size, losses=step_losses(trainer), weight_sum=weight_sum)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(result))
-    # Leave together: a rank that exits while the other is still working closes its gloo
-    # sockets under it. Then tear the group down before interpreter exit.
-    trainer.accelerator.wait_for_everyone()
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        # Leave together (no rank closes its sockets under a working one), then skip the gloo
+        # group's teardown: ~ProcessGroupGloo joins its worker thread, which may still be freeing
+        # the last collective's tensors and needs the GIL for that. At interpreter exit the
+        # thread is killed there (std::terminate: SIGABRT); from destroy_process_group() or a
+        # freed DDP reducer the two threads deadlock (the main one holds the GIL).
+        trainer.accelerator.wait_for_everyone()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def test_accelerate_two_cpu_processes_match_one(tmp_path):
 
     Each launch asks for a free port (``--main_process_port 0``): with the default 29500, two
     launches on one host (two test runs at once) both found it free and the later bind failed
-    (EADDRINUSE in torchrun's static rendezvous)."""
+    (EADDRINUSE in torchrun's static rendezvous). The worker's ending is explained there."""
     inherited = ("PYTHONPATH", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TRITON_INTERPRET")
     env = {k: v for k, v in os.environ.items()
            if k not in inherited and not k.startswith(("ACCELERATE_", "TORCHELASTIC_", "OMP_", "PET_"))}
