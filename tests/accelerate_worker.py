@@ -1,10 +1,12 @@
 """Trains a tiny MM-Rec for a few steps with Trainer and writes rank 0's per-step losses and a
 weight checksum to OUT/result.json. Run once as plain python and once under
-``accelerate launch --cpu --num_processes 2`` with half the per-device batch
-(test_hf_training.py::test_accelerate_two_cpu_processes_match_one)."""
+``accelerate launch --multi_gpu --num_processes 2`` (no GPU visible: gloo on CPU) with half the
+per-device batch (test_hf_training.py::test_accelerate_two_cpu_processes_match_one)."""
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +29,16 @@ def main() -> None:
         result = dict(world_size=trainer.args.world_size, losses=step_losses(trainer), weight_sum=weight_sum)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():
+        # Leave together (no rank closes its sockets under a working one), then skip the gloo
+        # group's teardown: ~ProcessGroupGloo joins its worker thread, which may still be freeing
+        # the last collective's tensors and needs the GIL for that. At interpreter exit the
+        # thread is killed there (std::terminate: SIGABRT); from destroy_process_group() or a
+        # freed DDP reducer the two threads deadlock (the main one holds the GIL).
+        trainer.accelerator.wait_for_everyone()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

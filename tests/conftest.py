@@ -1,8 +1,11 @@
-"""Test environment: offline Hugging Face, scratch caches, Triton interpreted on CPU."""
+"""Test environment: offline Hugging Face, scratch caches, Triton interpreted on CPU, and a
+random state seeded per test."""
 
 import os
+import random
 import shutil
 import tempfile
+import zlib
 
 # Must happen before anything imports triton: without a GPU the kernels run interpreted.
 if shutil.which("nvidia-smi") is None:
@@ -12,6 +15,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="mmrec-hf-home-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -28,3 +32,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def seed_per_test(request):
+    """Seed torch, random and numpy from the test's node id (crc32, unlike hash(), does not
+    depend on PYTHONHASHSEED): a test draws the same inputs alone, in the full suite or in any
+    order, and two tests never share their draws."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    yield seed

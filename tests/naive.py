@@ -41,7 +41,8 @@ def naive_recurrence(z, log_gamma, attention_mask=None, reset=None, h0=None, gat
     unchanged; a reset token sees h_{t-1} = 0 (a fresh stream). Returns (h [B, T, d], h_T).
     """
     B, T, d = z.shape
-    z, gamma = z.double(), torch.exp(log_gamma.double())
+    z, log_gamma = z.double(), log_gamma.double()
+    gamma, rate = torch.exp(log_gamma), -torch.expm1(log_gamma)  # 1 - gamma, exact also near gamma = 1
     h = torch.zeros(B, d, dtype=torch.float64) if h0 is None else h0.double().clone()
     out = torch.zeros(B, T, d, dtype=torch.float64)
     for b in range(B):
@@ -57,7 +58,7 @@ def naive_recurrence(z, log_gamma, attention_mask=None, reset=None, h0=None, gat
             else:
                 W_g, b_g = state_gate
                 g = torch.sigmoid(W_g.double() @ hb + b_g.double())
-            hb = gamma[b, t] * hb + (1 - gamma[b, t]) * g * z[b, t]
+            hb = gamma[b, t] * hb + rate[b, t] * g * z[b, t]
             out[b, t] = hb
         h[b] = hb
     return out, h

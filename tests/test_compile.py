@@ -26,9 +26,9 @@ def test_scan_compiles_fullgraph_forward_and_backward(use_h0):
     h, h_last = naive_scan(*ref_leaves)
     ref = (h * h).sum() + h_last.sum()
     ref_grads = torch.autograd.grad(ref, ref_leaves)
-    assert abs(loss.item() - ref.item()) <= 1e-3 * abs(ref.item())
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     for got, want in zip(grads, ref_grads):
-        assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_graph_calls_the_custom_op():

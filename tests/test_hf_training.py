@@ -81,11 +81,17 @@ def test_trainer_loss_goes_down_and_resume_continues_the_same_run(tokenizer, blo
         assert again[step] == pytest.approx(losses[step], rel=1e-5, abs=1e-6), step
 
 
-def test_bf16_autocast_step_on_cpu(tokenizer, blocks, tmp_path):
-    trainer = cpu_trainer(tiny_model(tokenizer), tokenizer, blocks, tmp_path, max_steps=2, bf16=True)
-    trainer.train()
-    losses = step_losses(trainer)
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses.values())
+def test_bf16_autocast_steps_on_cpu_match_fp32(tokenizer, blocks, tmp_path):
+    """The same 3 steps with bf16 autocast and in fp32: the losses agree to bf16 precision."""
+    losses = {}
+    for bf16 in (False, True):
+        trainer = cpu_trainer(tiny_model(tokenizer), tokenizer, blocks, tmp_path / str(bf16), max_steps=3, bf16=bf16)
+        trainer.train()
+        losses[bf16] = step_losses(trainer)
+    assert sorted(losses[True]) == [1, 2, 3]
+    assert losses[True][1] != losses[False][1]  # autocast ran: bf16 matmuls round differently
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=2 ** -8), step  # a token mean: bf16's unit roundoff
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -168,18 +174,25 @@ def test_accelerate_two_cpu_processes_match_one(tmp_path):
 
     accelerate 1.15's ``--cpu`` starts one process per machine (more only through mpirun), so
     the 2 processes come from its torchrun launcher (``--multi_gpu``) with no visible GPU: the
-    processes then form a gloo group on CPU (DistributedType.MULTI_CPU)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    processes then form a gloo group on CPU (DistributedType.MULTI_CPU).
+
+    Each launch asks for a free port (``--main_process_port 0``): with the default 29500, two
+    launches on one host (two test runs at once) both found it free and the later bind failed
+    (EADDRINUSE in torchrun's static rendezvous). The worker's ending is explained there."""
+    inherited = ("PYTHONPATH", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TRITON_INTERPRET")
+    env = {k: v for k, v in os.environ.items()
+           if k not in inherited and not k.startswith(("ACCELERATE_", "TORCHELASTIC_", "OMP_", "PET_"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONFAULTHANDLER="1")  # a worker that dies on a signal prints its Python stack
     worker = str(HERE / "accelerate_worker.py")
     one = subprocess.run([sys.executable, worker, "--per-device-batch", "4", "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-4000:]
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-4000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+              "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = subprocess.run([*launch, worker, "--per-device-batch", "2", "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-4000:]
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
     results = [json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two")]
     assert [r["world_size"] for r in results] == [1, 2]
     assert results[0]["losses"].keys() == results[1]["losses"].keys() and len(results[0]["losses"]) == 6

@@ -15,6 +15,7 @@ from mm_rec.hem import convert_hem_state_dict
 from mm_rec.mdi import LOG_GAMMA_MAX, LOG_GAMMA_MIN, MDIDecay, StateGate, input_gated_recurrence
 from mm_rec.memory import MultiMemoryAttention, fold_into_slots
 from mm_rec.positions import token_layout
+from mm_rec.scan_triton import AVAILABLE as TRITON_AVAILABLE
 
 from naive import naive_fold, naive_memory_attention, naive_recurrence, naive_scan
 
@@ -76,6 +77,72 @@ def test_scan_without_initial_or_final_state():
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
 
 
+SCAN_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_AVAILABLE, reason="triton is not installed (on CPU it runs under TRITON_INTERPRET=1)"))]
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("use_h0", [False, True])
+@pytest.mark.parametrize("output_final_state", [False, True])
+def test_scan_optional_arguments_in_every_combination(backend, use_h0, output_final_state):
+    """initial_state is read whether or not the final state is asked for; h_T comes back exactly
+    when asked; gradients reach x, log_gamma and h0 in each case (and at T = 0)."""
+    g = torch.Generator().manual_seed(21)
+    B, T, D = 2, 40, 6  # crosses a chunk of the torch backend
+    x = torch.randn(B, T, D, generator=g)
+    log_gamma = random_log_gamma((B, T, D), g, torch.float32)
+    log_gamma[:, :8] = -0.01  # h0 stays visible for many steps
+    h0 = 5.0 * torch.randn(B, D, generator=g) if use_h0 else None
+    grad_h = torch.randn(B, T, D, generator=g)
+    grad_h_T = torch.randn(B, D, generator=g) if output_final_state else torch.zeros(B, D)
+
+    def run(fn, cast):
+        leaves = [cast(t).requires_grad_() for t in (x, log_gamma) + ((h0,) if use_h0 else ())]
+        h, h_T = fn(*leaves)
+        loss = (h * cast(grad_h)).sum() + (0.0 if h_T is None else (h_T * cast(grad_h_T)).sum())
+        loss.backward()
+        return h.detach(), h_T, [leaf.grad for leaf in leaves]
+
+    h, h_T, grads = run(lambda *a: scan(*a, output_final_state=output_final_state, backend=backend), torch.Tensor.clone)
+    h_ref, h_T_ref, grads_ref = run(naive_scan, torch.Tensor.double)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-5, atol=1e-5)
+    if output_final_state:
+        assert h_T.dtype == torch.float32
+        torch.testing.assert_close(h_T.detach().double(), h_T_ref.detach(), rtol=1e-5, atol=1e-5)
+    else:
+        assert h_T is None
+    for name, grad, grad_ref in zip(("x", "log_gamma", "initial_state"), grads, grads_ref):
+        torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+    empty, empty_T = scan(x[:, :0], log_gamma[:, :0], h0, output_final_state=output_final_state, backend=backend)
+    assert empty.shape == (B, 0, D)
+    if output_final_state:
+        torch.testing.assert_close(empty_T, torch.zeros(B, D) if h0 is None else h0)
+    else:
+        assert empty_T is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scan_long_sequence_at_the_decay_extremes(dtype):
+    """T = 4096 (128 chunks) with decays within 1e-6 of 1, at both clamps and in between,
+    against the float64 loop: the carry across chunks keeps fp32 accuracy (bf16: the
+    inputs are bf16, the state fp32; only h is rounded to bf16 on output)."""
+    g = torch.Generator().manual_seed(22)
+    B, T, D = 1, 4096, 8
+    x = torch.randn(B, T, D, generator=g).to(dtype)
+    rate = 1e-6 * 10.0 ** (2 * torch.rand(B, T, D, generator=g, dtype=torch.float64))  # 1 - gamma in [1e-6, 1e-4]
+    log_gamma = torch.log1p(-rate)
+    log_gamma[..., 0] = LOG_GAMMA_MAX
+    log_gamma[..., 1] = LOG_GAMMA_MIN
+    log_gamma[..., 2] = LOG_GAMMA_MIN + 1e-6 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    log_gamma = log_gamma.float()
+    h, h_T = scan(x, log_gamma, output_final_state=True, backend="torch")
+    h_ref, h_T_ref = naive_scan(x, log_gamma)
+    rel = lambda a, b: ((a.double() - b).norm(dim=1) / b.norm(dim=1)).max().item()  # noqa: E731  per channel
+    assert rel(h_T, h_T_ref) < 1e-5
+    assert rel(h, h_ref) < (1e-5 if dtype == torch.float32 else 4e-3)  # bf16: h's own rounding, at most 2^-8
+
+
 def test_scan_gradcheck_float64():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 34, 2, generator=g, dtype=torch.float64, requires_grad=True)  # crosses a chunk
@@ -94,7 +161,7 @@ def test_scan_bf16_input(gamma_dtype):
     h, h_T = scan(x, log_gamma, output_final_state=True, backend="torch")
     h_ref, h_T_ref = naive_scan(x, log_gamma)
     assert h.dtype == torch.bfloat16 and h_T.dtype == torch.float32  # fp32 accumulation
-    torch.testing.assert_close(h.double(), h_ref, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(h.double(), h_ref, rtol=4e-3, atol=1e-6)  # h rounded to bf16: unit roundoff 2^-8
     torch.testing.assert_close(h_T.double(), h_T_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -224,6 +291,38 @@ def test_state_gate_matches_naive_loop():
     torch.testing.assert_close(h_T.double(), h_T_ref, rtol=1e-5, atol=1e-6)
     gate_at_reset = torch.sigmoid(gate.W_g.bias)  # the gate reads h_{t-1} = 0 at a document start
     torch.testing.assert_close(h[0, 11], -torch.expm1(log_gamma[0, 11]) * gate_at_reset * z[0, 11])
+
+
+@pytest.mark.parametrize("mode", ["input", "state"])
+def test_recurrence_near_unit_decay_keeps_fp32_precision(mode):
+    """Decays within 1e-6 of 1 (the clamp log1p(-1e-6)) up to 1 - 1e-5, and at the lower clamp:
+    the input weight 1 - gamma must be -expm1(log gamma). 1 - exp(log gamma) in fp32 is off by
+    up to half an ulp of 1 (6e-8), i.e. 3e-2 relative at 1 - gamma = 1e-6. The reference is the
+    float64 loop on the same fp32 log-decays."""
+    g = torch.Generator().manual_seed(23)
+    B, T, d = 2, 48, 24
+    z = torch.randn(B, T, d, generator=g)
+    gate_logits = torch.randn(B, T, d, generator=g)
+    rate = 1e-6 * 10.0 ** torch.rand(B, T, d, generator=g, dtype=torch.float64)  # 1 - gamma in [1e-6, 1e-5]
+    log_gamma = torch.log1p(-rate).float().clamp(LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+    log_gamma[..., :4] = LOG_GAMMA_MAX
+    log_gamma[..., 4:6] = LOG_GAMMA_MIN
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[1, 20] = True
+    h0 = None  # h is then ~1e-5 in size and all of it comes through the input weight
+    if mode == "input":
+        h, h_T = input_gated_recurrence(z, gate_logits, log_gamma, reset, h0, backend="torch")
+        h_ref, h_T_ref = naive_recurrence(z, log_gamma, None, reset, h0, gate_logits=gate_logits)
+    else:
+        gate = StateGate(d)
+        with torch.no_grad():
+            gate.W_g.weight.copy_(torch.randn(d, d, generator=g))
+            gate.W_g.bias.copy_(torch.randn(d, generator=g))
+        h, h_T = gate(z, log_gamma, reset, h0)
+        h_ref, h_T_ref = naive_recurrence(z, log_gamma, None, reset, h0, state_gate=(gate.W_g.weight, gate.W_g.bias))
+    rel = ((h.double() - h_ref).norm(dim=1) / h_ref.norm(dim=1)).max().item()  # per row and channel
+    assert rel < 1e-5, rel
+    torch.testing.assert_close(h_T.double(), h_T_ref, rtol=1e-5, atol=0)
 
 
 def _rms(x, weight, eps):
@@ -360,6 +459,68 @@ def test_memory_attention_matches_naive(case, window_length):
         torch.testing.assert_close(new_state.open_key_sum[b].double(), open_keys, rtol=1e-5, atol=1e-5)
 
 
+DECODE_CASES = {
+    # name: (left padding per row, holes (padded steps inside a row) per row, documents per row or None)
+    "plain_and_padded": ([0, 7, 23], [[], [20, 21, 22], [30]], None),
+    "packed_and_padded": ([0, 5, 0], [[], [33], [9, 10]], [[21, 3, 31], [17, 40], [4, 4, 50]]),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_decode_step_matches_naive_memory(case):
+    """The decode step alone (forward with T == 1, carrying the LayerState) against the naive
+    per-token memory, at every step and in the final state: rows that close blocks, fold
+    segments (segment 16, so 3 folds), restart documents and skip padded steps."""
+    pads, holes, documents = DECODE_CASES[case]
+    config = tiny_config(memory_decay=0.7)
+    B, T, d = 3, 55, config.hidden_size
+    g = torch.Generator().manual_seed(24)
+    memory = MultiMemoryAttention(config)
+    with torch.no_grad():
+        memory.slot_keys.copy_(torch.randn(memory.slot_keys.shape, generator=g))
+        memory.slot_values.copy_(torch.randn(memory.slot_values.shape, generator=g))
+    q, k, v = (torch.randn(B, T, d, generator=g) for _ in range(3))
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        mask[b, :pads[b]] = 0
+        mask[b, holes[b]] = 0
+    position_ids = None
+    if documents is not None:
+        position_ids = torch.zeros(B, T, dtype=torch.long)
+        for b, lengths in enumerate(documents):
+            real = mask[b].bool()
+            ids = torch.cat([torch.arange(n) for n in lengths])
+            position_ids[b, real] = ids[: int(real.sum())]
+    m_ref, finals = naive_memory_attention(
+        q, k, v, memory.slot_keys, memory.slot_values, config.memory_block_size,
+        config.memory_segment_length, config.memory_decay, config.num_attention_heads, mask, position_ids,
+    )
+    state = LayerState.fresh(B, d, config.blocks_per_segment, memory.slot_keys, memory.slot_values)
+    offset = torch.zeros(B, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(T):
+            step = slice(t, t + 1)
+            layout = token_layout(mask[:, step], None if position_ids is None else position_ids[:, step], offset)
+            m, state = memory(q[:, step], k[:, step], v[:, step], layout, state)
+            offset = layout.next_position(offset)
+            real = mask[:, t].bool()
+            torch.testing.assert_close(m[real, 0].double(), m_ref[real, t], rtol=1e-5, atol=1e-5, msg=f"t={t}")
+    for b, final in enumerate(finals):
+        torch.testing.assert_close(state.slot_keys[b].double(), final["slot_keys"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state.slot_values[b].double(), final["slot_values"], rtol=1e-5, atol=1e-5)
+        n = len(final["summaries"])
+        assert int(state.block_count[b]) == n
+        if n:
+            torch.testing.assert_close(state.block_keys[b, :n].double(),
+                                       torch.stack([s[0] for s in final["summaries"]]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(state.block_values[b, :n].double(),
+                                       torch.stack([s[1] for s in final["summaries"]]), rtol=1e-5, atol=1e-5)
+        assert int(state.open_count[b]) == len(final["open_block"])
+        for name, i in (("open_key_sum", 0), ("open_value_sum", 1)):
+            expected = sum((e[i] for e in final["open_block"]), torch.zeros(d, dtype=torch.float64))
+            torch.testing.assert_close(getattr(state, name)[b].double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_packed_document_start_sees_only_learned_slots():
     """A document's first block sees exactly the learned slots again, whatever came before."""
     config = tiny_config()
@@ -407,7 +568,28 @@ def test_fold_into_slots_equals_blockwise_ema(decay):
         K_ref, V_ref = naive_fold(slot_keys[b], slot_values[b], blocks, decay)
         torch.testing.assert_close(new_keys[b], K_ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(new_values[b], V_ref, rtol=1e-12, atol=1e-12)
-    assert not torch.equal(new_keys[1, 2], new_keys[1, 0])  # ties went to slot 0 only
+    # row 1: every tie went to slot 0, so slot 2 (its copy) kept its value
+    assert torch.equal(new_keys[1, 2], slot_keys[1, 2]) and torch.equal(new_values[1, 2], slot_values[1, 2])
+
+
+def test_fold_ties_go_to_the_lowest_slot():
+    """Ties that the lowest-j rule settles differently from highest-j, from "the slot already
+    used in this segment" and from "slot 0": block A routes to slot 3 alone; block B ties
+    slots 1 and 3; block C ties slots 1, 2 and 3. Lowest j sends B and C to slot 1. The
+    expected slots are the EMA written out by hand."""
+    decay = 0.75
+    slot_keys = torch.tensor([[-1.0, 0, 0], [0, 1, 0], [0, 0, -1], [0, 1, 1]], dtype=torch.float64)
+    slot_values = torch.arange(12, dtype=torch.float64).view(4, 3)
+    block_keys = torch.tensor([[0.0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.float64)  # A, B, C
+    block_values = torch.tensor([[5.0, 6, 7], [-1, 2, -3], [4, -4, 8]], dtype=torch.float64)
+    assert (block_keys @ slot_keys.T).tolist() == [[0, 0, -1, 1], [0, 1, 0, 1], [-1, 0, 0, 0]]  # the ties hold
+    new_keys, new_values = fold_into_slots(slot_keys[None], slot_values[None], block_keys[None], block_values[None],
+                                           torch.ones(1, 3, dtype=torch.bool), decay)
+    for new, old, blocks in ((new_keys[0], slot_keys, block_keys), (new_values[0], slot_values, block_values)):
+        expected = old.clone()
+        expected[3] = decay * old[3] + (1 - decay) * blocks[0]
+        expected[1] = decay * (decay * old[1] + (1 - decay) * blocks[1]) + (1 - decay) * blocks[2]
+        torch.testing.assert_close(new, expected, rtol=1e-15, atol=1e-15)
 
 
 def test_fold_with_nothing_selected_keeps_slots():

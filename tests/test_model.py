@@ -72,8 +72,8 @@ def test_gradcheck_tiny_model(recurrence_gate):
     log gamma) and the learned slot values (through the attention and the folds).
 
     The state and the memory are float32 by design even in a float64 model, so the
-    finite differences use eps=1e-3 and a matching tolerance; fast_mode checks a random
-    projection u^T J v, which needs only a few forwards."""
+    finite differences use eps=1e-3 and a tolerance of 1e-4, fp32's rounding (6e-8) over eps;
+    fast_mode checks a random projection u^T J v, which needs only a few forwards."""
     config = tiny_config(recurrence_gate=recurrence_gate, num_hidden_layers=1, memory_segment_length=8)
     torch.manual_seed(2)
     model = MMRecForCausalLM(config).double().eval()
@@ -89,7 +89,7 @@ def test_gradcheck_tiny_model(recurrence_gate):
         out = functional_call(model.model, dict(zip(names, values)), kwargs=dict(inputs_embeds=e, use_cache=False))
         return out.last_hidden_state
 
-    assert torch.autograd.gradcheck(hidden, (embeds, *params), eps=1e-3, atol=1e-4, rtol=1e-2, fast_mode=True)
+    assert torch.autograd.gradcheck(hidden, (embeds, *params), eps=1e-3, atol=1e-4, rtol=1e-4, fast_mode=True)
 
 
 # ---------------------------------------------------------------------------------------
