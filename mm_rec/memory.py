@@ -364,12 +364,16 @@ class MultiMemoryAttention(nn.Module):
 
         fold = (real & ~reset & (pos % L == 0) & (pos > 0))[:, None, None]
         restart = reset[:, None, None]
-        with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
-            folded_k, folded_v = fold_into_slots(state.slot_keys, state.slot_values, state.block_keys,
-                                                 state.block_values, summaries, self.decay)
-        slot_keys = torch.where(restart, self.slot_keys.float(), torch.where(fold, folded_k, state.slot_keys))
-        slot_values = torch.where(restart, self.slot_values.float(), torch.where(fold, folded_v, state.slot_values))
         emptied = (fold | restart)[:, 0]  # [B, 1]
+        slot_keys, slot_values = state.slot_keys, state.slot_values
+        # On CPU, asking whether any row folds or resets costs nothing and skips the fold on most
+        # steps; on CUDA the step never asks (it stays sync-free and graph-capturable).
+        if q.device.type != "cpu" or bool(emptied.any()):
+            with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
+                folded_k, folded_v = fold_into_slots(slot_keys, slot_values, state.block_keys,
+                                                     state.block_values, summaries, self.decay)
+            slot_keys = torch.where(restart, self.slot_keys.float(), torch.where(fold, folded_k, slot_keys))
+            slot_values = torch.where(restart, self.slot_values.float(), torch.where(fold, folded_v, slot_values))
         summaries = summaries & ~emptied
         block_count = state.block_count.masked_fill(emptied[:, 0], 0)
         open_k = state.open_key_sum.masked_fill(restart[:, 0], 0.0)

@@ -79,6 +79,9 @@ def _chunked_scan_torch(x: Tensor, log_gamma: Tensor, h0: Tensor) -> Tuple[Tenso
     """
     acc = h0.dtype
     B, T, D = x.shape
+    if T == 1:  # a decode step
+        h = x.to(acc) + torch.exp(log_gamma.to(acc)) * h0[:, None]
+        return h, h[:, 0].clone()
     C = max(1, math.isqrt(T))
     n = -(-T // C)
     pad = (0, 0, 0, n * C - T)  # padded steps: gamma = 1, x = 0, so the end state is h_T
