@@ -84,51 +84,47 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def train_study(args, device, models):
-    size = "gpu" if device.type == "cuda" else "cpu"
-    shapes = GPU_TRAIN_SHAPES if size == "gpu" else CPU_TRAIN_SHAPES
-    peak = peak_bf16_tflops(device)
+def run_study(models, size, device, dtype, cases, measure):
+    """One row per (model, case): ``measure(model, params, case)`` -> dict, or a note where the
+    model is not installed or the case runs out of memory. Models are built one at a time."""
     rows = []
     for name in models:
-        built = build(name, size, device)
+        built = build(name, size, device, dtype)
         if built is None:
             rows.append({"model": name, "note": "not installed"})
             continue
         model, params = built
-        for seq, batch in shapes:
-            print(f"train {name} seq {seq} x batch {batch} ...", file=sys.stderr, flush=True)
+        for case in cases:
+            print(f"{name} {case} ...", file=sys.stderr, flush=True)
             try:
-                result = training_throughput(model, batch, seq, steps=args.steps, bf16=size == "gpu")
-                result["mfu"] = 6 * params * result["tokens_per_s"] / (peak * 1e12) if peak else None
+                result = measure(model, params, case)
             except torch.OutOfMemoryError:
                 result = {"note": "out of memory"}
-            rows.append({"model": name, "params_m": params / 1e6, "seq": seq, "batch": batch, **result})
+            rows.append({"model": name, "params_m": params / 1e6, **case, **result})
             release()
         del model
         release()
     return rows
 
 
+def train_study(args, device, models):
+    size = "gpu" if device.type == "cuda" else "cpu"
+    shapes = GPU_TRAIN_SHAPES if size == "gpu" else CPU_TRAIN_SHAPES
+    peak = peak_bf16_tflops(device)
+
+    def measure(model, params, case):
+        result = training_throughput(model, case["batch"], case["seq"], steps=args.steps, bf16=size == "gpu")
+        result["mfu"] = 6 * params * result["tokens_per_s"] / (peak * 1e12) if peak else None
+        return result
+
+    cases = [{"seq": seq, "batch": batch} for seq, batch in shapes]
+    return run_study(models, size, device, None, cases, measure)
+
+
 def generate_study(args, device, models):
-    rows = []
-    for name in models:
-        built = build(name, "gpu", device, dtype=torch.bfloat16)
-        if built is None:
-            rows.append({"model": name, "note": "not installed"})
-            continue
-        model, params = built
-        for context in args.contexts:
-            for batch in (1, 8):
-                print(f"generate {name} context {context} x batch {batch} ...", file=sys.stderr, flush=True)
-                try:
-                    result = generate_throughput(model, batch, context, new_tokens=args.new_tokens)
-                except torch.OutOfMemoryError:
-                    result = {"note": "out of memory"}
-                rows.append({"model": name, "params_m": params / 1e6, "context": context, "batch": batch, **result})
-                release()
-        del model
-        release()
-    return rows
+    cases = [{"context": context, "batch": batch} for context in args.contexts for batch in (1, 8)]
+    return run_study(models, "gpu", device, torch.bfloat16, cases, lambda model, params, case: generate_throughput(
+        model, case["batch"], case["context"], new_tokens=args.new_tokens))
 
 
 def train_table(rows):
