@@ -209,8 +209,8 @@ def segment_layout(layout: TokenLayout, segment_length: int) -> SegmentLayout:
     result = SegmentLayout(K, *_segment_places(segment, *args, L, K))
     # Rows that start fresh, fill whole segments and hold no padding sit in the layout as they
     # are: the relayout is then a reshape. (Checking the mask reads it on the host: free on CPU.)
-    result.identity = (layout.fresh and not layout.has_resets and T == K * L and layout.real.device.type == "cpu"
-                       and not torch.compiler.is_compiling() and bool(layout.real.all()))
+    result.identity = (not torch.compiler.is_compiling() and layout.real.device.type == "cpu" and layout.fresh
+                       and not layout.has_resets and T == K * L and bool(layout.real.all()))
     layout.memo[key] = result
     return result
 
@@ -368,7 +368,7 @@ class MultiMemoryAttention(nn.Module):
         slot_keys, slot_values = state.slot_keys, state.slot_values
         # On CPU, asking whether any row folds or resets costs nothing and skips the fold on most
         # steps; on CUDA the step never asks (it stays sync-free and graph-capturable).
-        if q.device.type != "cpu" or bool(emptied.any()):
+        if q.device.type != "cpu" or torch.compiler.is_compiling() or bool(emptied.any()):
             with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
                 folded_k, folded_v = fold_into_slots(slot_keys, slot_values, state.block_keys,
                                                      state.block_values, summaries, self.decay)
