@@ -405,22 +405,20 @@ def test_block_matches_naive_reference(recurrence_gate, use_hem, rows):
 MEMORY_CASES = {
     # name: (B, T, left padding per row, position_ids per row as document lengths or None)
     "three_segments": (2, 48, [0, 0], None),
-    "windows_partial": (2, 61, [0, 0], None),
+    "segments_partial": (2, 61, [0, 0], None),
     "left_padded": (3, 57, [0, 5, 13], None),
-    "padded_past_a_window": (2, 50, [0, 21], None),  # row 1 has no real token in the first window
+    "padded_past_a_segment": (2, 50, [0, 21], None),  # row 1 has no real token in the first segment
     "packed": (2, 58, [0, 0], [[21, 3, 30, 4], [16, 16, 26]]),
     "packed_and_padded": (2, 50, [0, 9], [[33, 17], [6, 35]]),
 }
 
 
-@pytest.mark.parametrize("window_length", [16, 2048], ids=["one-segment-windows", "whole-input-window"])
 @pytest.mark.parametrize("case", list(MEMORY_CASES))
-def test_memory_attention_matches_naive(case, window_length):
+def test_memory_attention_matches_naive(case):
     B, T, pads, documents = MEMORY_CASES[case]
     config = tiny_config(memory_decay=0.7)
     torch.manual_seed(9)
     memory = MultiMemoryAttention(config)
-    memory.window_length = window_length
     torch.nn.init.normal_(memory.slot_keys)
     torch.nn.init.normal_(memory.slot_values)
     q, k, v = (torch.randn(B, T, config.hidden_size) for _ in range(3))
@@ -443,7 +441,7 @@ def test_memory_attention_matches_naive(case, window_length):
     )
     real = mask.bool()
     torch.testing.assert_close(m.double()[real], m_ref[real], rtol=1e-5, atol=1e-5)
-    # The state handed to the next window / chunk is the naive memory after the last token.
+    # The state handed to the next chunk is the naive memory after the last token.
     for b, final in enumerate(finals):
         torch.testing.assert_close(new_state.slot_keys[b].double(), final["slot_keys"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(new_state.slot_values[b].double(), final["slot_values"], rtol=1e-5, atol=1e-5)

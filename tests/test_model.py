@@ -29,7 +29,7 @@ MODES = [("input", True), ("input", False), ("state", True), ("state", False)]
 @pytest.mark.parametrize("recurrence_gate, use_hem", MODES)
 @pytest.mark.parametrize("left_pad", [0, 5])
 def test_future_tokens_never_change_past_logits(recurrence_gate, use_hem, left_pad):
-    """left_pad shifts the memory segments against the model's internal windows."""
+    """left_pad shifts the memory segments against the positions of the input."""
     torch.manual_seed(0)
     model = MMRecForCausalLM(tiny_config(recurrence_gate=recurrence_gate, use_hem=use_hem)).eval()
     T = 40  # 10 blocks, 3 memory segments (two folds)
