@@ -6,7 +6,8 @@ A token at position p attends, per head, over
 At a segment boundary the segment's summaries fold into the slots (``fold_weights``); at a
 document start (packed rows) the memory returns to the layer's learned slots.
 
-The parallel path has no loop over tokens, windows or segments and no host synchronisation.
+The parallel path has no loop over tokens, windows or segments and does not wait for the
+host (packed rows, whose documents add segments, read the layout's size once per forward).
 Every real token is placed by its position into a *segment layout* [B, K, L]: layout
 segment 0 is the segment the carried state belongs to, and each later one is the next
 segment of the stream (or, after a document start, the new document's first segment).
