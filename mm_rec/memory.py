@@ -93,14 +93,16 @@ def route_segments_torch(block_keys: Tensor, slot_keys: Tensor, init_keys: Tenso
     return torch.stack(weights, 1), torch.stack(keeps, 1)
 
 
-@torch.library.custom_op("mm_rec::route_segments", mutates_args=())
-def _route_segments_op(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
-                       decay: float) -> Tuple[Tensor, Tensor]:
+def _route_segments(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
+                    decay: float) -> Tuple[Tensor, Tensor]:
     if block_keys.is_cuda and FOLD_TRITON_AVAILABLE:
         from .fold_triton import route_segments_triton
 
         return route_segments_triton(block_keys, slot_keys, init_keys, restart, decay)
     return route_segments_torch(block_keys, slot_keys, init_keys, restart, decay)
+
+
+_route_segments_op = torch.library.custom_op("mm_rec::route_segments", mutates_args=())(_route_segments)
 
 
 @_route_segments_op.register_fake
@@ -112,10 +114,12 @@ def _(block_keys, slot_keys, init_keys, restart, decay):
 
 def route_segments(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
                    decay: float) -> Tuple[Tensor, Tensor]:
-    """``route_segments_torch``, as one Triton kernel per row on CUDA; a ``torch.library`` op,
-    so torch.compile and torch.export see one opaque call (it has no gradient)."""
+    """``route_segments_torch``, as one Triton kernel per row on CUDA. Traced (torch.compile,
+    torch.export), it is the ``torch.library`` op, one opaque call; eager, the function itself
+    (a second copy of this code, e.g. a checkpoint's, re-registers the op)."""
+    op = _route_segments_op if torch.compiler.is_compiling() else _route_segments
     with torch.no_grad():
-        return _route_segments_op(block_keys.detach(), slot_keys.detach(), init_keys.detach(), restart, float(decay))
+        return op(block_keys.detach(), slot_keys.detach(), init_keys.detach(), restart, float(decay))
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,7 +146,6 @@ def _last_real_at(real: Tensor) -> Tensor:
     return torch.where(real, steps, -1).cummax(dim=1).values
 
 
-@torch.library.custom_op("mm_rec::segment_index", mutates_args=())
 def _segment_index(position: Tensor, real: Tensor, reset: Tensor, offset: Tensor, segment_length: int) -> Tensor:
     """[B, T] long: each token's layout segment (meaningless at padding)."""
     L = segment_length
@@ -153,12 +156,14 @@ def _segment_index(position: Tensor, real: Tensor, reset: Tensor, offset: Tensor
     return (crossed * real).cumsum(1)
 
 
-@_segment_index.register_fake
+_segment_index_op = torch.library.custom_op("mm_rec::segment_index", mutates_args=())(_segment_index)
+
+
+@_segment_index_op.register_fake
 def _(position, real, reset, offset, segment_length):
     return torch.empty_like(position)
 
 
-@torch.library.custom_op("mm_rec::segment_places", mutates_args=())
 def _segment_places(segment: Tensor, position: Tensor, real: Tensor, reset: Tensor, offset: Tensor,
                     segment_length: int, num_segments: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The index maps and per-row facts of ``SegmentLayout`` (integer bookkeeping, no gradient;
@@ -181,7 +186,10 @@ def _segment_places(segment: Tensor, position: Tensor, real: Tensor, reset: Tens
     return gather_index, scatter_index, restart, has_real, last_segment, last_position
 
 
-@_segment_places.register_fake
+_segment_places_op = torch.library.custom_op("mm_rec::segment_places", mutates_args=())(_segment_places)
+
+
+@_segment_places_op.register_fake
 def _(segment, position, real, reset, offset, segment_length, num_segments):
     B, T = position.shape
     K, L = num_segments, segment_length
@@ -202,12 +210,13 @@ def segment_layout(layout: TokenLayout, segment_length: int) -> SegmentLayout:
         return layout.memo[key]
     L, T = segment_length, layout.position.shape[1]
     args = (layout.position, layout.real, layout.reset, layout.offset)
-    segment = _segment_index(*args, L)
+    traced = torch.compiler.is_compiling()  # traced: the opaque ops; eager: the functions themselves
+    segment = (_segment_index_op if traced else _segment_index)(*args, L)
     if layout.has_resets:
         K = int(segment.max()) + 1
     else:  # a fresh stream starts at position 0: its T tokens fill ceil(T / L) segments
         K = (T + L - 1) // L + (0 if layout.fresh else 1)
-    result = SegmentLayout(K, *_segment_places(segment, *args, L, K))
+    result = SegmentLayout(K, *(_segment_places_op if traced else _segment_places)(segment, *args, L, K))
     # Rows that start fresh, fill whole segments and hold no padding sit in the layout as they
     # are: the relayout is then a reshape. (Checking the mask reads it on the host: free on CPU.)
     result.identity = (not torch.compiler.is_compiling() and layout.real.device.type == "cpu" and layout.fresh
