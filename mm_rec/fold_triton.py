@@ -13,6 +13,7 @@ weights and the per-slot decays; memory.py turns them into the differentiable sl
 trajectory with the scan op. Nothing here needs a gradient: the routing is an argmax.
 """
 
+import math
 from typing import Tuple
 
 import torch
@@ -84,16 +85,10 @@ if AVAILABLE:
             tl.debug_barrier()  # the new keys are stored before the next segment reads them
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(n)
-
-
 def route_segments_triton(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
                           decay: float) -> Tuple[Tensor, Tensor]:
     """Same contract as memory.route_segments_torch: block_keys [B, K, C, d], slot_keys [B, S, d],
     init_keys [S, d] (fp32), restart [B, K] bool -> (weight [B, K-1, C, S], keep [B, K-1, S])."""
-    import math
-
     B, K, C, D = block_keys.shape
     S = slot_keys.shape[1]
     block_keys = block_keys.float().contiguous()
@@ -105,6 +100,6 @@ def route_segments_triton(block_keys: Tensor, slot_keys: Tensor, init_keys: Tens
     _route_segments_kernel[(B,)](
         block_keys, keys, init_keys, restart.to(torch.int8).contiguous(), weight, keep,
         K, math.log2(decay), 1.0 - decay,
-        C=C, S=S, D=D, BC=_pow2(C), BS=_pow2(S), BD=64, num_warps=8,
+        C=C, S=S, D=D, BC=triton.next_power_of_2(C), BS=triton.next_power_of_2(S), BD=64, num_warps=8,
     )
     return weight, keep
