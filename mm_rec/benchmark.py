@@ -9,7 +9,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .modeling_mmrec import CACHE_FIELD
 
 
 @torch.no_grad()
@@ -26,12 +25,12 @@ def decode_latency(model, context_lengths: Sequence[int], steps: int = 32, batch
     for n in context_lengths:
         ids = torch.randint(0, model.config.vocab_size, (batch_size, n + steps), generator=generator).to(device)
         start = time.perf_counter()
-        cache = getattr(model(ids[:, :n], use_cache=True), CACHE_FIELD)
+        cache = model(ids[:, :n], use_cache=True).cache
         prefill_s = time.perf_counter() - start
         times = []
         for t in range(n, n + steps):
             start = time.perf_counter()
-            cache = getattr(model(ids[:, t:t + 1], cache=cache, use_cache=True), CACHE_FIELD)
+            cache = model(ids[:, t:t + 1], cache=cache, use_cache=True).cache
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -93,7 +92,7 @@ def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.
                           torch.zeros(batch_size, dtype=torch.long, device="cuda"))
 
     def forward():
-        return block.memory(q, k, v, layout, block.fresh_state(batch_size))[0]
+        return block.memory(q, k, v, layout, block.memory.fresh_state(batch_size))[0]
 
     def forward_backward():
         forward().float().square().mean().backward()

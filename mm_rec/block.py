@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import LayerState
 from .hem import HEMProjection
-from .mdi import MDIDecay, StateGate, recurrence_inputs
 from .memory import MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import TokenLayout
-from .scan import scan
+from .recurrence import MDIDecay, StateGate, recurrence
 
 
 class FeedForward(nn.Module):
@@ -29,7 +29,6 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.down.residual_out = True
         self.act = ACT2FN[act]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -56,14 +55,14 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.readout_norm = GroupRMSNorm(d, config.num_attention_heads, config.rms_norm_eps)
         self.memory = MultiMemoryAttention(config)
         self.W_o = nn.Linear(d, d, bias=False)
-        self.W_o.residual_out = True  # _init_weights scales it by 1/sqrt(2 * layers)
         self.norm2 = RMSNorm(d, config.rms_norm_eps)
         self.ffn = FeedForward(d, config.intermediate_size, config.hidden_act)
         self.dropout = nn.Dropout(config.dropout)
 
     def fresh_state(self, batch_size: int) -> LayerState:
-        return LayerState.fresh(batch_size, self.hidden_size, self.blocks_per_segment,
-                                self.memory.slot_keys, self.memory.slot_values)
+        """The layer's state before any token: h = 0 and the memory's fresh state."""
+        h = torch.zeros(batch_size, self.hidden_size, dtype=torch.float32, device=self.memory.slot_keys.device)
+        return LayerState(h=h, memory=self.memory.fresh_state(batch_size))
 
     def forward(self, x: Tensor, layout: TokenLayout, state: Optional[LayerState] = None) -> Tuple[Tensor, LayerState]:
         """x: [B, T, d]; state: the layer's carried state (None: the start of a stream).
@@ -71,14 +70,8 @@ class MMRecBlock(GradientCheckpointingLayer):
         if state is None:
             state = self.fresh_state(x.shape[0])
         proj = self.hem(self.norm1(x))
-        if self.state_gate is None:
-            inputs, carry = recurrence_inputs(self.mdi.logits(proj.p), proj.gate, proj.z, layout.real, layout.reset)
-            h, h_last = scan(inputs, carry, state.h, output_final_state=True, backend=self.scan_backend)
-        else:
-            log_gamma = self.mdi(proj.p).masked_fill(~layout.real[..., None], 0.0)
-            h, h_last = self.state_gate(proj.z, log_gamma, layout.reset, state.h)
-        r = self.readout_norm(h).to(x.dtype)
-        m, state = self.memory(proj.q, proj.k, proj.v, layout, state)
-        state.h = h_last
-        x = x + self.dropout(self.W_o(r + m))
-        return x + self.dropout(self.ffn(self.norm2(x))), state
+        h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
+                               self.state_gate, self.scan_backend)
+        m, memory = self.memory(proj.q, proj.k, proj.v, layout, state.memory)
+        x = x + self.dropout(self.W_o(self.readout_norm(h).to(x.dtype) + m))
+        return x + self.dropout(self.ffn(self.norm2(x))), LayerState(h=h_last, memory=memory)

@@ -1,7 +1,8 @@
 """MMRecCache: the whole recurrent state of a stream (docs/ARCHITECTURE.md section 3).
 
-Per layer (``LayerState``): the fp32 state h; the running sums and count of the open
-memory block; the completed block summaries of the current segment; the long-term slots.
+Per layer (``LayerState``): the fp32 state h (the recurrence's) and the ``MemoryState`` (the
+memory attention's: the open block's sums and count, the completed block summaries of the
+current segment, the long-term slots).
 Per row: the position of the next real token. Nothing grows with the context: decoding a
 token reads only this.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, fields
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 import torch
 import torch.utils._pytree as pytree
@@ -19,48 +20,37 @@ from torch import Tensor
 
 from safetensors.torch import load_file, save_file
 
+from .memory import MemoryState
+
 CACHE_FORMAT_VERSION = 1
 CACHE_FILE_FORMAT = "mmrec-cache"
 
 
 @dataclass
 class LayerState:
-    """Shapes: B rows, d = hidden_size, C = blocks per segment, S = memory slots. All float32
-    except the counts (long)."""
+    """One layer's state for B rows: the level-0 state ``h`` [B, d] (float32), owned by the
+    recurrence (recurrence.py), and the hierarchical ``memory`` (``MemoryState``), owned by the
+    memory attention (memory.py). On disk and in a CUDA graph it is the flat tensors of
+    ``tensors()``, in the order of ``LayerState.shapes``."""
 
-    h: Tensor  # [B, d]
-    open_key_sum: Tensor  # [B, d]
-    open_value_sum: Tensor  # [B, d]
-    open_count: Tensor  # [B]
-    block_keys: Tensor  # [B, C, d] completed block summaries of the current segment
-    block_values: Tensor  # [B, C, d]
-    block_count: Tensor  # [B] how many of the C summaries are filled
-    slot_keys: Tensor  # [B, S, d] long-term memory
-    slot_values: Tensor  # [B, S, d]
+    h: Tensor
+    memory: MemoryState
 
-    @classmethod
-    def fresh(cls, batch_size: int, hidden_size: int, blocks_per_segment: int,
-              slot_keys: Tensor, slot_values: Tensor) -> "LayerState":
-        """The state before any token: zeros, and the layer's learned slots [S, d]."""
-        kw = dict(device=slot_keys.device, dtype=torch.float32)
-        B, d, C = batch_size, hidden_size, blocks_per_segment
-        return cls(
-            h=torch.zeros(B, d, **kw),
-            open_key_sum=torch.zeros(B, d, **kw),
-            open_value_sum=torch.zeros(B, d, **kw),
-            open_count=torch.zeros(B, dtype=torch.long, device=slot_keys.device),
-            block_keys=torch.zeros(B, C, d, **kw),
-            block_values=torch.zeros(B, C, d, **kw),
-            block_count=torch.zeros(B, dtype=torch.long, device=slot_keys.device),
-            slot_keys=slot_keys.float()[None].expand(B, -1, -1),
-            slot_values=slot_values.float()[None].expand(B, -1, -1),
-        )
+    @staticmethod
+    def shapes(batch_size: int, hidden_size: int, blocks_per_segment: int, num_slots: int) -> Dict[str, tuple]:
+        """The shape of every tensor, by name: the one statement of the state's shape contract."""
+        return {"h": (batch_size, hidden_size),
+                **MemoryState.shapes(batch_size, hidden_size, blocks_per_segment, num_slots)}
 
     def tensors(self) -> Dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"h": self.h, **self.memory.tensors()}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor]) -> "LayerState":
+        return cls(h=tensors["h"], memory=MemoryState(**{f.name: tensors[f.name] for f in fields(MemoryState)}))
 
     def map(self, fn) -> "LayerState":
-        return LayerState(**{name: fn(t) for name, t in self.tensors().items()})
+        return LayerState.from_tensors({name: fn(t) for name, t in self.tensors().items()})
 
 
 class MMRecCache:
@@ -78,15 +68,6 @@ class MMRecCache:
     def __init__(self, layers: List[LayerState], position: Tensor):
         self.layers = layers
         self.position = position  # [B] long: the next real token's position per row
-
-    @classmethod
-    def fresh(cls, config, batch_size: int, slot_params: List[tuple]) -> "MMRecCache":
-        layers = [
-            LayerState.fresh(batch_size, config.hidden_size, config.blocks_per_segment, k, v)
-            for k, v in slot_params
-        ]
-        device = slot_params[0][0].device
-        return cls(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     @property
     def is_linear(self) -> List[bool]:
@@ -158,14 +139,14 @@ class MMRecCache:
         num_layers = _int_field(meta, "num_layers", where)
         if num_layers < 1:
             raise ValueError(f"{where}: num_layers must be at least 1, got {num_layers}")
-        names = [f.name for f in fields(LayerState)]
+        names = list(LayerState.shapes(1, 1, 1, 1))
         expected = {"position"} | {f"layers.{i}.{n}" for i in range(num_layers) for n in names}
         missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
         if missing:
             raise ValueError(f"{where} (num_layers={num_layers}) is missing tensors {missing}")
         if extra:
             raise ValueError(f"{where} (num_layers={num_layers}) has unexpected tensors {extra}")
-        layers = [LayerState(**{n: tensors[f"layers.{i}.{n}"] for n in names}) for i in range(num_layers)]
+        layers = [LayerState.from_tensors({n: tensors[f"layers.{i}.{n}"] for n in names}) for i in range(num_layers)]
         cache = cls(layers, tensors["position"])
         cache.check_consistent(where)
         if config is not None:
@@ -180,13 +161,13 @@ class MMRecCache:
             raise ValueError(f"{where}: position must be a [B] int64 tensor with B >= 1, got {position.dtype} {tuple(position.shape)}")
         if not self.layers:
             raise ValueError(f"{where}: the cache has no layers")
-        first = self.layers[0]
-        if first.h.dim() != 2 or first.block_keys.dim() != 3 or first.slot_keys.dim() != 3:
+        h, memory = self.layers[0].h, self.layers[0].memory
+        if h.dim() != 2 or memory.block_keys.dim() != 3 or memory.slot_keys.dim() != 3:
             raise ValueError(f"{where} layer 0: h, block_keys, slot_keys must be [B, d], [B, C, d], [B, S, d], got "
-                             f"{tuple(first.h.shape)}, {tuple(first.block_keys.shape)}, {tuple(first.slot_keys.shape)}")
-        B, d, C, S = position.shape[0], first.h.shape[1], first.block_keys.shape[1], first.slot_keys.shape[1]
-        self._check_layers(where, _layer_shapes(B, d, C, S))
-        if bool((position < 0).any()) or any(bool((layer.open_count < 0).any() | (layer.block_count < 0).any())
+                             f"{tuple(h.shape)}, {tuple(memory.block_keys.shape)}, {tuple(memory.slot_keys.shape)}")
+        B, d, C, S = position.shape[0], h.shape[1], memory.block_keys.shape[1], memory.slot_keys.shape[1]
+        self._check_layers(where, LayerState.shapes(B, d, C, S))
+        if bool((position < 0).any()) or any(bool((layer.memory.open_count < 0).any() | (layer.memory.block_count < 0).any())
                                               for layer in self.layers):
             raise ValueError(f"{where}: position, open_count and block_count must not be negative")
 
@@ -196,8 +177,8 @@ class MMRecCache:
             raise ValueError(f"cache has {len(self.layers)} layers, the model has {config.num_hidden_layers}")
         if self.batch_size != batch_size:
             raise ValueError(f"cache holds {self.batch_size} rows but the input has batch size {batch_size}")
-        self._check_layers("cache", _layer_shapes(batch_size, config.hidden_size, config.blocks_per_segment,
-                                                  config.num_memory_slots))
+        self._check_layers("cache", LayerState.shapes(batch_size, config.hidden_size, config.blocks_per_segment,
+                                                      config.num_memory_slots))
 
     def _check_layers(self, where: str, expected: Dict[str, tuple]) -> None:
         for i, layer in enumerate(self.layers):
@@ -207,14 +188,6 @@ class MMRecCache:
                 want = torch.long if name.endswith("count") else torch.float32
                 if t.dtype != want:
                     raise ValueError(f"{where} layer {i} {name} has dtype {t.dtype}, expected {want}")
-
-
-def _layer_shapes(B: int, d: int, C: int, S: int) -> Dict[str, tuple]:
-    return {
-        "h": (B, d), "open_key_sum": (B, d), "open_value_sum": (B, d), "open_count": (B,),
-        "block_keys": (B, C, d), "block_values": (B, C, d), "block_count": (B,),
-        "slot_keys": (B, S, d), "slot_values": (B, S, d),
-    }
 
 
 def _int_field(meta: Dict[str, str], name: str, where: str) -> int:
@@ -237,6 +210,8 @@ def is_mmrec_cache(obj) -> bool:
 
 def _register_pytree_nodes() -> None:
     """torch.export flattens a model's inputs and outputs: it sees a cache as its tensors."""
+    if MemoryState not in pytree.SUPPORTED_NODES:
+        torch.export.register_dataclass(MemoryState, serialized_type_name=f"{__name__}.MemoryState")
     if LayerState not in pytree.SUPPORTED_NODES:
         torch.export.register_dataclass(LayerState, serialized_type_name=f"{__name__}.LayerState")
     if MMRecCache not in pytree.SUPPORTED_NODES:

@@ -14,7 +14,6 @@ that held them before and would otherwise see them overwritten first gets its ow
 from __future__ import annotations
 
 import weakref
-from dataclasses import fields
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -22,16 +21,17 @@ from torch import Tensor
 
 from .cache import LayerState, MMRecCache
 
-_NAMES = [f.name for f in fields(LayerState)]
+_NAMES = list(LayerState.shapes(1, 1, 1, 1))
 
 
 def _state(cache) -> List[Tensor]:
-    return [getattr(layer, name) for layer in cache.layers for name in _NAMES] + [cache.position]
+    return [t for layer in cache.layers for t in layer.tensors().values()] + [cache.position]
 
 
 def _set_state(cache, tensors: List[Tensor]) -> None:
     n = len(_NAMES)
-    cache.layers = [LayerState(**dict(zip(_NAMES, tensors[i * n:(i + 1) * n]))) for i in range(len(tensors) // n)]
+    cache.layers = [LayerState.from_tensors(dict(zip(_NAMES, tensors[i * n:(i + 1) * n])))
+                    for i in range(len(tensors) // n)]
     cache.position = tensors[-1]
 
 

@@ -32,22 +32,12 @@ def projection_layout(hidden_size: int, pe_dim: int, recurrence_gate: str) -> Li
     return [(name, pe_dim if name == "p" else hidden_size) for name in names]
 
 
-def xavier_uniform_rows_(weight: Tensor, bias: Optional[Tensor], sizes: List[int]) -> None:
-    """Xavier-uniform init of each row block of ``weight`` as its own matrix; zero bias.
-
-    Skips parameters that transformers already loaded from a checkpoint.
-    """
-    if getattr(weight, "_is_hf_initialized", False):
-        return
-    fan_in = weight.shape[1]
-    with torch.no_grad():
-        start = 0
-        for size in sizes:
-            bound = math.sqrt(6.0 / (fan_in + size))
-            weight[start:start + size].uniform_(-bound, bound)
-            start += size
-        if bias is not None:
-            bias.zero_()
+def xavier_uniform_rows(weight: Tensor, sizes: List[int]) -> Tensor:
+    """A new tensor like ``weight`` [out, in] whose row blocks of ``sizes`` are each drawn
+    Xavier-uniform as a matrix of their own (q, k, v, ... keep their own scale in one GEMM)."""
+    rows = [torch.empty(size, weight.shape[1], dtype=weight.dtype, device=weight.device).uniform_(
+        -math.sqrt(6.0 / (weight.shape[1] + size)), math.sqrt(6.0 / (weight.shape[1] + size))) for size in sizes]
+    return torch.cat(rows)
 
 
 class HEMProjection(nn.Module):
@@ -55,15 +45,17 @@ class HEMProjection(nn.Module):
         super().__init__()
         self.use_hem = use_hem
         self.layout = projection_layout(hidden_size, pe_dim, recurrence_gate)
-        # Each linear carries ``xavier_rows``: the slices _init_weights initialises independently.
         if use_hem:
             self.W_fused = nn.Linear(hidden_size, sum(w for _, w in self.layout), bias=True)
-            self.W_fused.xavier_rows = [w for _, w in self.layout]
         else:
             for name, width in self.layout:
-                linear = nn.Linear(hidden_size, width, bias=True)
-                linear.xavier_rows = [width]
-                setattr(self, f"W_{name}", linear)
+                setattr(self, f"W_{name}", nn.Linear(hidden_size, width, bias=True))
+
+    def row_blocks(self) -> List[Tuple[nn.Linear, List[int]]]:
+        """Each linear with the widths of the projections it stacks (initialised one by one)."""
+        if self.use_hem:
+            return [(self.W_fused, [w for _, w in self.layout])]
+        return [(getattr(self, f"W_{name}"), [width]) for name, width in self.layout]
 
     def forward(self, u: Tensor) -> Projections:
         """u: [B, T, d] -> Projections of [B, T, width] each."""

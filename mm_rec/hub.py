@@ -1,4 +1,4 @@
-"""MM-Rec as a Hugging Face Hub model: the model card, checkpoint loading checks, auto classes.
+"""The model card of an MM-Rec folder (README.md) and the LoRA target modules it names.
 
 A folder written by ``model.save_pretrained(path)`` (plus ``tokenizer.save_pretrained(path)``)
 is self-contained: safetensors weights, ``config.json`` with ``auto_map``,
@@ -17,16 +17,15 @@ With ``use_hem=False`` target ``LORA_TARGET_MODULES_UNFUSED`` instead. The decay
 ``mdi.W_E``, the state gate ``state_gate.W_g`` and the memory slots are left out on purpose:
 they set the memory timescales, which a small adapter should not move.
 
-This module is copied into every checkpoint and imported by the model code there, so it
-imports only what transformers itself needs (training code lives in ``training.py``, never copied).
+This module is copied into every checkpoint (``save_pretrained`` writes the card), so it
+imports only what transformers itself needs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-from typing import Dict, List, Mapping, Optional
+from typing import Mapping, Optional
 
 from huggingface_hub import metadata_load
 
@@ -120,70 +119,3 @@ def write_model_card(save_directory: str | os.PathLike, config, num_parameters: 
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(model_card(config, num_parameters, metrics, training))
     return True
-
-
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-# Config fields that set a tensor dimension, in the order they are named when sizes clash.
-_WIDTH_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "pe_dim", "num_memory_slots")
-
-
-def check_loading_info(model, path, loading_info: Mapping, ignore_mismatched_sizes: bool) -> None:
-    """Raise ValueError when the checkpoint at ``path`` does not fit ``model``'s config, naming the
-    config field: a different number of layers (``num_hidden_layers``), a different layer layout
-    (``use_hem`` / ``recurrence_gate``), or (unless ``ignore_mismatched_sizes``) other widths.
-
-    A tensor the checkpoint lacks inside layers that it has is not an error: transformers has
-    initialised it as ``__init__`` would and lists it in ``loading_info["missing_keys"]``
-    (transformers' ``output_loading_info``)."""
-    where = f"cannot load {type(model).__name__} from {path!r}"
-    config = model.config
-    missing = set(loading_info.get("missing_keys") or ())
-    unexpected = sorted(loading_info.get("unexpected_keys") or ())
-
-    def layer_of(key: str) -> Optional[int]:
-        match = _LAYER_KEY.search(key)
-        return int(match.group(1)) if match else None
-
-    layer_keys: Dict[int, List[str]] = {}
-    for key in model.state_dict():
-        if layer_of(key) is not None:
-            layer_keys.setdefault(layer_of(key), []).append(key)
-    present = {i for i, keys in layer_keys.items() if not missing.issuperset(keys)}
-    present |= {layer_of(key) for key in unexpected if layer_of(key) is not None}
-    # A checkpoint without any layer tensor has no layer count to disagree with: like any missing
-    # tensor, its layers are initialised and reported (transformers' contract).
-    saved_layers = max(present) + 1 if present else config.num_hidden_layers
-    if saved_layers != config.num_hidden_layers:
-        raise ValueError(f"{where}: num_hidden_layers: the checkpoint has {saved_layers} layers, the config "
-                         f"{config.num_hidden_layers}")
-    in_layers = [key for key in unexpected if layer_of(key) is not None]
-    if in_layers:
-        fields = [name for name, marker in (("use_hem", "hem.W_"), ("recurrence_gate", "state_gate.")) if
-                  any(marker in key for key in in_layers + sorted(missing))]
-        raise ValueError(f"{where}: the checkpoint's layers hold tensors this config has no place for: {in_layers}"
-                         + (f"; check {' and '.join(fields)}" if fields else ""))
-
-    mismatched = sorted(loading_info.get("mismatched_keys") or [])
-    if mismatched and not ignore_mismatched_sizes:
-        described = []
-        for key, saved, expected in mismatched:
-            sizes = {e for s, e in zip(saved, expected) if s != e} if len(saved) == len(expected) else set(expected)
-            fields = [name for name in _WIDTH_FIELDS if getattr(config, name, None) in sizes] or ["a width"]
-            described.append(f"{' / '.join(fields)}: {key} (checkpoint {tuple(saved)}, model {tuple(expected)})")
-        raise ValueError(
-            f"{where}: tensor shapes do not match the config: {'; '.join(described)}; "
-            "pass ignore_mismatched_sizes=True to re-initialise those tensors instead"
-        )
-
-
-def register_auto_classes() -> None:
-    """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` resolve model_type "mmrec"
-    to this package's classes (no ``trust_remote_code`` needed where mm_rec is installed)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from .configuration_mmrec import MMRecConfig
-    from .modeling_mmrec import MMRecForCausalLM, MMRecModel
-
-    AutoConfig.register(MMRecConfig.model_type, MMRecConfig, exist_ok=True)
-    AutoModel.register(MMRecConfig, MMRecModel, exist_ok=True)
-    AutoModelForCausalLM.register(MMRecConfig, MMRecForCausalLM, exist_ok=True)

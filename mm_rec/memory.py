@@ -15,24 +15,47 @@ Because visibility depends only on a token's offset j = p mod L inside its segme
 attention is one batched call over all B * K segments against their own S + C entries,
 with one static [L, S + C] mask. The only sequential step is the fold from one segment to
 the next: its routing (an argmax, no gradient) runs as one small kernel per row
-(``fold_triton.py`` on CUDA, a loop over segments elsewhere), and the slot trajectory it
+(``memory_triton.py`` on CUDA, a loop over segments elsewhere), and the slot trajectory it
 implies is a diagonal linear recurrence over segments, computed by the scan op, which
 gives its gradients.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, fields
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import LayerState
-from .fold_triton import AVAILABLE as FOLD_TRITON_AVAILABLE
+from .memory_triton import AVAILABLE as TRITON_AVAILABLE
 from .positions import TokenLayout
 from .scan import scan
+
+
+@dataclass
+class MemoryState:
+    """The memory of one layer for B rows, owned by ``MultiMemoryAttention``: float32 but the
+    counts (long). d = hidden_size, C = blocks per segment, S = slots."""
+
+    open_key_sum: Tensor  # [B, d] running sums of the open block
+    open_value_sum: Tensor  # [B, d]
+    open_count: Tensor  # [B]
+    block_keys: Tensor  # [B, C, d] completed block summaries of the current segment
+    block_values: Tensor  # [B, C, d]
+    block_count: Tensor  # [B] how many of the C summaries are filled
+    slot_keys: Tensor  # [B, S, d] long-term memory
+    slot_values: Tensor  # [B, S, d]
+
+    @staticmethod
+    def shapes(B: int, d: int, C: int, S: int) -> Dict[str, tuple]:
+        return {"open_key_sum": (B, d), "open_value_sum": (B, d), "open_count": (B,),
+                "block_keys": (B, C, d), "block_values": (B, C, d), "block_count": (B,),
+                "slot_keys": (B, S, d), "slot_values": (B, S, d)}
+
+    def tensors(self) -> Dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,8 +118,8 @@ def route_segments_torch(block_keys: Tensor, slot_keys: Tensor, init_keys: Tenso
 
 def _route_segments(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
                     decay: float) -> Tuple[Tensor, Tensor]:
-    if block_keys.is_cuda and FOLD_TRITON_AVAILABLE:
-        from .fold_triton import route_segments_triton
+    if block_keys.is_cuda and TRITON_AVAILABLE:
+        from .memory_triton import route_segments_triton
 
         return route_segments_triton(block_keys, slot_keys, init_keys, restart, decay)
     return route_segments_torch(block_keys, slot_keys, init_keys, restart, decay)
@@ -262,11 +285,31 @@ class MultiMemoryAttention(nn.Module):
         self.blocks_per_segment = config.blocks_per_segment
         self.decay = float(config.memory_decay)
         self.scan_backend = config.scan_backend
-        self.slot_keys = nn.Parameter(torch.randn(config.num_memory_slots, config.hidden_size))
-        self.slot_values = nn.Parameter(torch.randn(config.num_memory_slots, config.hidden_size))
+        # initialised by MMRecPreTrainedModel._init_weights
+        self.slot_keys = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
+        self.slot_values = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState) -> Tuple[Tensor, LayerState]:
-        """q, k, v: [B, T, d]; returns (m [B, T, d] in q.dtype, the state after the last token)."""
+    def fresh_state(self, batch_size: int) -> MemoryState:
+        """The memory before any token: no blocks, and the learned slots."""
+        B, (S, d), C = batch_size, self.slot_keys.shape, self.blocks_per_segment
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=self.slot_keys.device)  # noqa: E731
+        count = lambda: torch.zeros(B, dtype=torch.long, device=self.slot_keys.device)  # noqa: E731
+        keys, values = self.learned_slots()
+        return MemoryState(open_key_sum=zeros(B, d), open_value_sum=zeros(B, d), open_count=count(),
+                           block_keys=zeros(B, C, d), block_values=zeros(B, C, d), block_count=count(),
+                           slot_keys=keys.expand(B, S, d), slot_values=values.expand(B, S, d))
+
+    def learned_slots(self) -> Tuple[Tensor, Tensor]:
+        """The slots a stream or document starts from (a reset): keys, values [S, d] float32."""
+        return self.slot_keys.float(), self.slot_values.float()
+
+    def close_blocks(self, sums: Tensor) -> Tensor:
+        """A completed block's summary: the mean of its N keys (values) from their fp32 sums."""
+        return sums / self.block_size
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
+                state: MemoryState) -> Tuple[Tensor, MemoryState]:
+        """q, k, v: [B, T, d]; returns (m [B, T, d] in q.dtype, the memory after the last token)."""
         if q.shape[1] == 1:
             return self._decode_step(q, k, v, layout, state)
         return self._parallel(q, k, v, layout, state)
@@ -284,7 +327,7 @@ class MultiMemoryAttention(nn.Module):
         sees_slot = torch.ones(self.segment_length, self.slot_keys.shape[0], dtype=torch.bool, device=device)
         return torch.cat([sees_slot, sees_block], 1)
 
-    def _parallel(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState):
+    def _parallel(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: MemoryState):
         B, T, d = q.shape
         N, L, C = self.block_size, self.segment_length, self.blocks_per_segment
         S = self.slot_keys.shape[0]
@@ -308,8 +351,8 @@ class MultiMemoryAttention(nn.Module):
         first_sums = sums[:, 0] + at_open * open_sums
         sums = torch.cat([first_sums[:, None], sums[:, 1:]], 1)
         carried_summaries = torch.cat([state.block_keys, state.block_values], -1)
-        first = torch.where(carried[..., None], carried_summaries, first_sums / N)
-        summaries = torch.cat([first[:, None], sums[:, 1:] / N], 1)  # [B, K, C, 2d]
+        first = torch.where(carried[..., None], carried_summaries, self.close_blocks(first_sums))
+        summaries = torch.cat([first[:, None], self.close_blocks(sums[:, 1:])], 1)  # [B, K, C, 2d]
 
         with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
             slots = self._segment_slots(summaries, state, seg.restart)  # [B, K, S, 2d]
@@ -332,8 +375,7 @@ class MultiMemoryAttention(nn.Module):
         last_open = sums[rows, last_seg, open_block] * (open_count > 0).float()[:, None]
         keep_old = ~seg.has_real
         pick = lambda old, new: torch.where(keep_old.view(-1, *[1] * (new.dim() - 1)), old, new)  # noqa: E731
-        new_state = LayerState(
-            h=state.h,
+        new_state = MemoryState(
             open_key_sum=pick(state.open_key_sum, last_open[:, :d]),
             open_value_sum=pick(state.open_value_sum, last_open[:, d:]),
             open_count=pick(state.open_count, open_count),
@@ -345,7 +387,7 @@ class MultiMemoryAttention(nn.Module):
         )
         return m, new_state
 
-    def _segment_slots(self, summaries: Tensor, state: LayerState, restart: Tensor) -> Tensor:
+    def _segment_slots(self, summaries: Tensor, state: MemoryState, restart: Tensor) -> Tensor:
         """The slots of every layout segment [B, K, S, 2d] (keys | values), fp32: the routing (no
         gradient), then the linear recurrence it defines, by the scan:
         slots_s = keep_s * slots_(s-1) + weight_s^T @ summaries_(s-1), or the learned slots where
@@ -355,15 +397,16 @@ class MultiMemoryAttention(nn.Module):
         start = torch.cat([state.slot_keys, state.slot_values], -1)  # [B, S, 2d]
         if K == 1:
             return start[:, None]
-        weight, keep = route_segments(summaries[..., :d], state.slot_keys, self.slot_keys.float(), restart, self.decay)
+        learned = self.learned_slots()
+        weight, keep = route_segments(summaries[..., :d], state.slot_keys, learned[0], restart, self.decay)
         fresh = restart[:, 1:, None, None]
-        init = torch.cat([self.slot_keys, self.slot_values], -1).float()  # [S, 2d]
+        init = torch.cat(learned, -1)  # [S, 2d]
         inputs = torch.where(fresh, init, torch.einsum("bkcs,bkce->bkse", weight, summaries[:, :-1]))
         log_keep = torch.log(keep)[..., None].masked_fill(fresh, float("-inf")).expand(-1, -1, -1, width)
         later, _ = scan(inputs.flatten(2), log_keep.flatten(2), start.flatten(1), backend=self.scan_backend)
         return torch.cat([start[:, None], later.view(B, K - 1, S, width)], 1)
 
-    def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: LayerState):
+    def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: MemoryState):
         """One token per row (decoding): O((S + C) d). Folds and resets are always computed and
         selected per row, so the step never asks the device a question (CUDA-graph safe)."""
         B = q.shape[0]
@@ -382,8 +425,9 @@ class MultiMemoryAttention(nn.Module):
             with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
                 folded_k, folded_v = fold_into_slots(slot_keys, slot_values, state.block_keys,
                                                      state.block_values, summaries, self.decay)
-            slot_keys = torch.where(restart, self.slot_keys.float(), torch.where(fold, folded_k, slot_keys))
-            slot_values = torch.where(restart, self.slot_values.float(), torch.where(fold, folded_v, slot_values))
+            learned_k, learned_v = self.learned_slots()
+            slot_keys = torch.where(restart, learned_k, torch.where(fold, folded_k, slot_keys))
+            slot_values = torch.where(restart, learned_v, torch.where(fold, folded_v, slot_values))
         summaries = summaries & ~emptied
         block_count = state.block_count.masked_fill(emptied[:, 0], 0)
         open_k = state.open_key_sum.masked_fill(restart[:, 0], 0.0)
@@ -400,13 +444,12 @@ class MultiMemoryAttention(nn.Module):
         open_n = open_n + real.long()
         closes = open_n == N
         write = ((block == block_count.clamp(max=C - 1)[:, None]) & closes[:, None])[..., None]  # [B, C, 1]
-        new_state = LayerState(
-            h=state.h,
+        new_state = MemoryState(
             open_key_sum=open_k.masked_fill(closes[:, None], 0.0),
             open_value_sum=open_v.masked_fill(closes[:, None], 0.0),
             open_count=open_n.masked_fill(closes, 0),
-            block_keys=torch.where(write, (open_k / N)[:, None], state.block_keys),
-            block_values=torch.where(write, (open_v / N)[:, None], state.block_values),
+            block_keys=torch.where(write, self.close_blocks(open_k)[:, None], state.block_keys),
+            block_values=torch.where(write, self.close_blocks(open_v)[:, None], state.block_values),
             block_count=block_count + closes.long(),
             slot_keys=slot_keys, slot_values=slot_values,
         )

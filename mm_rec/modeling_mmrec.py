@@ -1,35 +1,54 @@
 """The Hugging Face face of MM-Rec: MMRecPreTrainedModel, MMRecModel, MMRecForCausalLM.
 
 Reads top to bottom like transformers' own modeling files; the mechanisms live in their
-sibling modules (hem, mdi, scan, memory, block, cache, positions).
+sibling modules (hem, recurrence, scan, memory, block, cache, positions).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 from transformers import Cache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .block import MMRecBlock
+from .block import FeedForward, MMRecBlock
 from .cache import MMRecCache, is_mmrec_cache
 from .configuration_mmrec import MMRecConfig
 from .graph_decode import GraphDecoder
-from .hem import xavier_uniform_rows_
-from .hub import check_loading_info, write_model_card
+from .hem import HEMProjection, xavier_uniform_rows
+from .hub import write_model_card
+from .loading import check_loading_info
 from .loss import causal_lm_loss
-from .mdi import init_decay_generator_
 from .memory import MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import token_layout
+from .recurrence import MDIDecay, StateGate, init_decay_generator_
 
-# transformers 5.24 renamed the cache argument and output field from past_key_values to cache.
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# The public name of the cache is `cache` (forward's argument, outputs' field, generate's keyword).
+# transformers < 5.24 calls the field and generate's keyword past_key_values: the model accepts
+# that name too (transformers passes it), and its outputs answer to `.cache` on every version.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+if _CACHE_FIELD == "cache":
+    MMRecModelOutput, MMRecCausalLMOutput = BaseModelOutputWithPast, CausalLMOutputWithPast
+else:
+    @dataclass
+    class MMRecModelOutput(BaseModelOutputWithPast):
+        @property
+        def cache(self) -> Optional[MMRecCache]:
+            return self.past_key_values
+
+    @dataclass
+    class MMRecCausalLMOutput(CausalLMOutputWithPast):
+        @property
+        def cache(self) -> Optional[MMRecCache]:
+            return self.past_key_values
 
 
 ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding indexes with
@@ -64,8 +83,7 @@ def _reject_foreign_cache(kwargs: dict) -> None:
     """Raise ValueError for a cache passed under any keyword but ``cache`` / ``past_key_values``."""
     for name, value in kwargs.items():
         if name in FOREIGN_CACHE_KEYWORDS or is_mmrec_cache(value) or isinstance(value, Cache):
-            raise ValueError(f"MM-Rec got a cache-like keyword `{name}=`: pass the cache as `past_key_values=` "
-                             f"(or `cache=` on transformers >= 5.24)")
+            raise ValueError(f"MM-Rec got a cache-like keyword `{name}=`: pass the cache as `cache=`")
 
 
 def _select_rows(cache: MMRecCache, rows: Tensor) -> MMRecCache:
@@ -147,48 +165,53 @@ class MMRecPreTrainedModel(PreTrainedModel):
             write_model_card(save_directory, self.config, self.num_parameters())
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise ``module``'s own parameters, except those transformers flagged as loaded from a
-        checkpoint (``_is_hf_initialized``): a fresh model initialises all, a partial checkpoint
-        only the missing ones."""
+        """Every parameter's initial value, chosen by the mechanism that owns it. transformers calls
+        this once per module, and its ``init`` functions skip a tensor loaded from a checkpoint, so
+        a partial checkpoint gets exactly its missing tensors initialised."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            if hasattr(module, "xavier_rows"):
-                _init_unloaded(module, lambda m: xavier_uniform_rows_(m.weight, m.bias, m.xavier_rows))
-            elif getattr(module, "decay_generator", False):
-                _init_unloaded(module, init_decay_generator_)
-            else:
-                scale = 1 / math.sqrt(2 * self.config.num_hidden_layers) if getattr(module, "residual_out", False) else 1.0
-                _init_unloaded(module, lambda m: _normal_linear_(m, std * scale))
+            self._linear_inits().get(module, lambda m: _normal_linear_(m, std))(module)
         elif isinstance(module, nn.Embedding):
-            _init_unloaded(module, lambda m: m.weight.normal_(0.0, std))
+            init.normal_(module.weight, 0.0, std)
         elif isinstance(module, (RMSNorm, GroupRMSNorm)):
-            _init_unloaded(module, lambda m: m.weight.fill_(1.0))
-        elif isinstance(module, MultiMemoryAttention):
-            # on the scale of the keys of a unit-RMS input
-            _init_unloaded(module, lambda m: (m.slot_keys.normal_(0.0, 1.0), m.slot_values.normal_(0.0, 1.0)))
+            init.ones_(module.weight)
+        elif isinstance(module, MultiMemoryAttention):  # on the scale of the keys of a unit-RMS input
+            init.normal_(module.slot_keys, 0.0, 1.0)
+            init.normal_(module.slot_values, 0.0, 1.0)
+
+    def _linear_inits(self) -> Dict[nn.Linear, Callable[[nn.Linear], None]]:
+        """The linears whose init is not N(0, initializer_range), by owner: HEM's stacked projections
+        and the state gate are Xavier per projection, the decay generator starts at a spread of
+        timescales, and the maps into the residual stream (W_o, FFN down) are scaled by
+        1 / sqrt(2 * layers)."""
+        residual_std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+        residual = lambda m: _normal_linear_(m, residual_std)  # noqa: E731
+        inits = {}
+        for owner in self.modules():
+            if isinstance(owner, HEMProjection):
+                for linear, sizes in owner.row_blocks():
+                    inits[linear] = lambda m, sizes=sizes: _xavier_linear_(m, sizes)
+            elif isinstance(owner, StateGate):
+                inits[owner.W_g] = lambda m: _xavier_linear_(m, [m.out_features])
+            elif isinstance(owner, MDIDecay):
+                inits[owner.W_E] = init_decay_generator_
+            elif isinstance(owner, FeedForward):
+                inits[owner.down] = residual
+            elif isinstance(owner, MMRecBlock):
+                inits[owner.W_o] = residual
+        return inits
 
 
 def _normal_linear_(linear: nn.Linear, std: float) -> None:
-    linear.weight.normal_(0.0, std)
+    init.normal_(linear.weight, 0.0, std)
     if linear.bias is not None:
-        linear.bias.zero_()
+        init.zeros_(linear.bias)
 
 
-@torch.no_grad()
-def _init_unloaded(module: nn.Module, init) -> None:
-    """Run ``init(module)``, which initialises all of the module's own parameters, keeping those
-    already loaded: when some are loaded, ``init`` runs on a scratch copy and only the others
-    are copied from it."""
-    own = dict(module.named_parameters(recurse=False))
-    unloaded = [name for name, p in own.items() if not getattr(p, "_is_hf_initialized", False)]
-    if len(unloaded) == len(own):
-        init(module)
-    elif unloaded:
-        scratch = copy.copy(module)
-        scratch._parameters = {name: nn.Parameter(torch.empty_like(p)) for name, p in own.items()}
-        init(scratch)
-        for name in unloaded:
-            own[name].copy_(scratch._parameters[name])
+def _xavier_linear_(linear: nn.Linear, sizes) -> None:
+    init.copy_(linear.weight, xavier_uniform_rows(linear.weight, sizes))
+    if linear.bias is not None:
+        init.zeros_(linear.bias)
 
 
 class MMRecModel(MMRecPreTrainedModel):
@@ -283,8 +306,8 @@ class MMRecModel(MMRecPreTrainedModel):
             out_cache.layers, out_cache.position = new_states, position
         if not return_dict:
             return tuple(v for v in (hidden, out_cache, all_hidden) if v is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden else None, **{CACHE_FIELD: out_cache}
+        return MMRecModelOutput(
+            last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden else None, **{_CACHE_FIELD: out_cache}
         )
 
     @staticmethod
@@ -352,8 +375,8 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         if graph_decode and self._graph_decodes(input_ids, labels, output_hidden_states, return_dict):
             cache = _pick_cache(cache, past_key_values)
             mask = None if attention_mask is None else attention_mask[:, -1:]
-            logits = self._graph_decoder.step(self, input_ids, mask, cache, CACHE_FIELD)
-            return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
+            logits = self._graph_decoder.step(self, input_ids, mask, cache, _CACHE_FIELD)
+            return MMRecCausalLMOutput(logits=logits, **{_CACHE_FIELD: cache})
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError(f"labels need the logits of every position: pass logits_to_keep=0 (the default) with labels, "
                              f"got logits_to_keep={logits_to_keep!r}")
@@ -369,7 +392,7 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
             hidden, out_cache, hidden_states = self._forward_in_chunks(chunk, keep, **model_inputs)
         else:
             outputs = self.model(**model_inputs, return_dict=True)
-            hidden, out_cache, hidden_states = outputs.last_hidden_state[:, keep], getattr(outputs, CACHE_FIELD), outputs.hidden_states
+            hidden, out_cache, hidden_states = outputs.last_hidden_state[:, keep], outputs.cache, outputs.hidden_states
         if labels is not None and labels.shape != hidden.shape[:2]:
             raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
         logits = loss = None
@@ -383,7 +406,7 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if not return_dict:
             return tuple(v for v in (loss, logits, out_cache, hidden_states) if v is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states, **{CACHE_FIELD: out_cache})
+        return MMRecCausalLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, **{_CACHE_FIELD: out_cache})
 
     def _graph_decodes(self, input_ids, labels, output_hidden_states, return_dict) -> bool:
         """Whether a generate() decode step runs from the captured CUDA graph (see graph_decode.py):
@@ -423,7 +446,7 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
                 inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, part],
                 cache=state, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
             )
-            state = getattr(out, CACHE_FIELD)
+            state = out.cache
             here = ascending[(ascending >= start) & (ascending < start + chunk)] - start
             kept.append(out.last_hidden_state[:, here])
             if output_hidden_states:
@@ -436,27 +459,34 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         """transformers' generate(), refusing a cache passed under another model's keyword
         (``cache_params=``, ``state=``, ...) instead of silently starting from an empty state.
 
-        With ``past_key_values=cache`` (``cache=`` on transformers >= 5.24), the inputs are the
-        FULL sequence, as for every transformers model: the cache's history plus the new tokens;
-        only the tokens the cache has not seen are fed. The cache returned with
-        ``return_dict_in_generate=True`` has seen every token of ``sequences`` but the last, so
-        ``generate(out.sequences, past_key_values=out.past_key_values, ...)`` continues exactly.
+        With ``cache=cache``, the inputs are the FULL sequence, as for every transformers model
+        (whose cache is a KV cache): the cache's history plus the new tokens; only the tokens the
+        cache has not seen are fed. The cache returned with ``return_dict_in_generate=True``
+        (``out.cache``) has seen every token of ``sequences`` but the last, so
+        ``generate(out.sequences, cache=out.cache, ...)`` continues exactly.
         To continue a saved stream with only its new tokens, use ``continue_stream``.
 
         ``prefill_chunk_size`` (a generate / GenerationConfig option) runs the prompt through the
         model's own chunked forward (see ``config.inference_chunk_size``): transformers' chunked
         prefill would need a cache before the first forward."""
-        _reject_foreign_cache({k: v for k, v in kwargs.items() if k not in (CACHE_FIELD, "past_key_values", "cache")})
+        _reject_foreign_cache({k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")})
+        if "cache" in kwargs and _CACHE_FIELD != "cache":
+            if kwargs.get("past_key_values") is not None:
+                raise ValueError("pass the cache as `cache`, not also as `past_key_values`")
+            kwargs["past_key_values"] = kwargs.pop("cache")
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunk = kwargs.pop("prefill_chunk_size", None) or getattr(generation_config, "prefill_chunk_size", None)
-        if chunk is None:
-            return super().generate(*args, **kwargs)
         own = self.config.inference_chunk_size
-        self.config.inference_chunk_size = chunk
+        if chunk is not None:
+            self.config.inference_chunk_size = chunk
+            kwargs["prefill_chunk_size"] = None
         try:
-            return super().generate(*args, prefill_chunk_size=None, **kwargs)
+            out = super().generate(*args, **kwargs)
         finally:
             self.config.inference_chunk_size = own
+        if _CACHE_FIELD != "cache" and hasattr(out, "past_key_values"):
+            out.cache = out.past_key_values  # the public name on every transformers version
+        return out
 
     def continue_stream(self, input_ids: Tensor, cache: MMRecCache, **generate_kwargs):
         """generate() from a stream's saved state, given only the tokens that follow it.
@@ -471,10 +501,10 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         The cache passed in may be updated in place: keep a saved copy to branch a stream."""
         if _pick_cache(cache, None) is None:
             raise ValueError("continue_stream needs the stream's cache (an MMRecCache), got None")
-        for name in (CACHE_FIELD, "past_key_values", "cache"):
+        for name in ("past_key_values", "cache"):
             if name in generate_kwargs:
                 raise ValueError(f"continue_stream takes the cache as its second argument, not as `{name}=`")
-        return self.generate(input_ids, **{CACHE_FIELD: cache}, _new_tokens_only=True, **generate_kwargs)
+        return self.generate(input_ids, **{_CACHE_FIELD: cache}, _new_tokens_only=True, **generate_kwargs)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         """None: MM-Rec counts positions itself, from the cache and the attention mask. The positions
@@ -511,7 +541,7 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
                     raise ValueError("position_ids with a cache in generate(): the cache counts positions, not tokens, "
                                      "so the full sequence cannot be matched to it; use model.continue_stream")
                 n, mask = _unseen_tail(cache, source.shape[1], attention_mask)
-        inputs = {"inputs_embeds" if source is inputs_embeds else "input_ids": source[:, -n:], CACHE_FIELD: cache}
+        inputs = {"inputs_embeds" if source is inputs_embeds else "input_ids": source[:, -n:], _CACHE_FIELD: cache}
         if mask is not None:
             inputs["attention_mask"] = mask[:, -n:]
         if position_ids is not None:

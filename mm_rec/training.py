@@ -577,7 +577,7 @@ def evaluate_texts(model, tokenizer, texts: Iterable[str], block_size: int, batc
 
 def model_module(model):
     """The module that defined ``model``'s class: a checkpoint loaded with trust_remote_code has
-    its own copy of the MM-Rec code, whose MMRecCache and CACHE_FIELD are the ones it accepts."""
+    its own copy of the MM-Rec code, whose MMRecCache is the one it accepts."""
     return sys.modules[type(model).__module__]
 
 
@@ -602,7 +602,6 @@ def generate_tokens(model, prompt_ids: Sequence[int], cache=None, max_new_tokens
 
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
-    field = model_module(model).CACHE_FIELD
     warpers = LogitsProcessorList()
     if not greedy:
         if temperature != 1.0:
@@ -615,8 +614,8 @@ def generate_tokens(model, prompt_ids: Sequence[int], cache=None, max_new_tokens
     history = torch.tensor([list(prompt_ids)], device=device)
     new: List[int] = []
     with torch.no_grad():
-        out = model(history, use_cache=True, **{field: cache})
-        cache = getattr(out, field)
+        out = model(history, use_cache=True, cache=cache)
+        cache = out.cache
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1].float()
             if greedy:
@@ -629,8 +628,8 @@ def generate_tokens(model, prompt_ids: Sequence[int], cache=None, max_new_tokens
                 on_token(token)
             step = torch.tensor([[token]], device=device)
             history = torch.cat([history, step], dim=1)
-            out = model(step, use_cache=True, **{field: cache})
-            cache = getattr(out, field)
+            out = model(step, use_cache=True, cache=cache)
+            cache = out.cache
             if token == eos_token_id:
                 break
     return new, cache

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 import mm_rec
 from mm_rec import MMRecCache, MMRecConfig, MMRecForCausalLM, MMRecModel, is_mmrec_cache
 from mm_rec.cache import CACHE_FORMAT_VERSION
-from mm_rec.modeling_mmrec import CACHE_FIELD
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -43,7 +42,7 @@ def random_ids(shape, seed=0):
 
 
 def cache_of(output):
-    return getattr(output, CACHE_FIELD)
+    return output.cache
 
 
 def fresh_process(script: str, *args, tmp_path, stdin=None, timeout=300) -> dict:
@@ -314,22 +313,21 @@ STREAM_SCRIPT = """
     # The model first: once mm_rec is imported, its registered classes would win over the folder's code.
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
     import mm_rec
-    from mm_rec import CACHE_FIELD
     remote_cache_module = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".cache")
     g = torch.Generator().manual_seed(0)
     history, turn = torch.randint(2, 64, (1, 40), generator=g), torch.randint(2, 64, (1, 5), generator=g)
     result = dict(model_module=type(model).__module__)
     with torch.no_grad():
         out = model(history, use_cache=True)
-        getattr(out, CACHE_FIELD).save(cache_file)
+        out.cache.save(cache_file)
         cache = mm_rec.MMRecCache.load(cache_file, config=model.config)
         result["package_cache_seen_by_checkpoint_code"] = remote_cache_module.is_mmrec_cache(cache)
-        result["checkpoint_cache_seen_by_package"] = mm_rec.is_mmrec_cache(getattr(out, CACHE_FIELD))
+        result["checkpoint_cache_seen_by_package"] = mm_rec.is_mmrec_cache(out.cache)
         result["other_objects_rejected"] = not any(f(x) for f in (mm_rec.is_mmrec_cache, remote_cache_module.is_mmrec_cache)
                                                    for x in (None, (), {"layers": [], "position": 0}))
         try:
             full = model(torch.cat([history, turn], 1)).logits[:, -5:]
-            continued = model(turn, use_cache=True, **{CACHE_FIELD: cache}).logits
+            continued = model(turn, use_cache=True, cache=cache).logits
             result["forward_diff"] = (continued - full).abs().max().item()
             cache = mm_rec.MMRecCache.load(cache_file, config=model.config)
             kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None)
@@ -516,7 +514,7 @@ def test_decode_with_the_exporters_full_length_mask():
         out = model(ids[:, :10], attention_mask=mask[:, :10], use_cache=True)
         steps = [out.logits]
         for t in range(10, 19):
-            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True, **{CACHE_FIELD: cache_of(out)})
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True, cache=cache_of(out))
             steps.append(out.logits)
     real = mask.bool()
     assert (torch.cat(steps, 1)[real] - full[real]).abs().max() <= 1e-4
@@ -558,11 +556,11 @@ def _decode_step(model):
     with torch.no_grad():
         cache = cache_of(model(ids, use_cache=True))
     step = random_ids((2, 1), seed=2)
-    kwargs = {"attention_mask": torch.ones(2, 15, dtype=torch.long), "use_cache": True, CACHE_FIELD: cache}
+    kwargs = {"attention_mask": torch.ones(2, 15, dtype=torch.long), "use_cache": True, "cache": cache}
     program = torch.export.export(model, args=(step,), kwargs=kwargs)
     with torch.no_grad():
-        exported = program.module()(step, **{**kwargs, CACHE_FIELD: cache.detach()})
-        eager = model(step, **{**kwargs, CACHE_FIELD: cache.detach()})
+        exported = program.module()(step, **{**kwargs, "cache": cache.detach()})
+        eager = model(step, **{**kwargs, "cache": cache.detach()})
     torch.testing.assert_close(exported.logits, eager.logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(cache_of(exported).layers, cache_of(eager).layers):
         for name, t in b.tensors().items():

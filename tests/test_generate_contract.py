@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from mm_rec import MMRecCache
-from mm_rec.modeling_mmrec import CACHE_FIELD
 from test_generation import VOCAB, cache_of, left_padded_prompts, tiny_model
 
 GREEDY = dict(do_sample=False, eos_token_id=None)
@@ -21,10 +20,10 @@ def test_full_sequence_and_returned_cache_continue_exactly():
     ids, mask = left_padded_prompts()
     kwargs = dict(return_dict_in_generate=True, output_logits=True, **GREEDY)
     first = model.generate(ids, attention_mask=mask, max_new_tokens=5, use_cache=True, **kwargs)
-    cache = getattr(first, CACHE_FIELD)
+    cache = first.cache
     full_mask = torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], 1)
     assert cache.position.tolist() == (full_mask.sum(1) - 1).tolist()
-    second = model.generate(first.sequences, attention_mask=full_mask, max_new_tokens=7, **{CACHE_FIELD: cache}, **kwargs)
+    second = model.generate(first.sequences, attention_mask=full_mask, max_new_tokens=7, cache=cache, **kwargs)
     uninterrupted = model.generate(ids, attention_mask=mask, max_new_tokens=12, **kwargs)
     assert torch.equal(second.sequences, uninterrupted.sequences)
     assert all((a - b).abs().max() <= 1e-4 for a, b in zip(second.logits, uninterrupted.logits[5:]))
@@ -39,7 +38,7 @@ def test_beam_search_continues_from_full_sequence_and_cache():
     first = model.generate(ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True, **GREEDY)
     full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
     beams = dict(attention_mask=full_mask, max_new_tokens=6, num_beams=3, num_return_sequences=2, **GREEDY)
-    continued = model.generate(first.sequences, **{CACHE_FIELD: getattr(first, CACHE_FIELD)}, **beams)
+    continued = model.generate(first.sequences, cache=first.cache, **beams)
     from_scratch = model.generate(first.sequences, **beams)
     assert torch.equal(continued, from_scratch)
 
@@ -51,9 +50,9 @@ def test_inputs_inconsistent_with_the_cache_are_refused():
     with torch.no_grad():
         cache = cache_of(model(history, use_cache=True))
     with pytest.raises(ValueError, match="continue_stream"):  # new tokens only: shorter than what the cache saw
-        model.generate(history[:, :4], max_new_tokens=2, **{CACHE_FIELD: cache}, **GREEDY)
+        model.generate(history[:, :4], max_new_tokens=2, cache=cache, **GREEDY)
     with pytest.raises(ValueError, match="already seen 10"):  # nothing unseen: no logits to continue from
-        model.generate(history, max_new_tokens=2, **{CACHE_FIELD: cache}, **GREEDY)
+        model.generate(history, max_new_tokens=2, cache=cache, **GREEDY)
 
 
 def test_prefill_lm_head_sees_only_the_last_position():
@@ -196,7 +195,7 @@ def test_continue_stream_resumes_a_saved_state_exactly(tmp_path):
     assert torch.equal(out.sequences, at_once.sequences[:, 15:])
     assert all((a - b).abs().max() <= 1e-4 for a, b in zip(out.logits, at_once.logits))
     at_once = at_once.sequences
-    again = model.continue_stream(torch.cat([out.sequences[:, -1:], turn2], 1), getattr(out, CACHE_FIELD),
+    again = model.continue_stream(torch.cat([out.sequences[:, -1:], turn2], 1), out.cache,
                                   max_new_tokens=5, **kwargs)
     at_once = model.generate(torch.cat([at_once, turn2], 1), max_new_tokens=5, **kwargs)
     assert torch.equal(again.sequences[:, -5:], at_once.sequences[:, -5:])

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mm_rec import MMRecCache, MMRecConfig, MMRecForCausalLM
-from mm_rec.modeling_mmrec import CACHE_FIELD
 
 VOCAB = 60
 
@@ -23,7 +22,7 @@ def tiny_model(recurrence_gate="input", use_hem=True, dtype=torch.float32, seed=
 
 
 def cache_of(output):
-    return getattr(output, CACHE_FIELD)
+    return output.cache
 
 
 def stream(model, ids, cuts, mask=None):

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from mm_rec import MMRecConfig, MMRecForCausalLM
-from mm_rec.modeling_mmrec import CACHE_FIELD
 
 pytestmark = pytest.mark.gpu
 
@@ -42,7 +41,7 @@ def test_exactness_on_gpu_chunked_and_token_by_token(dtype, tol):
         cache, parts = None, []
         for a, b in zip(cuts[:-1], cuts[1:]):
             out = model(ids[:, a:b], cache=cache, use_cache=True)
-            cache = getattr(out, CACHE_FIELD)
+            cache = out.cache
             parts.append(out.logits)
         chunked = torch.cat(parts, 1)
     scale = max(1.0, full.abs().max().item())

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mm_rec import MMRecConfig, MMRecForCausalLM
-from mm_rec.modeling_mmrec import CACHE_FIELD
 
 pytestmark = pytest.mark.gpu
 
@@ -43,7 +42,7 @@ def test_greedy_tokens_and_cache_equal_the_eager_steps(dtype):
     assert torch.equal(graphed.sequences, eager.sequences)
     for a, b in zip(graphed.scores, eager.scores):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for got, want in zip(getattr(graphed, CACHE_FIELD).layers, getattr(eager, CACHE_FIELD).layers):
+    for got, want in zip(graphed.cache.layers, eager.cache.layers):
         for name, t in want.tensors().items():
             torch.testing.assert_close(getattr(got, name), t, rtol=0, atol=0, msg=name)
 
@@ -72,6 +71,6 @@ def test_two_streams_share_the_graph_without_mixing_their_states():
         a = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
         model.generate(other, return_dict_in_generate=True, **kwargs)  # B runs between A's two calls
         mask_a = torch.cat([mask, torch.ones_like(a.sequences[:, ids.shape[1]:])], 1)
-        again = model.generate(a.sequences, attention_mask=mask_a, **{CACHE_FIELD: getattr(a, CACHE_FIELD)}, **kwargs)
+        again = model.generate(a.sequences, attention_mask=mask_a, cache=a.cache, **kwargs)
         results[graph] = again
     assert torch.equal(results[True], results[False])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mm_rec import LayerState, MMRecConfig, MMRecForCausalLM, associative_scan_exponential, scan
 from mm_rec.hem import convert_hem_state_dict
-from mm_rec.mdi import LOG_GAMMA_MAX, LOG_GAMMA_MIN, MDIDecay, StateGate, input_gated_recurrence
+from mm_rec.recurrence import LOG_GAMMA_MAX, LOG_GAMMA_MIN, MDIDecay, StateGate, input_gated_recurrence
 from mm_rec.memory import MultiMemoryAttention, fold_into_slots
 from mm_rec.positions import token_layout
 from mm_rec.scan_triton import AVAILABLE as TRITON_AVAILABLE

@@ -36,17 +36,16 @@ def test_cache_stays_float32_and_exact_under_bf16_autocast():
     """Under autocast the memory state (slots, summaries, sums) stays float32, so the cache is
     accepted back, and the token-by-token state equals the parallel one."""
     from mm_rec import MMRecConfig, MMRecForCausalLM
-    from mm_rec.modeling_mmrec import CACHE_FIELD
 
     torch.manual_seed(0)
     model = MMRecForCausalLM(MMRecConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                          memory_block_size=2, memory_segment_length=4, num_memory_slots=3)).eval()
     ids = torch.randint(0, 50, (2, 11))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        parallel = getattr(model(ids, use_cache=True), CACHE_FIELD)
+        parallel = model(ids, use_cache=True).cache
         stepped = None
         for t in range(11):
-            stepped = getattr(model(ids[:, t:t + 1], use_cache=True, **{CACHE_FIELD: stepped}), CACHE_FIELD)
+            stepped = model(ids[:, t:t + 1], use_cache=True, cache=stepped).cache
     for a, b in zip(parallel.layers, stepped.layers):
         filled = (torch.arange(2)[None] < a.block_count[:, None])[..., None]  # summaries past the count are unused
         for name, t in a.tensors().items():

@@ -1,4 +1,4 @@
-"""mm_rec/mdi_triton.py: the fused recurrence inputs against the PyTorch formulas (float64),
+"""mm_rec/recurrence_triton.py: the fused recurrence inputs against the PyTorch formulas (float64),
 forward and backward, including decays within 1e-6 of 1 and of the clamp, padding and resets."""
 
 import math
@@ -8,8 +8,8 @@ import torch
 
 import torch.nn.functional as F
 
-from mm_rec.mdi import LOG_GAMMA_MAX, LOG_GAMMA_MIN
-from mm_rec.mdi_triton import AVAILABLE
+from mm_rec.recurrence import LOG_GAMMA_MAX, LOG_GAMMA_MIN
+from mm_rec.recurrence_triton import AVAILABLE
 
 pytestmark = [pytest.mark.skipif(not AVAILABLE, reason="triton is not installed"),
               # the interpreter evaluates both sides of tl.where; the unselected side may divide by 0
@@ -41,7 +41,7 @@ def inputs(seed, B=2, T=9, d=37, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
 def test_forward_and_backward_equal_the_formulas(dtype, tol):
-    from mm_rec.mdi_triton import recurrence_inputs_bwd, recurrence_inputs_fwd
+    from mm_rec.recurrence_triton import recurrence_inputs_bwd, recurrence_inputs_fwd
 
     a, g, z, real, reset = inputs(0, dtype=dtype)
     dev = [t.to(DEVICE) for t in (a, g, z, real, reset)]
@@ -66,7 +66,7 @@ def test_forward_and_backward_equal_the_formulas(dtype, tol):
 
 def test_one_minus_gamma_is_exact_near_one():
     """1 - gamma = 1e-6 must not come out of a cancellation (1 - exp(log gamma))."""
-    from mm_rec.mdi_triton import recurrence_inputs_fwd
+    from mm_rec.recurrence_triton import recurrence_inputs_fwd
 
     a = torch.full((1, 1, 16), math.log(1e6 - 1.0) - 0.05, device=DEVICE)  # 1 - gamma just above 1e-6
     ones = torch.ones_like(a)

@@ -1,6 +1,6 @@
-"""Triton kernels behind mdi.py's ``recurrence_inputs`` on CUDA (docs/ARCHITECTURE.md section 1).
+"""Triton kernels behind recurrence.py's ``recurrence_inputs`` on CUDA (docs/ARCHITECTURE.md section 1).
 
-Importing this module never fails: without Triton, AVAILABLE is False and mdi.py computes
+Importing this module never fails: without Triton, AVAILABLE is False and recurrence.py computes
 the same formulas with PyTorch operations.
 
 One elementwise pass turns the block's projections into the scan's two inputs, so the

@@ -1,10 +1,10 @@
-"""mm_rec/fold_triton.py: the fold routing kernel against memory.route_segments_torch
+"""mm_rec/memory_triton.py: the fold routing kernel against memory.route_segments_torch
 (the interpreter on CPU at small shapes; realistic shapes on a GPU)."""
 
 import pytest
 import torch
 
-from mm_rec.fold_triton import AVAILABLE
+from mm_rec.memory_triton import AVAILABLE
 from mm_rec.memory import route_segments_torch
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="triton is not installed")
@@ -26,7 +26,7 @@ def routing_inputs(seed, B, K, C, S, d, device):
 @pytest.mark.parametrize("B, K, C, S, d", [(2, 5, 4, 3, 12), (1, 3, 16, 16, 40), (3, 2, 2, 5, 7)])
 @pytest.mark.parametrize("decay", [0.99, 0.6])
 def test_kernel_routing_equals_torch_loop(B, K, C, S, d, decay):
-    from mm_rec.fold_triton import route_segments_triton
+    from mm_rec.memory_triton import route_segments_triton
 
     block_keys, slot_keys, init, restart = routing_inputs(K + C, B, K, C, S, d, DEVICE)
     weight, keep = route_segments_triton(block_keys, slot_keys, init, restart, decay)
@@ -37,7 +37,7 @@ def test_kernel_routing_equals_torch_loop(B, K, C, S, d, decay):
 
 
 def test_ties_route_to_the_lowest_slot():
-    from mm_rec.fold_triton import route_segments_triton
+    from mm_rec.memory_triton import route_segments_triton
 
     slot_keys = torch.zeros(1, 4, 16, device=DEVICE)
     slot_keys[0, 1] = slot_keys[0, 3] = 1.0  # slots 1 and 3 tie for every block with a positive sum
@@ -49,7 +49,7 @@ def test_ties_route_to_the_lowest_slot():
 
 @pytest.mark.gpu
 def test_gpu_realistic_width():
-    from mm_rec.fold_triton import route_segments_triton
+    from mm_rec.memory_triton import route_segments_triton
 
     block_keys, slot_keys, init, restart = routing_inputs(0, 4, 66, 16, 16, 768, "cuda")
     weight, keep = route_segments_triton(block_keys, slot_keys, init, restart, 0.99)

@@ -1,4 +1,4 @@
-"""MDI: the data-dependent decay, the gates and the level-0 recurrence (docs/ARCHITECTURE.md section 1).
+"""The level-0 memory: MDI's data-dependent decay, the gates and the recurrence (docs/ARCHITECTURE.md section 1).
 
     a_t       = W_E GELU(p_t) + b_E                       decay logits, W_E: pe_dim -> d
     log g_t   = clamp(logsigmoid(a_t), log 1e-6, log(1 - 1e-6))       (float32)
@@ -9,6 +9,10 @@
 Padding: a padded position has gamma = 1 and input 0, so the state passes through.
 Resets (packed documents): the carry into a document's first token is zeroed; the
 token's own input keeps its weight (1 - gamma_t), exactly as at the start of a stream.
+
+``recurrence`` is the one entry point: the "input" mode's fast path (``recurrence_inputs``,
+fused in recurrence_triton.py on CUDA, then one scan) and the "state" mode's loop
+(``StateGate``) share its contract.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import initialization as init
 
-from .mdi_triton import AVAILABLE as MDI_TRITON_AVAILABLE
+from .recurrence_triton import AVAILABLE as TRITON_AVAILABLE
 from .scan import scan
 
 LOG_GAMMA_MIN = math.log(1e-6)
@@ -34,7 +39,6 @@ class MDIDecay(nn.Module):
     def __init__(self, pe_dim: int, hidden_size: int):
         super().__init__()
         self.W_E = nn.Linear(pe_dim, hidden_size, bias=True)
-        self.W_E.decay_generator = True  # _init_weights calls init_decay_generator_
 
     def logits(self, p: Tensor) -> Tensor:
         """a = W_E GELU(p): the decay logits, [B, T, d] in the model dtype."""
@@ -51,16 +55,14 @@ def log_gamma_from_logits(a: Tensor) -> Tensor:
 
 def init_decay_generator_(linear: nn.Linear) -> None:
     """Small W_E; b_E such that 1 - sigmoid(b_E) is log-uniform over TIMESCALE_RANGE across
-    channels, so a fresh model already remembers across a block."""
+    channels, so a fresh model already remembers across a block. (transformers' ``init``
+    functions leave a tensor loaded from a checkpoint as it is.)"""
     weight, bias = linear.weight, linear.bias
-    if getattr(weight, "_is_hf_initialized", False):
-        return
-    with torch.no_grad():
-        bound = 0.1 * math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
-        weight.uniform_(-bound, bound)
-        lo, hi = TIMESCALE_RANGE
-        rate = torch.logspace(math.log10(lo), math.log10(hi), bias.numel(), dtype=torch.float64)
-        bias.copy_(torch.log1p(-rate) - torch.log(rate))  # sigmoid(b) = 1 - rate
+    bound = 0.1 * math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
+    init.uniform_(weight, -bound, bound)
+    lo, hi = TIMESCALE_RANGE
+    rate = torch.logspace(math.log10(lo), math.log10(hi), bias.numel(), dtype=torch.float64)
+    init.copy_(bias, torch.log1p(-rate) - torch.log(rate))  # sigmoid(b) = 1 - rate
 
 
 def gated_input(log_gamma: Tensor, gate_logits: Tensor, z: Tensor) -> Tensor:
@@ -68,29 +70,17 @@ def gated_input(log_gamma: Tensor, gate_logits: Tensor, z: Tensor) -> Tensor:
     return -torch.expm1(log_gamma) * torch.sigmoid(gate_logits.float()) * z.float()
 
 
-def input_gated_recurrence(
-    z: Tensor, gate_logits: Tensor, log_gamma: Tensor, reset: Tensor, h0: Optional[Tensor], backend: str
-) -> Tuple[Tensor, Tensor]:
-    """The "input" mode: one scan over the whole sequence.
-
-    z, gate_logits: [B, T, d]; log_gamma: [B, T, d] fp32 (0 at padding); reset: [B, T] bool;
-    h0: [B, d] fp32 or None. Returns (h [B, T, d] fp32, h_T [B, d] fp32).
-    """
-    carry_decay = log_gamma.masked_fill(reset[..., None], float("-inf"))
-    return scan(gated_input(log_gamma, gate_logits, z), carry_decay, h0, output_final_state=True, backend=backend)
-
-
 class _RecurrenceInputs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, g, z, real, reset):
-        from .mdi_triton import recurrence_inputs_fwd
+        from .recurrence_triton import recurrence_inputs_fwd
 
         ctx.save_for_backward(a, g, z, real, reset)
         return recurrence_inputs_fwd(a, g, z, real, reset, LOG_GAMMA_MIN, LOG_GAMMA_MAX)
 
     @staticmethod
     def backward(ctx, d_x, d_carry):
-        from .mdi_triton import recurrence_inputs_bwd
+        from .recurrence_triton import recurrence_inputs_bwd
 
         a, g, z, real, reset = ctx.saved_tensors
         d_x = torch.zeros_like(a, dtype=torch.float32) if d_x is None else d_x
@@ -103,9 +93,9 @@ def recurrence_inputs(a: Tensor, gate_logits: Tensor, z: Tensor, real: Tensor, r
 
     a, gate_logits, z: [B, T, d]; real, reset: [B, T] bool. Returns (x, carry) [B, T, d] fp32:
     x = (1 - gamma) sigmoid(g~) z and carry = log gamma (0 at padding, -inf at a reset).
-    One fused Triton pass on CUDA (mdi_triton.py); the same formulas in PyTorch elsewhere.
+    One fused Triton pass on CUDA (recurrence_triton.py); the same formulas in PyTorch elsewhere.
     """
-    if a.is_cuda and MDI_TRITON_AVAILABLE and not torch.compiler.is_compiling():
+    if a.is_cuda and TRITON_AVAILABLE and not torch.compiler.is_compiling():
         return _RecurrenceInputs.apply(a.contiguous(), gate_logits.contiguous(), z.contiguous(), real, reset)
     log_gamma = log_gamma_from_logits(a).masked_fill(~real[..., None], 0.0)
     return gated_input(log_gamma, gate_logits, z), log_gamma.masked_fill(reset[..., None], float("-inf"))
@@ -117,10 +107,9 @@ class StateGate(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.W_g = nn.Linear(hidden_size, hidden_size, bias=True)
-        self.W_g.xavier_rows = [hidden_size]
 
     def forward(self, z: Tensor, log_gamma: Tensor, reset: Tensor, h0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Same contract as ``input_gated_recurrence``; a loop over t (research baseline)."""
+        """The recurrence with this gate, a loop over t (research baseline); ``recurrence``'s contract."""
         B, T, d = z.shape
         h = z.new_zeros(B, d, dtype=torch.float32) if h0 is None else h0.float()
         one_minus_gamma = -torch.expm1(log_gamma)
@@ -134,3 +123,18 @@ class StateGate(nn.Module):
             h = gamma[:, t] * h_prev + one_minus_gamma[:, t] * gate * z[:, t].float()
             states.append(h)
         return torch.stack(states, dim=1), h
+
+
+def recurrence(z: Tensor, gate_logits: Optional[Tensor], decay_logits: Tensor, real: Tensor, reset: Tensor,
+               h0: Optional[Tensor], state_gate: Optional[StateGate] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """h_t = gamma_t h_(t-1) + (1 - gamma_t) g_t z_t over a sequence.
+
+    z: [B, T, d]; gate_logits: [B, T, d] g~ ("input" mode) or None with ``state_gate`` ("state"
+    mode); decay_logits: [B, T, d] a = W_E GELU(p); real, reset: [B, T] bool; h0: [B, d] fp32 or
+    None (zeros). Returns (h [B, T, d] fp32, h_T [B, d] fp32).
+    """
+    if state_gate is None:
+        x, carry = recurrence_inputs(decay_logits, gate_logits, z, real, reset)
+        return scan(x, carry, h0, output_final_state=True, backend=backend)
+    log_gamma = log_gamma_from_logits(decay_logits).masked_fill(~real[..., None], 0.0)
+    return state_gate(z, log_gamma, reset, h0)
