@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import LayerState
 from .hem import HEMProjection
-from .memory import MultiMemoryAttention
+from .memory import MemoryState, MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import TokenLayout
 from .recurrence import MDIDecay, StateGate, recurrence
@@ -49,11 +50,12 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.blocks_per_segment = config.blocks_per_segment
         self.scan_backend = config.scan_backend
         self.norm1 = RMSNorm(d, config.rms_norm_eps)
-        self.hem = HEMProjection(d, config.pe_dim, config.recurrence_gate, config.use_hem)
-        self.mdi = MDIDecay(config.pe_dim, d)
+        self.hem = HEMProjection(config)
+        self.mdi = MDIDecay(config, layer_idx)
         self.state_gate = StateGate(d) if config.recurrence_gate == "state" else None
         self.readout_norm = GroupRMSNorm(d, config.num_attention_heads, config.rms_norm_eps)
-        self.memory = MultiMemoryAttention(config)
+        self.memory = MultiMemoryAttention(config) if config.memory_levels != "none" else None
+        self.num_memory_slots = config.num_memory_slots
         self.W_o = nn.Linear(d, d, bias=False)
         self.norm2 = RMSNorm(d, config.rms_norm_eps)
         self.ffn = FeedForward(d, config.intermediate_size, config.hidden_act)
@@ -61,7 +63,11 @@ class MMRecBlock(GradientCheckpointingLayer):
 
     def fresh_state(self, batch_size: int) -> LayerState:
         """The layer's state before any token: h = 0 and the memory's fresh state."""
-        h = torch.zeros(batch_size, self.hidden_size, dtype=torch.float32, device=self.memory.slot_keys.device)
+        device = self.norm1.weight.device
+        h = torch.zeros(batch_size, self.hidden_size, dtype=torch.float32, device=device)
+        if self.memory is None:  # memory_levels="none": the cache keeps the state's shape, untouched
+            return LayerState(h=h, memory=MemoryState.zeros(
+                batch_size, self.hidden_size, self.blocks_per_segment, self.num_memory_slots, device))
         return LayerState(h=h, memory=self.memory.fresh_state(batch_size))
 
     def forward(self, x: Tensor, layout: TokenLayout, state: Optional[LayerState] = None) -> Tuple[Tensor, LayerState]:
@@ -72,6 +78,13 @@ class MMRecBlock(GradientCheckpointingLayer):
         proj = self.hem(self.norm1(x))
         h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
                                self.state_gate, self.scan_backend)
-        m, memory = self.memory(proj.q, proj.k, proj.v, layout, state.memory)
-        x = x + self.dropout(self.W_o(self.readout_norm(h).to(x.dtype) + m))
+        r = self.readout_norm(h).to(x.dtype)
+        if proj.out_gate is not None:
+            r = r * F.silu(proj.out_gate)
+        if self.memory is not None:
+            m, memory = self.memory(proj.q, proj.k, proj.v, layout, state.memory)
+            r = r + m
+        else:
+            memory = state.memory
+        x = x + self.dropout(self.W_o(r))
         return x + self.dropout(self.ffn(self.norm2(x))), LayerState(h=h_last, memory=memory)

@@ -7,6 +7,7 @@ from typing import Optional
 from transformers import PretrainedConfig
 
 RECURRENCE_GATES = ("input", "state")
+MEMORY_LEVELS = ("slots+blocks", "slots", "blocks", "none")
 SCAN_BACKENDS = ("auto", "triton", "torch")
 
 # The seed's names for three of the fields.
@@ -32,6 +33,14 @@ class MMRecConfig(PretrainedConfig):
         num_memory_slots: S, long-term memory slots per layer.
         memory_decay: lambda of the slot EMA, in (0, 1).
         recurrence_gate: "input" (parallel scan) or "state" (the seed's sequential gate).
+        memory_levels: what the memory attention reads: "slots+blocks" (the design), "slots"
+            (the long-term slots only; block summaries still fold into them), "blocks" (the
+            segment's block summaries and the learned slots, which never fold), or "none" (no
+            memory attention: the block is the recurrence and the FFN). For ablations.
+        decay_lower_bound: give each layer a learned per-channel floor b on the decay,
+            gamma = b + (1 - b) sigma(a), starting higher in deeper layers (HGRN's lower bounds).
+        output_gate: gate the state readout, r = GroupRMSNorm(h) * silu(o), with o one more
+            slice of the HEM projection.
         use_hem: one fused projection GEMM (True) or separate seed-named linears (False).
         scan_backend: "auto", "triton" or "torch".
         dropout: residual dropout.
@@ -63,6 +72,9 @@ class MMRecConfig(PretrainedConfig):
         num_memory_slots: int = 16,
         memory_decay: float = 0.99,
         recurrence_gate: str = "input",
+        memory_levels: str = "slots+blocks",
+        decay_lower_bound: bool = False,
+        output_gate: bool = False,
         use_hem: bool = True,
         scan_backend: str = "auto",
         dropout: float = 0.0,
@@ -101,6 +113,9 @@ class MMRecConfig(PretrainedConfig):
         self.num_memory_slots = num_memory_slots
         self.memory_decay = memory_decay
         self.recurrence_gate = recurrence_gate
+        self.memory_levels = memory_levels
+        self.decay_lower_bound = decay_lower_bound
+        self.output_gate = output_gate
         self.use_hem = use_hem
         self.scan_backend = scan_backend
         self.dropout = dropout
@@ -139,13 +154,15 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError(f"MMRecConfig.memory_decay must be in (0, 1), got {self.memory_decay!r}")
         if self.recurrence_gate not in RECURRENCE_GATES:
             raise ValueError(f"MMRecConfig.recurrence_gate must be one of {RECURRENCE_GATES}, got {self.recurrence_gate!r}")
+        if self.memory_levels not in MEMORY_LEVELS:
+            raise ValueError(f"MMRecConfig.memory_levels must be one of {MEMORY_LEVELS}, got {self.memory_levels!r}")
         if self.scan_backend not in SCAN_BACKENDS:
             raise ValueError(f"MMRecConfig.scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"MMRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.rms_norm_eps) > 0.0:
             raise ValueError(f"MMRecConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        for name in ("use_hem", "use_cache", "decode_cuda_graph"):
+        for name in ("use_hem", "use_cache", "decode_cuda_graph", "decay_lower_bound", "output_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MMRecConfig.{name} must be a bool, got {getattr(self, name)!r}")
         chunk = self.inference_chunk_size

@@ -1,9 +1,10 @@
 """HEM: every per-token projection of a block in ONE GEMM (docs/ARCHITECTURE.md section 1).
 
-u [B, T, d] -> q, k, v, z (d each), g~ (d, "input" gate mode only), p (pe_dim).
-``use_hem=True`` holds one ``W_fused = nn.Linear(d, 5d + pe_dim)`` (4d + pe_dim in "state"
-mode, where the gate reads h_{t-1} and cannot be fused); ``use_hem=False`` holds the
-same maps as separate linears named after the seed (W_q, W_k, W_v, W_z, W_g, W_p).
+u [B, T, d] -> q, k, v (d each; not with memory_levels="none"), z (d), g~ (d, "input" gate
+mode only), og (d, with output_gate), p (pe_dim). ``use_hem=True`` holds one
+``W_fused = nn.Linear(d, 5d + pe_dim)`` in the default configuration (4d + pe_dim in "state"
+mode, where the gate reads h_{t-1} and cannot be fused); ``use_hem=False`` holds the same maps
+as separate linears named after the seed (W_q, W_k, W_v, W_z, W_g, W_og, W_p).
 ``convert_hem_state_dict`` maps one layout's weights onto the other.
 """
 
@@ -18,18 +19,20 @@ from torch import Tensor, nn
 
 
 class Projections(NamedTuple):
-    q: Tensor
-    k: Tensor
-    v: Tensor
+    q: Optional[Tensor]  # q, k, v: None with memory_levels="none"
+    k: Optional[Tensor]
+    v: Optional[Tensor]
     z: Tensor
     gate: Optional[Tensor]  # g~ before the sigmoid; None in "state" gate mode
+    out_gate: Optional[Tensor]  # og before the silu; None without output_gate
     p: Tensor
 
 
-def projection_layout(hidden_size: int, pe_dim: int, recurrence_gate: str) -> List[Tuple[str, int]]:
+def projection_layout(config) -> List[Tuple[str, int]]:
     """(name, width) of each slice of W_fused, in order."""
-    names = ["q", "k", "v", "z"] + (["g"] if recurrence_gate == "input" else []) + ["p"]
-    return [(name, pe_dim if name == "p" else hidden_size) for name in names]
+    names = (["q", "k", "v"] if config.memory_levels != "none" else []) + ["z"]
+    names += (["g"] if config.recurrence_gate == "input" else []) + (["og"] if config.output_gate else []) + ["p"]
+    return [(name, config.pe_dim if name == "p" else config.hidden_size) for name in names]
 
 
 def xavier_uniform_rows(weight: Tensor, sizes: List[int]) -> Tensor:
@@ -41,10 +44,11 @@ def xavier_uniform_rows(weight: Tensor, sizes: List[int]) -> Tensor:
 
 
 class HEMProjection(nn.Module):
-    def __init__(self, hidden_size: int, pe_dim: int, recurrence_gate: str, use_hem: bool):
+    def __init__(self, config):
         super().__init__()
-        self.use_hem = use_hem
-        self.layout = projection_layout(hidden_size, pe_dim, recurrence_gate)
+        hidden_size = config.hidden_size
+        self.use_hem = use_hem = config.use_hem
+        self.layout = projection_layout(config)
         if use_hem:
             self.W_fused = nn.Linear(hidden_size, sum(w for _, w in self.layout), bias=True)
         else:
@@ -64,11 +68,11 @@ class HEMProjection(nn.Module):
             out: Dict[str, Tensor] = {name: part for (name, _), part in zip(self.layout, parts)}
         else:
             out = {name: getattr(self, f"W_{name}")(u) for name, _ in self.layout}
-        return Projections(out["q"], out["k"], out["v"], out["z"], out.get("g"), out["p"])
+        return Projections(out.get("q"), out.get("k"), out.get("v"), out["z"], out.get("g"), out.get("og"), out["p"])
 
 
 _FUSED_KEY = re.compile(r"^(?P<prefix>.*\.)?hem\.W_fused\.(?P<kind>weight|bias)$")
-_SPLIT_KEY = re.compile(r"^(?P<prefix>.*\.)?hem\.W_(?P<name>[qkvzgp])\.(?P<kind>weight|bias)$")
+_SPLIT_KEY = re.compile(r"^(?P<prefix>.*\.)?hem\.W_(?P<name>og|[qkvzgp])\.(?P<kind>weight|bias)$")
 
 
 def convert_hem_state_dict(state_dict: Dict[str, Tensor], config, to_fused: bool) -> Dict[str, Tensor]:
@@ -77,7 +81,7 @@ def convert_hem_state_dict(state_dict: Dict[str, Tensor], config, to_fused: bool
     Returns a new dict; keys that are not HEM projections are passed through unchanged.
     Raises ValueError when a tensor has the wrong shape for ``config``.
     """
-    layout = projection_layout(config.hidden_size, config.pe_dim, config.recurrence_gate)
+    layout = projection_layout(config)
     widths = [w for _, w in layout]
     out: Dict[str, Tensor] = {}
     groups: Dict[Tuple[str, str], Dict[str, Tensor]] = {}

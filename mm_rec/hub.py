@@ -32,7 +32,7 @@ from huggingface_hub import metadata_load
 logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ["W_fused", "W_o", "up", "down"]
-LORA_TARGET_MODULES_UNFUSED = ["W_q", "W_k", "W_v", "W_z", "W_g", "W_p", "W_o", "up", "down"]
+LORA_TARGET_MODULES_UNFUSED = ["W_q", "W_k", "W_v", "W_z", "W_g", "W_og", "W_p", "W_o", "up", "down"]
 
 CARD_NAME = "README.md"
 CARD_TAGS = ["custom_code", "mm-rec"]
@@ -46,7 +46,8 @@ _CARD_HEADER = (
 
 _CONFIG_ROWS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "pe_dim",
-    "memory_block_size", "memory_segment_length", "num_memory_slots", "memory_decay", "recurrence_gate", "use_hem",
+    "memory_block_size", "memory_segment_length", "num_memory_slots", "memory_decay", "memory_levels",
+    "recurrence_gate", "decay_lower_bound", "output_gate", "use_hem",
 )
 
 

@@ -57,6 +57,11 @@ class MemoryState:
     def tensors(self) -> Dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @classmethod
+    def zeros(cls, B: int, d: int, C: int, S: int, device) -> "MemoryState":
+        return cls(**{name: torch.zeros(shape, dtype=torch.long if name.endswith("count") else torch.float32,
+                                        device=device) for name, shape in cls.shapes(B, d, C, S).items()})
+
 
 # ---------------------------------------------------------------------------------------
 # The fold rule
@@ -285,19 +290,21 @@ class MultiMemoryAttention(nn.Module):
         self.blocks_per_segment = config.blocks_per_segment
         self.decay = float(config.memory_decay)
         self.scan_backend = config.scan_backend
+        # memory_levels (ablations): "slots" hides the block summaries from the attention, "blocks"
+        # never folds (the slots stay the learned ones)
+        self.reads_blocks = config.memory_levels in ("slots+blocks", "blocks")
+        self.folds = config.memory_levels in ("slots+blocks", "slots")
         # initialised by MMRecPreTrainedModel._init_weights
         self.slot_keys = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
         self.slot_values = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
 
     def fresh_state(self, batch_size: int) -> MemoryState:
         """The memory before any token: no blocks, and the learned slots."""
-        B, (S, d), C = batch_size, self.slot_keys.shape, self.blocks_per_segment
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=self.slot_keys.device)  # noqa: E731
-        count = lambda: torch.zeros(B, dtype=torch.long, device=self.slot_keys.device)  # noqa: E731
+        (S, d), B = self.slot_keys.shape, batch_size
+        state = MemoryState.zeros(B, d, self.blocks_per_segment, S, self.slot_keys.device)
         keys, values = self.learned_slots()
-        return MemoryState(open_key_sum=zeros(B, d), open_value_sum=zeros(B, d), open_count=count(),
-                           block_keys=zeros(B, C, d), block_values=zeros(B, C, d), block_count=count(),
-                           slot_keys=keys.expand(B, S, d), slot_values=values.expand(B, S, d))
+        state.slot_keys, state.slot_values = keys.expand(B, S, d), values.expand(B, S, d)
+        return state
 
     def learned_slots(self) -> Tuple[Tensor, Tensor]:
         """The slots a stream or document starts from (a reset): keys, values [S, d] float32."""
@@ -324,6 +331,7 @@ class MultiMemoryAttention(nn.Module):
         """[L, S + C] bool: the token at offset j of a segment sees every slot, and block c iff (c + 1) N <= j."""
         offsets = torch.arange(self.segment_length, device=device)[:, None]
         sees_block = (torch.arange(self.blocks_per_segment, device=device)[None] + 1) * self.block_size <= offsets
+        sees_block &= self.reads_blocks
         sees_slot = torch.ones(self.segment_length, self.slot_keys.shape[0], dtype=torch.bool, device=device)
         return torch.cat([sees_slot, sees_block], 1)
 
@@ -395,8 +403,8 @@ class MultiMemoryAttention(nn.Module):
         B, K, _, width = summaries.shape
         d, S = width // 2, self.slot_keys.shape[0]
         start = torch.cat([state.slot_keys, state.slot_values], -1)  # [B, S, 2d]
-        if K == 1:
-            return start[:, None]
+        if K == 1 or not self.folds:
+            return start[:, None].expand(B, K, S, width)
         learned = self.learned_slots()
         weight, keep = route_segments(summaries[..., :d], state.slot_keys, learned[0], restart, self.decay)
         fresh = restart[:, 1:, None, None]
@@ -415,9 +423,10 @@ class MultiMemoryAttention(nn.Module):
         block = torch.arange(C, device=q.device)[None]
         summaries = block < state.block_count[:, None]  # [B, C]
 
-        fold = (real & ~reset & (pos % L == 0) & (pos > 0))[:, None, None]
+        boundary = (real & ~reset & (pos % L == 0) & (pos > 0))[:, None, None]  # a new segment starts
+        fold = boundary & self.folds
         restart = reset[:, None, None]
-        emptied = (fold | restart)[:, 0]  # [B, 1]
+        emptied = (boundary | restart)[:, 0]  # [B, 1]
         slot_keys, slot_values = state.slot_keys, state.slot_values
         # On CPU, asking whether any row folds or resets costs nothing and skips the fold on most
         # steps; on CUDA the step never asks (it stays sync-free and graph-capturable).
@@ -435,7 +444,7 @@ class MultiMemoryAttention(nn.Module):
         open_n = state.open_count.masked_fill(reset, 0)
 
         S = slot_keys.shape[1]
-        mask = torch.cat([summaries.new_ones(B, S), summaries], 1)[:, None, None]  # [B, 1, 1, S + C]
+        mask = torch.cat([summaries.new_ones(B, S), summaries & self.reads_blocks], 1)[:, None, None]  # [B, 1, 1, S + C]
         m = self._attend(q, torch.cat([slot_keys, state.block_keys], 1), torch.cat([slot_values, state.block_values], 1),
                          mask)
 

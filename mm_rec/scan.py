@@ -200,9 +200,9 @@ _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerScan(torch.autograd.Function):
-    """The same forward and backward without the custom-op dispatch, for eager mode: on the
-    H100 host the custom-op path took 850 us of CPU per forward+backward against 625 us for
-    this (scripts/bench_kernels.py prints both). torch.compile sees the custom ops."""
+    """The same forward and backward without the custom-op dispatch, for eager mode, where the
+    dispatch costs host time on every call (scripts/bench_kernels.py prints both paths' host
+    time). torch.compile sees the custom ops."""
 
     @staticmethod
     def forward(ctx, x, log_gamma, h0, backend):

@@ -46,10 +46,9 @@ except ImportError:  # CPU-only machines load the model without Triton
 
 
 def _block_sizes(device: torch.device, backward: bool = False) -> Tuple[int, int, int]:
-    """(BT steps, BD channels, num_warps) of one tile: the fastest of a sweep on an H100
-    (B=8, T=4096, D=2048, bf16): 64x32 forward (0.204 ms against 0.237 ms for 32x32) and
-    32x32 backward (0.347 ms; the seven other shapes tried were slower).
-    The interpreter runs associative_scan's combine once per element in Python, so tiles
+    """(BT steps, BD channels, num_warps) of one tile: the fastest of a sweep of tile shapes on
+    an H100 (B=8, T=4096, D=2048, bf16; scripts/bench_kernels.py) for the forward and for the
+    backward. The interpreter runs associative_scan's combine once per element in Python, so tiles
     stay small there."""
     if device.type != "cuda":
         return 16, 16, 1

@@ -23,7 +23,7 @@ import argparse
 import torch
 
 from mm_rec.benchmark import cuda_graph_median_ms, cuda_median_ms, host_us_per_call
-from mm_rec.scan import _scan_fwd, scan
+from mm_rec import scan
 
 try:
     from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
@@ -52,8 +52,8 @@ def scan_op(backend):
 
 
 def custom_op(x, log_gamma):
-    """The torch.library op itself (what torch.compile calls), with its registered autograd."""
-    return _scan_fwd(x, log_gamma, None, "triton")
+    """The torch.library op ``mm_rec::scan_fwd`` (what torch.compile calls), with its registered autograd."""
+    return torch.ops.mm_rec.scan_fwd(x, log_gamma, None, "triton")
 
 
 def gpu_ms(fn):
