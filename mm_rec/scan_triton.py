@@ -63,15 +63,23 @@ if AVAILABLE:
         return a_prev * a_next, h_next + a_next * h_prev
 
     @triton.jit
-    def _claim_tile(flags, B, D, NT, BD: tl.constexpr, REVERSE: tl.constexpr):
-        """The next tile in chain order: (chunk, batch, channel block). flags[0] counts
-        the tiles handed out."""
+    def _claim_tile(flags, T, B, D, NT, BT: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr):
+        """The next tile in chain order (flags[0] counts the tiles handed out) and where it
+        lies: (chunk i_c, batch i_b, channel block i_d, rows [BT], steps t [BT], channels
+        o_d [BD], mask_d [BD], mask [BT, BD], offsets [BT, BD] into a [B, T, D] tensor)."""
         n_d = tl.cdiv(D, BD)
         tile = tl.atomic_add(flags, 1)
         i_c = tile // (B * n_d)
         if REVERSE:
             i_c = NT - 1 - i_c
-        return i_c, (tile // n_d) % B, tile % n_d
+        i_b, i_d = (tile // n_d) % B, tile % n_d
+        rows = tl.arange(0, BT)
+        t = i_c * BT + rows
+        o_d = i_d * BD + tl.arange(0, BD)
+        mask_d = o_d < D
+        mask = (t < T)[:, None] & mask_d[None, :]
+        offs = (i_b.to(tl.int64) * T + t[:, None]) * D + o_d[None, :]
+        return i_c, i_b, i_d, rows, t, o_d, mask_d, mask, offs
 
     @triton.jit
     def _wait_for_carry(carries, flags, slot, B, D, i_b, i_d, o_d, mask_d, BD: tl.constexpr):
@@ -108,13 +116,7 @@ if AVAILABLE:
         HAS_X: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     ):
         """h_t = x_t + exp(log_gamma_t) h_{t-1} for one [BT, BD] tile (x = 0 if absent)."""
-        i_c, i_b, i_d = _claim_tile(flags, B, D, NT, BD, False)
-        rows = tl.arange(0, BT)
-        t = i_c * BT + rows
-        o_d = i_d * BD + tl.arange(0, BD)
-        mask_d = o_d < D
-        mask = (t < T)[:, None] & mask_d[None, :]
-        offs = (i_b.to(tl.int64) * T + t[:, None]) * D + o_d[None, :]
+        i_c, i_b, i_d, rows, t, o_d, mask_d, mask, offs = _claim_tile(flags, T, B, D, NT, BT, BD, False)
 
         # rows past T get gamma = 1, x = 0: the tile's last row is then the chunk's end state
         gamma = tl.exp(tl.load(log_gamma + offs, mask=mask, other=0.0).to(tl.float32))
@@ -154,13 +156,7 @@ if AVAILABLE:
     ):
         """g_t = grad_h_t + gamma_{t+1} g_{t+1} for one tile, then d_x = g and
         d_log_gamma_t = g_t gamma_t h_{t-1}; chunks chain from the last to the first."""
-        i_c, i_b, i_d = _claim_tile(flags, B, D, NT, BD, True)
-        rows = tl.arange(0, BT)
-        t = i_c * BT + rows
-        o_d = i_d * BD + tl.arange(0, BD)
-        mask_d = o_d < D
-        mask = (t < T)[:, None] & mask_d[None, :]
-        offs = (i_b.to(tl.int64) * T + t[:, None]) * D + o_d[None, :]
+        i_c, i_b, i_d, rows, t, o_d, mask_d, mask, offs = _claim_tile(flags, T, B, D, NT, BT, BD, True)
 
         # the decay of step t of the reverse scan is gamma_{t+1}; 1 past the end, where
         # grad_h_T enters as the carry
