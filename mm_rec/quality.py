@@ -484,6 +484,7 @@ class MQARProtocol:
     test_size: int = 1000
     stop_accuracy: float = 0.99
     random_non_queries: bool = True
+    sequential_max_length: int = 512
     lrs: Tuple[float, ...] = (1e-3, 3e-3, 3e-4)
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05
@@ -577,12 +578,15 @@ def _model_specs(families: Sequence[str], variants: Sequence[str], extra_variant
             except RefusedRun as err:
                 refusal = str(err)
             specs.append((variant, "mmrec", table[variant], refusal))
+    baselines = []
     for family in ("hgrn", "llama"):
         if family in families:
             refusal = None if family != "hgrn" or fla_available() else \
                 "hgrn: fla is not installed (pip install flash-linear-attention); hgrn runs skipped"
-            specs.append((family, family, {}, refusal))
-    # the slow sequential gate goes last: the faster comparisons finish first when the budget is short
+            baselines.append((family, family, {}, refusal))
+    # the first variant against the baselines first, then the other variants; the slow sequential
+    # gate last: the comparisons that matter most finish first when the budget is short
+    specs = specs[:1] + baselines + specs[1:]
     specs.sort(key=lambda s: s[0] in SINGLE_LR_VARIANTS)
     return specs
 
@@ -620,6 +624,9 @@ def plan_runs(study: str = "all", models: Sequence[str] = FAMILIES, variants: Se
         target = parameter_count("hgrn", vocab, hidden, layers)
         for name, family, overrides, refusal in specs:
             width, count = None, None
+            if refusal is None and name in SINGLE_LR_VARIANTS and base["seq_len"] > base.get("sequential_max_length", 1 << 30):
+                refusal = (f"{name}: its loop over t is too slow beyond {base['sequential_max_length']} tokens; "
+                           "raise --sequential-max-length to run it")
             if refusal is None:
                 try:
                     width, count = _sized(family, overrides, vocab, hidden, layers, target)
@@ -653,7 +660,8 @@ def plan_runs(study: str = "all", models: Sequence[str] = FAMILIES, variants: Se
                         "batch_size": mqar.batch_size(setting.seq_len), "eval_every": mqar.eval_every,
                         "test_size": mqar.test_size, "stop_accuracy": mqar.stop_accuracy,
                         "random_non_queries": mqar.random_non_queries, "weight_decay": mqar.weight_decay,
-                        "warmup_fraction": mqar.warmup_fraction, "seed": mqar.seed}
+                        "warmup_fraction": mqar.warmup_fraction, "seed": mqar.seed,
+                        "sequential_max_length": mqar.sequential_max_length}
                 add("mqar", base, mqar.vocab_size, width, mqar.layers, mqar.lrs,
                     lambda lr_rank, i, w=w_rank, r=s_rank: (1, lr_rank, w, r, i))
     runs.sort(key=lambda r: r.order)
@@ -664,14 +672,15 @@ def describe_sizes(runs: Sequence[Run]) -> List[str]:
     """One line per (setting, model): parameters against HGRN's and the FFN width chosen."""
     seen, lines = set(), []
     for run in runs:
-        key = (run.study, run.key, run.model)
-        if key in seen or run.refused:
+        s = run.spec
+        shape = f"vocab {s['vocab_size']}, hidden {s['hidden_size']}, {s['layers']} layers"
+        if (shape, run.model) in seen or run.refused:
             continue
-        seen.add(key)
-        p, target = run.spec["parameters"], run.spec["target_parameters"]
-        non_embedding = p - run.spec["vocab_size"] * run.spec["hidden_size"]
-        width = run.spec["intermediate_size"]
-        lines.append(f"  {run.study} {run.key:<14} {run.model:<18} {p / 1e6:7.3f}M ({non_embedding / 1e6:.3f}M non-embedding, "
+        seen.add((shape, run.model))
+        p, target = s["parameters"], s["target_parameters"]
+        non_embedding = p - s["vocab_size"] * s["hidden_size"]
+        width = s["intermediate_size"]
+        lines.append(f"  {shape}: {run.model:<18} {p / 1e6:7.3f}M ({non_embedding / 1e6:.3f}M non-embedding, "
                      f"{100 * (p / target - 1):+.1f}% vs HGRN){'' if width is None else f', intermediate_size {width}'}")
     return lines
 
@@ -940,7 +949,8 @@ class Study:
             return x, hf_labels(y)
 
         def evaluate():
-            return mqar_metrics(model, inputs, targets)
+            # [B, T, vocab] float logits: ~64k positions per batch keep them near 2 GB at vocab 8192
+            return mqar_metrics(model, inputs, targets, batch_size=max(1, 65536 // setting.seq_len))
 
         return next_batch, evaluate, lambda m: m.get("accuracy", 0.0) >= s["stop_accuracy"]
 

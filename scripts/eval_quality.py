@@ -47,6 +47,8 @@ def parse_args(argv):
     parser.add_argument("--mqar-tokens-per-batch", type=positive_int, help="MQAR tokens per step (default 32768)")
     parser.add_argument("--mqar-vocab", type=positive_int, help="MQAR vocabulary (default 8192, Zoology's)")
     parser.add_argument("--mqar-test-size", type=positive_int, help="MQAR test examples per setting (default 1000)")
+    parser.add_argument("--sequential-max-length", type=positive_int,
+                        help="longest MQAR setting for mmrec-state (its loop over t is slow; default 512)")
     parser.add_argument("--bpe-vocab", type=positive_int, help="BPE vocabulary (default 4096)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-minutes", type=positive_float, help="time budget of this call")
@@ -84,7 +86,8 @@ def protocols(args):
     mqar.update({k: v for k, v in both.items() if v is not None})
     lm.update({k: v for k, v in both.items() if v is not None})
     for key, value in (("settings", args.settings), ("widths", args.widths), ("tokens_per_batch", args.mqar_tokens_per_batch),
-                       ("vocab_size", args.mqar_vocab), ("test_size", args.mqar_test_size)):
+                       ("vocab_size", args.mqar_vocab), ("test_size", args.mqar_test_size),
+                       ("sequential_max_length", args.sequential_max_length)):
         if value is not None:
             mqar[key] = tuple(value) if isinstance(value, list) else value
     for key, value in (("tokenizations", args.tokenizations), ("batch_size", args.batch_size), ("bpe_vocab", args.bpe_vocab)):
