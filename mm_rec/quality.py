@@ -330,7 +330,9 @@ def lm_data(tokenization: str, seq_len: int, bpe_vocab: int = 4096, validation_f
         held_out=torch.tensor(token_blocks(held_out.values(), tokenizer, seq_len)["input_ids"]),
         byte_lengths=token_byte_lengths(tokenizer), vocab_size=len(tokenizer), held_out_works=sorted(held_out))
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
+        if not cached.parent.is_dir():
+            cached.parent.mkdir(parents=True)
+            (cached.parent / ".gitignore").write_text("*\n")  # token caches are large and rebuilt on demand
         tmp = cached.with_name(f".{cached.name}.tmp")
         torch.save(dataclasses.asdict(data), tmp)
         os.replace(tmp, cached)
@@ -832,6 +834,8 @@ class Study:
     def run_all(self, runs: Sequence[Run]) -> Dict[str, List[str]]:
         """Run the plan in order. Returns {"done": [...], "skipped": [...], "refused": [...],
         "over_budget": [...], "failed": [...]} of run names."""
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device here")
         started = time.time()
         deadline = started + 60 * self.max_minutes if self.max_minutes is not None else None
         factors = calibration(load_records(self.out), self.device_name)
