@@ -78,6 +78,7 @@ VARIANT_GROUPS = {
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.
 SINGLE_LR_VARIANTS = {"mmrec-state"}
 FAMILIES = ("mmrec", "hgrn", "llama")
+FLA_MISSING = "hgrn: fla is not installed (pip install flash-linear-attention); hgrn runs skipped"
 
 
 class RefusedRun(ValueError):
@@ -146,7 +147,7 @@ def build_model(family: str, vocab_size: int, hidden_size: int, num_layers: int,
         try:
             from fla.models import HGRNConfig, HGRNForCausalLM
         except ImportError:
-            raise RefusedRun("hgrn: fla is not installed (pip install flash-linear-attention); hgrn runs skipped") from None
+            raise RefusedRun(FLA_MISSING) from None
         return HGRNForCausalLM(HGRNConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                                           tie_word_embeddings=True))
     raise ValueError(f"model family must be one of {FAMILIES}, got {family!r}")
@@ -360,7 +361,8 @@ def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def lm_metrics(model, rows: torch.Tensor, byte_lengths: torch.Tensor, batch_size: int = 32) -> Dict[str, float]:
     """Held-out cross-entropy of ``rows`` [M, T] (each read from a fresh state, the first token of a
-    row is context only), in eval mode. Returns loss (nats per predicted token), bits_per_byte
+    row is context only), in eval mode and float32 (no autocast: the logits are not rounded to
+    bf16, the same for every model). Returns loss (nats per predicted token), bits_per_byte
     (total nats / ln 2 / UTF-8 bytes of the predicted tokens), tokens, bytes."""
     was_training = model.training
     model.eval()
@@ -370,8 +372,7 @@ def lm_metrics(model, rows: torch.Tensor, byte_lengths: torch.Tensor, batch_size
     lengths = byte_lengths.to(device)
     for batch in rows.split(batch_size):
         batch = batch.to(device)
-        with _autocast(device):
-            logits = _logits(model, batch)[:, :-1]
+        logits = _logits(model, batch)[:, :-1]
         targets = batch[:, 1:]
         nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").double()
         n_bytes += int(lengths[targets].sum())
@@ -383,15 +384,15 @@ def lm_metrics(model, rows: torch.Tensor, byte_lengths: torch.Tensor, batch_size
 
 @torch.no_grad()
 def mqar_metrics(model, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 128) -> Dict[str, float]:
-    """Accuracy (answers predicted exactly / answers) and loss on the answers of a test set."""
+    """Accuracy (answers predicted exactly / answers) and loss on the answers of a test set, in
+    eval mode and float32. inputs, targets: [N, T] (``mqar_batch``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct, answers, nats = 0, 0, 0.0
     for x, y in zip(inputs.split(batch_size), targets.split(batch_size)):
         x, y = x.to(device), y.to(device)
-        with _autocast(device):
-            logits = _logits(model, x)
+        logits = _logits(model, x)
         scored = y != IGNORE_INDEX
         picked = logits[scored]
         correct += int((picked.argmax(-1) == y[scored]).sum())
@@ -440,7 +441,8 @@ def train_loop(model, next_batch: Callable[[int], Tuple[torch.Tensor, torch.Tens
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
     model.train()
     curve, losses = [], []
-    bar = tqdm(range(1, steps + 1), desc=description, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(1, steps + 1), desc=description, disable=not progress, leave=False, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0)
     step = 0
     for step in bar:
         input_ids, labels = next_batch(step - 1)
@@ -487,7 +489,7 @@ class MQARProtocol:
     stop_accuracy: float = 0.99
     random_non_queries: bool = True
     sequential_max_length: int = 512
-    lrs: Tuple[float, ...] = (1e-3, 3e-3, 3e-4)
+    lrs: Tuple[float, ...] = (3e-3, 1e-3, 3e-4)
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05
     seed: int = 0
@@ -561,8 +563,8 @@ class Run:
         return self.spec.get("parameters")
 
 
-def _model_specs(families: Sequence[str], variants: Sequence[str], extra_variants: Dict[str, dict],
-                 log: Callable[[str], None]) -> List[Tuple[str, str, dict, Optional[str]]]:
+def _model_specs(families: Sequence[str], variants: Sequence[str],
+                 extra_variants: Dict[str, dict]) -> List[Tuple[str, str, dict, Optional[str]]]:
     """[(name, family, overrides, refusal)] in the order runs are planned."""
     table = {**MMREC_VARIANTS, **extra_variants}
     specs = []
@@ -583,8 +585,7 @@ def _model_specs(families: Sequence[str], variants: Sequence[str], extra_variant
     baselines = []
     for family in ("hgrn", "llama"):
         if family in families:
-            refusal = None if family != "hgrn" or fla_available() else \
-                "hgrn: fla is not installed (pip install flash-linear-attention); hgrn runs skipped"
+            refusal = None if family != "hgrn" or fla_available() else FLA_MISSING
             baselines.append((family, family, {}, refusal))
     # the first variant against the baselines first, then the other variants; the slow sequential
     # gate last: the comparisons that matter most finish first when the budget is short
@@ -610,15 +611,16 @@ def _sized(family: str, overrides: dict, vocab: int, hidden: int, layers: int, t
 
 def plan_runs(study: str = "all", models: Sequence[str] = FAMILIES, variants: Sequence[str] = ("main",),
               extra_variants: Optional[Dict[str, dict]] = None, mqar: Optional[MQARProtocol] = None,
-              lm: Optional[LMProtocol] = None, log: Callable[[str], None] = print) -> List[Run]:
+              lm: Optional[LMProtocol] = None) -> List[Run]:
     """The runs of ``study`` ("mqar", "lm" or "all"), most informative first: for LM, tokenization,
     then learning rate (the first of the sweep for every model first), then model; for MQAR,
     learning rate, width, setting (in the protocol's order), model. Parameter counts are matched
-    here (printed); a refused variant or missing fla gives runs marked ``refused``."""
+    here (``describe_sizes`` prints them); a refused variant or missing fla gives runs marked
+    ``refused``."""
     if study not in ("mqar", "lm", "all"):
         raise ValueError(f"--study must be mqar, lm or all, got {study!r}")
     mqar, lm = mqar or MQARProtocol(), lm or LMProtocol()
-    specs = _model_specs(models, expand_variants(variants), extra_variants or {}, log)
+    specs = _model_specs(models, expand_variants(variants), extra_variants or {})
     mmrec_code = code_fingerprint()
     runs: List[Run] = []
 

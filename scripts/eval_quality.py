@@ -40,7 +40,7 @@ def parse_args(argv):
     parser.add_argument("--settings", nargs="+", help="MQAR settings LENGTHxPAIRS, most informative first (default: 9 settings, 64x4 .. 4096x16)")
     parser.add_argument("--widths", nargs="+", type=positive_int, help="MQAR model widths (default 128 256 64)")
     parser.add_argument("--tokenizations", nargs="+", choices=("bytes", "bpe"), help="LM tokenizations (default bytes bpe)")
-    parser.add_argument("--lrs", nargs="+", type=positive_float, help="learning rates, the first run first (LM default 2e-3 1e-3 4e-3, MQAR 1e-3 3e-3 3e-4)")
+    parser.add_argument("--lrs", nargs="+", type=positive_float, help="learning rates, the first run first (LM default 2e-3 1e-3 4e-3, MQAR 3e-3 1e-3 3e-4)")
     parser.add_argument("--steps", type=positive_int, help="training steps per run (LM default 800, MQAR at most 2000)")
     parser.add_argument("--eval-every", type=positive_int, help="evaluate every N steps (LM default 100, MQAR 200)")
     parser.add_argument("--batch-size", type=positive_int, help="LM rows per step (default 32)")
