@@ -859,9 +859,11 @@ class Study:
                 outcome["over_budget"].append(run.name)
                 self.log(f"budget: {err}; the run is not saved")
                 break
-            except (RuntimeError, ValueError) as err:  # one broken model (OOM, a kernel error) must not end the study
+            except Exception as err:  # one broken model (OOM, a kernel that fails to compile) must not end the study
                 outcome["failed"].append(run.name)
-                self.log(f"failed: {run.name}: {' '.join(str(err).split())[:300]}")
+                self.log(f"failed: {run.name}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             factors = calibration(load_records(self.out), self.device_name)
             outcome["done"].append(run.name)

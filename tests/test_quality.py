@@ -231,3 +231,19 @@ def test_bad_flags_are_one_line_errors(flags, named, tmp_path, capsys):
     rc = eval_quality.main(["--smoke", "--plan", "--out", str(tmp_path), *flags])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and named in err, err
+
+
+@pytest.mark.gpu
+def test_tiny_study_on_cuda(tmp_path):
+    """The CUDA path (device generator, bf16 autocast, fused AdamW, fla's HGRN where installed)."""
+    setting = quality.MQARSetting(64, 8)
+    inputs, targets = quality.mqar_batch(setting, 8, 128, torch.Generator("cuda").manual_seed(0))
+    assert inputs.is_cuda and int((targets != quality.IGNORE_INDEX).sum()) == 8 * 8
+    mqar, lm = quality.MQARProtocol(**quality.SMOKE_MQAR), quality.LMProtocol(**quality.SMOKE_LM)
+    families = ("mmrec", "llama", "hgrn") if quality.fla_available() else ("mmrec", "llama")
+    runs = quality.plan_runs("all", families, ("mmrec-input",), mqar=mqar, lm=lm)
+    outcome = quality.Study(tmp_path, "cuda", mqar, lm, progress=False).run_all(runs)
+    assert sorted(outcome["done"]) == sorted(r.name for r in runs)
+    for record in quality.load_records(tmp_path):
+        assert not record["diverged"] and record["device"] == torch.cuda.get_device_name()
+        assert math.isfinite(record["final"].get("bits_per_byte", record["final"].get("accuracy")))
