@@ -68,11 +68,12 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-block64": {"memory_block_size": 64},
     "mmrec-lower-bound": {"decay_lower_bound": True},
     "mmrec-output-gate": {"output_gate": True},
+    "mmrec-lower-bound-output-gate": {"decay_lower_bound": True, "output_gate": True},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
     "ablations": ("mmrec-no-memory", "mmrec-slots-only", "mmrec-blocks-only", "mmrec-block16", "mmrec-block64"),
-    "improvements": ("mmrec-lower-bound", "mmrec-output-gate"),
+    "improvements": ("mmrec-lower-bound", "mmrec-output-gate", "mmrec-lower-bound-output-gate"),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.
@@ -332,9 +333,9 @@ def lm_data(tokenization: str, seq_len: int, bpe_vocab: int = 4096, validation_f
         byte_lengths=token_byte_lengths(tokenizer), vocab_size=len(tokenizer), held_out_works=sorted(held_out))
     if cached is not None:
         if not cached.parent.is_dir():
-            cached.parent.mkdir(parents=True)
+            cached.parent.mkdir(parents=True, exist_ok=True)
             (cached.parent / ".gitignore").write_text("*\n")  # token caches are large and rebuilt on demand
-        tmp = cached.with_name(f".{cached.name}.tmp")
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")  # studies may run side by side
         torch.save(dataclasses.asdict(data), tmp)
         os.replace(tmp, cached)
     return data
@@ -758,7 +759,7 @@ def git_commit() -> Optional[str]:
 
 def atomic_write_json(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # studies may run side by side
     tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
