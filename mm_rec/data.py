@@ -106,11 +106,9 @@ def byte_level_tokenizer(model_max_length: int = 1 << 20) -> PreTrainedTokenizer
     return _wrap(tokenizer, model_max_length)
 
 
-def token_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, block_size: int) -> Dataset:
-    """Tokenize each text, append EOS, concatenate, cut into rows of ``block_size`` tokens
-    (the incomplete tail is dropped). Returns a Dataset with one column ``input_ids``."""
-    from datasets import Dataset
-
+def token_rows(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, block_size: int) -> List[List[int]]:
+    """Tokenize each text, append EOS, concatenate, cut into rows of ``block_size`` token ids
+    (the incomplete tail is dropped)."""
     if block_size <= 1:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
     if tokenizer.eos_token_id is None:
@@ -122,7 +120,14 @@ def token_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, block
     rows = [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
     if not rows:
         raise ValueError(f"the texts give {len(stream)} tokens, fewer than one block of {block_size}")
-    return Dataset.from_dict({"input_ids": rows})
+    return rows
+
+
+def token_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerFast, block_size: int) -> Dataset:
+    """``token_rows`` as a Dataset with one column ``input_ids``."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": token_rows(texts, tokenizer, block_size)})
 
 
 def lm_datasets(

