@@ -59,3 +59,12 @@ def tiny_model():
     """``tiny_model(seed=0, **overrides)``: the model of ``tiny_config(**overrides)``, eval mode,
     weights drawn after ``torch.manual_seed(seed)``."""
     return common.tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A folder written by ``tiny_model(seed=0).save_pretrained`` (weights, config, code, card;
+    no tokenizer). Tests that change it work on a copy."""
+    path = tmp_path_factory.mktemp("tiny_checkpoint") / "model"
+    common.tiny_model(seed=0).save_pretrained(path)
+    return path

@@ -37,3 +37,27 @@ def test_block_matches_naive_reference(recurrence_gate, use_hem, rows, tiny_conf
     real = mask.bool()
     torch.testing.assert_close(seen[0].double()[real], h_ref[real], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y.double()[real], y_ref[real], rtol=1e-4, atol=1e-4)
+
+
+def test_fresh_state_is_the_state_before_any_token(tiny_config):
+    """block.fresh_state(B): h = 0 and the memory's fresh state (no open or completed block, the
+    learned slots); a forward given it equals a forward given no state, outputs and state."""
+    config = tiny_config()
+    torch.manual_seed(25)
+    block = MMRecForCausalLM(config).model.layers[1]
+    B = 2
+    state = block.fresh_state(B)
+    assert torch.equal(state.h, torch.zeros(B, config.hidden_size))
+    memory = state.memory
+    for name in ("open_key_sum", "open_value_sum", "open_count", "block_keys", "block_values", "block_count"):
+        assert not memory.tensors()[name].any(), name
+    assert torch.equal(memory.slot_keys, block.memory.slot_keys.detach().expand(B, -1, -1))
+    assert torch.equal(memory.slot_values, block.memory.slot_values.detach().expand(B, -1, -1))
+    x = torch.randn(B, 21, config.hidden_size)
+    layout = token_layout(torch.ones(B, 21), None, torch.zeros(B, dtype=torch.long))
+    with torch.no_grad():
+        y_given, after_given = block(x, layout, state)
+        y_none, after_none = block(x, layout)
+    torch.testing.assert_close(y_given, y_none, rtol=0, atol=0)
+    for name, t in after_none.tensors().items():
+        torch.testing.assert_close(after_given.tensors()[name], t, rtol=0, atol=0, msg=name)

@@ -1,6 +1,7 @@
-"""The checkpoint folder as a Hub model: what save_pretrained writes, loading it with and without
-mm_rec installed (trust_remote_code), pipeline(), the model card, and loading broken
-checkpoints (see test_conformance.py for partial checkpoints)."""
+"""A checkpoint folder of mm_rec/modeling_mmrec.py as a Hub model: what save_pretrained writes,
+loading it with and without mm_rec installed (trust_remote_code), the Auto classes, pipeline(),
+the tokenizer, and partial checkpoints (the missing tensors initialised by _init_weights).
+Checkpoints that do not fit: test_loading.py."""
 
 import json
 import os
@@ -17,10 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from transformers.dynamic_module_utils import get_relative_import_files
 
 import mm_rec.modeling_mmrec
-from hf_common import tiny_model
-from mm_rec import MMRecConfig, MMRecForCausalLM
+from mm_rec import MMRecForCausalLM, MMRecModel
 from mm_rec.data import byte_level_tokenizer
-from mm_rec.hub import is_our_card, write_model_card
+from mm_rec.hub import is_our_card
+
+from common import VOCAB, fresh_process, random_ids, tokenizer_fields
 
 TEXT = "Now is the winter of our discontent made glorious summer"
 WEIGHTS = "model.safetensors"
@@ -32,11 +34,11 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, tokenizer):
+def saved(tmp_path_factory, tokenizer, tiny_model):
     """A tiny model with non-trivial norm weights, saved with its tokenizer; reference logits
     and a greedy continuation of TEXT written next to it."""
     path = tmp_path_factory.mktemp("checkpoint")
-    model = tiny_model(tokenizer).eval()
+    model = tiny_model(seed=0, **tokenizer_fields(tokenizer))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm1.weight") or name.endswith("readout_norm.weight"):
@@ -141,93 +143,159 @@ def test_loads_from_the_repo_and_through_the_auto_classes(saved, tokenizer):
     assert text == greedy_text(reference, new_tokens=4)
 
 
-def test_model_card_keeps_a_user_readme(tmp_path, tokenizer):
-    config = MMRecConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
-    user_card = tmp_path / "README.md"
-    user_card.write_text("# My own notes\n")
-    assert write_model_card(tmp_path, config) is False
-    assert user_card.read_text() == "# My own notes\n"
-    user_card.unlink()
-    assert write_model_card(tmp_path, config, metrics={"eval_loss": 1.5}) is True
-    assert write_model_card(tmp_path, config, metrics={"eval_loss": 1.25}) is True  # ours: rewritten
-    assert "| eval_loss | 1.2500 |" in user_card.read_text()
+def test_base_model_loads_from_the_causal_lm_checkpoint(tiny_checkpoint):
+    """The head-less MMRecModel takes the `model.` tensors of a causal-LM checkpoint."""
+    base = MMRecModel.from_pretrained(tiny_checkpoint)
+    full = MMRecForCausalLM.from_pretrained(tiny_checkpoint)
+    ids = random_ids((1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).last_hidden_state, full.model(ids).last_hidden_state, rtol=0, atol=0)
 
 
-# ----------------------------------------------------------------------------------- broken
-def _broken_copy(saved, tmp_path, edit):
-    path, _, _ = saved
-    broken = tmp_path / "broken"
-    shutil.copytree(path, broken)
-    edit(broken)
-    return broken
+# ---------------------------------------------------------------------------------------
+# Partial checkpoints: the missing tensors initialised as __init__ would
+# ---------------------------------------------------------------------------------------
+
+def _copy_without(tiny_checkpoint, folder, dropped):
+    shutil.copytree(tiny_checkpoint, folder)
+    tensors = load_file(folder / WEIGHTS)
+    for key in dropped:
+        tensors.pop(key)
+    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+    return folder
 
 
-def _edit_weights(fn):
-    def edit(folder):
-        tensors = load_file(folder / WEIGHTS)
-        fn(tensors)
-        save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
-    return edit
+PARTIAL = ["model.layers.1.ffn.up.weight", "model.layers.0.mdi.W_E.bias", "model.layers.0.hem.W_fused.bias",
+           "model.layers.1.memory.slot_values"]
 
 
-def _truncate(folder):
-    data = (folder / WEIGHTS).read_bytes()
-    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+AUTO_LOAD_SCRIPT = """
+    import json, sys
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    model, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, output_loading_info=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, sys.argv[2])
+    print(json.dumps(dict(module=type(model).__module__, missing=sorted(info["missing_keys"]),
+                          others=sorted(info["unexpected_keys"]) + sorted(k for k, *_ in info["mismatched_keys"]))))
+"""
 
 
-def _other_model_type(folder):
+@pytest.mark.parametrize("loader", ["package", "auto_remote_code"])
+def test_partial_checkpoint_initialises_exactly_the_missing_tensors(tiny_checkpoint, tmp_path, loader, tiny_model):
+    """Missing tensors are reported and initialised as __init__ would (the deterministic ones
+    equal a fresh model's, the random ones follow the init distribution); every loaded tensor,
+    including the other parameter of a half-loaded Linear, is the checkpoint's. The checkpoint's
+    own code (trust_remote_code, in a process where mm_rec's registration cannot take over) too."""
+    folder = _copy_without(tiny_checkpoint, tmp_path / "partial", PARTIAL)
+    checkpoint = load_file(folder / WEIGHTS)
+    if loader == "package":
+        model, info = MMRecForCausalLM.from_pretrained(folder, output_loading_info=True)
+        params = {k: v.detach() for k, v in model.state_dict().items()}
+        missing, others = sorted(info["missing_keys"]), [*info["unexpected_keys"], *info["mismatched_keys"]]
+    else:
+        result = fresh_process(AUTO_LOAD_SCRIPT, folder, tmp_path / "loaded.safetensors", tmp_path=tmp_path)
+        assert result["module"].startswith("transformers_modules.")
+        params, missing, others = load_file(tmp_path / "loaded.safetensors"), result["missing"], result["others"]
+    assert missing == sorted(PARTIAL) and not others
+    for key, tensor in checkpoint.items():
+        torch.testing.assert_close(params[key], tensor, rtol=0, atol=0, msg=key)
+    fresh = tiny_model(seed=123).state_dict()
+    torch.testing.assert_close(params["model.layers.0.mdi.W_E.bias"], fresh["model.layers.0.mdi.W_E.bias"], rtol=0, atol=0)
+    assert torch.equal(params["model.layers.0.hem.W_fused.bias"], torch.zeros(5 * 32 + 8))
+    up = params["model.layers.1.ffn.up.weight"]  # N(0, initializer_range): 4096 draws
+    assert abs(up.mean().item()) < 0.002 and abs(up.std().item() / 0.02 - 1) < 0.05
+    slots = params["model.layers.1.memory.slot_values"]  # N(0, 1)
+    assert torch.isfinite(slots).all() and 0.5 < slots.std().item() < 1.5
+    assert not torch.equal(slots, fresh["model.layers.1.memory.slot_values"])  # drawn, not copied
+
+
+def test_init_weights_on_a_half_loaded_linear_touches_only_the_unloaded_parameter(tiny_model):
+    """_init_weights applied to a module whose weight is flagged loaded: the weight keeps its
+    value bit for bit, the bias gets __init__'s value."""
+    model = tiny_model()
+    linear = model.model.layers[0].mdi.W_E
+    with torch.no_grad():
+        linear.weight.fill_(3.0)
+        linear.bias.fill_(7.0)
+    linear.weight._is_hf_initialized = True
+    model._init_weights(linear)
+    assert torch.equal(linear.weight, torch.full_like(linear.weight, 3.0))
+    assert torch.equal(linear.bias, tiny_model(seed=5).model.layers[0].mdi.W_E.bias)
+
+
+# ---------------------------------------------------------------------------------------
+# Auto classes and the tokenizer without remote code
+# ---------------------------------------------------------------------------------------
+
+def test_import_registers_the_auto_classes_for_a_folder_without_auto_map(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "no_auto_map"
+    shutil.copytree(tiny_checkpoint, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "llama"
+    del config["auto_map"]
     (folder / "config.json").write_text(json.dumps(config))
+    for name in os.listdir(folder):
+        if name.endswith(".py"):
+            os.remove(folder / name)
+    result = fresh_process("""
+        import json, sys, torch
+        import mm_rec
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        path = sys.argv[1]
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        ids = torch.arange(2, 13)[None]
+        with torch.no_grad():
+            logits = model(ids).logits
+            reference = mm_rec.MMRecForCausalLM.from_pretrained(path).eval()(ids).logits
+        print(json.dumps(dict(config=type(AutoConfig.from_pretrained(path)).__module__,
+                              causal=type(model).__module__ + "." + type(model).__name__,
+                              base=type(AutoModel.from_pretrained(path)).__name__,
+                              diff=(logits - reference).abs().max().item())))
+    """, folder, tmp_path=tmp_path)
+    assert result["config"] == "mm_rec.configuration_mmrec"
+    assert result["causal"] == "mm_rec.modeling_mmrec.MMRecForCausalLM"
+    assert result["base"] == "MMRecModel" and result["diff"] == 0.0
 
 
-BROKEN = {
-    "missing layer": (_edit_weights(lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.1.")]),
-                      "num_hidden_layers: the checkpoint has 1 layers, the config 2"),
-    "wrong shape": (_edit_weights(lambda t: t.update({"model.layers.0.W_o.weight": torch.zeros(32, 16)})),
-                    r"model.layers.0.W_o.weight \(checkpoint \(32, 16\), model \(32, 32\)\)"),
-    "truncated file": (_truncate, "corrupt or truncated"),
-    "config of another model type": (_other_model_type, "model_type 'llama', expected 'mmrec'"),
-}
+def test_import_maps_the_auto_classes_to_mmrec_without_remote_code(tmp_path, tiny_config):
+    """Importing mm_rec registers model_type "mmrec" with the Auto classes: from_config and a
+    saved config resolve to the package's classes directly."""
+    from transformers import AutoConfig, AutoModel
 
+    from mm_rec import MMRecConfig
 
-@pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_checkpoint_raises_naming_the_problem(saved, tmp_path, case):
-    edit, message = BROKEN[case]
-    broken = _broken_copy(saved, tmp_path, edit)
-    with pytest.raises(ValueError, match=message):
-        MMRecForCausalLM.from_pretrained(broken)
-    if case != "config of another model type":  # that folder's auto_map no longer applies
-        with pytest.raises(ValueError, match=message):
-            AutoModelForCausalLM.from_pretrained(broken, trust_remote_code=True)
-
-
-def test_tied_head_is_not_reported_missing(saved):
-    path, _, _ = saved
-    assert "lm_head.weight" not in load_file(path / WEIGHTS)
-    model, info = MMRecForCausalLM.from_pretrained(path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["mismatched_keys"]
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-
-
-def test_ignore_mismatched_sizes_reinitialises_as_asked(saved, tmp_path):
-    broken = _broken_copy(saved, tmp_path, BROKEN["wrong shape"][0])
-    model, info = MMRecForCausalLM.from_pretrained(broken, ignore_mismatched_sizes=True, output_loading_info=True)
-    assert [key for key, *_ in info["mismatched_keys"]] == ["model.layers.0.W_o.weight"]
-    assert model.model.layers[0].W_o.weight.shape == (32, 32)
-
-
-def test_register_auto_classes_resolves_mmrec_without_remote_code(tmp_path):
-    """With mm_rec installed, the Auto classes map model_type "mmrec" to its classes directly."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from mm_rec import MMRecConfig, MMRecForCausalLM
-    from mm_rec.hub import register_auto_classes
-
-    register_auto_classes()
-    config = MMRecConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         memory_block_size=4, memory_segment_length=8, num_memory_slots=2)
-    model = AutoModelForCausalLM.from_config(config)
-    assert type(model) is MMRecForCausalLM
+    config = tiny_config(num_hidden_layers=1)
+    assert type(AutoModelForCausalLM.from_config(config)) is MMRecForCausalLM
+    assert type(AutoModel.from_config(config)) is MMRecModel
     config.save_pretrained(tmp_path)
     assert type(AutoConfig.from_pretrained(tmp_path)) is MMRecConfig
+
+
+TOKENIZER_SCRIPT = """
+    import json, sys, time
+    {imports}
+    from transformers import AutoTokenizer
+    start = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(sys.argv[1]{kwargs})
+    print(json.dumps(dict(seconds=time.monotonic() - start, ids=tokenizer("To be, or not to be").input_ids,
+                          eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)))
+"""
+
+
+@pytest.mark.parametrize("imports,kwargs", [("import mm_rec", ""), ("", ", trust_remote_code=True"),
+                                            ("", ", trust_remote_code=False")])
+def test_tokenizer_of_a_checkpoint_loads_without_asking(tiny_checkpoint, tmp_path, imports, kwargs):
+    """stdin closed: transformers' remote-code question would be printed and answered by EOF.
+    AutoTokenizer reads the folder's config.json first (transformers 5.x); with mm_rec imported the
+    config class is registered locally, so nothing is asked; a process without mm_rec must say
+    trust_remote_code (True, as the model card does, or False: the tokenizer needs no remote code)."""
+    from mm_rec.data import byte_level_tokenizer
+
+    folder = tmp_path / "with_tokenizer"
+    shutil.copytree(tiny_checkpoint, folder)
+    tokenizer = byte_level_tokenizer()
+    tokenizer.save_pretrained(folder)
+    result = fresh_process(TOKENIZER_SCRIPT.format(imports=imports, kwargs=kwargs), folder, tmp_path=tmp_path,
+                           stdin=subprocess.DEVNULL, timeout=120)
+    assert "Do you wish to run the custom code" not in result["_output"]
+    assert result["ids"] == tokenizer("To be, or not to be").input_ids
+    assert (result["eos"], result["pad"]) == (tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -47,7 +47,8 @@ def test_forward_and_backward_match_naive(T, D, use_h0, resets):
     grad_h, grad_h_T = randn(B, T, D, seed=2), randn(B, D, seed=3)
     d_x, d_log_gamma, d_h0 = scan_triton.scan_bwd(grad_h, grad_h_T, h, log_gamma, h0)
     h0_ref = torch.zeros(B, D) if h0 is None else h0.cpu()
-    ref_d_x, ref_d_log_gamma, ref_d_h0 = naive_scan_grads(x.cpu(), log_gamma.cpu(), h0_ref, grad_h.cpu(), grad_h_T.cpu())
+    ref_d_x, ref_d_log_gamma, ref_d_h0 = naive_scan_grads(x.cpu(), log_gamma.cpu(), h0_ref, grad_h.cpu(),
+                                                          grad_h_T.cpu())
     assert torch.isfinite(d_log_gamma).all(), "d_log_gamma must be 0, not NaN, at resets"
     torch.testing.assert_close(d_x.double().cpu(), ref_d_x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d_log_gamma.double().cpu(), ref_d_log_gamma, rtol=1e-5, atol=1e-5)
