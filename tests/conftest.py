@@ -1,5 +1,6 @@
 """Test environment: offline Hugging Face, scratch caches, Triton interpreted on CPU, a random
-state seeded per test, and the one tiny config (``tiny_config``) with its model (``tiny_model``)."""
+state seeded per test, and the one tiny config (``tiny_config``) with its model (``tiny_model``)
+and a saved checkpoint of that model (``tiny_checkpoint``)."""
 
 import os
 import random

@@ -46,9 +46,9 @@ def test_checkpoint_of_another_layer_layout_names_use_hem(tiny_checkpoint):
 # Broken checkpoints
 # ---------------------------------------------------------------------------------------
 
-def _broken_copy(tiny_checkpoint, tmp_path, edit):
+def _broken_copy(checkpoint, tmp_path, edit):
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_checkpoint, broken)
+    shutil.copytree(checkpoint, broken)
     edit(broken)
     return broken
 

@@ -22,7 +22,7 @@ from mm_rec import MMRecForCausalLM, MMRecModel
 from mm_rec.data import byte_level_tokenizer
 from mm_rec.hub import is_our_card
 
-from common import VOCAB, fresh_process, random_ids, tokenizer_fields
+from common import fresh_process, random_ids, tokenizer_fields
 
 TEXT = "Now is the winter of our discontent made glorious summer"
 WEIGHTS = "model.safetensors"
@@ -156,8 +156,8 @@ def test_base_model_loads_from_the_causal_lm_checkpoint(tiny_checkpoint):
 # Partial checkpoints: the missing tensors initialised as __init__ would
 # ---------------------------------------------------------------------------------------
 
-def _copy_without(tiny_checkpoint, folder, dropped):
-    shutil.copytree(tiny_checkpoint, folder)
+def _copy_without(checkpoint, folder, dropped):
+    shutil.copytree(checkpoint, folder)
     tensors = load_file(folder / WEIGHTS)
     for key in dropped:
         tensors.pop(key)
