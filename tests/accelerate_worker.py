@@ -1,7 +1,7 @@
 """Trains a tiny MM-Rec for a few steps with Trainer and writes rank 0's per-step losses and a
 weight checksum to OUT/result.json. Run once as plain python and once under
 ``accelerate launch --multi_gpu --num_processes 2`` (no GPU visible: gloo on CPU) with half the
-per-device batch (test_hf_training.py::test_accelerate_two_cpu_processes_match_one)."""
+per-device batch (test_modeling_mmrec_trainer.py::test_accelerate_two_cpu_processes_match_one)."""
 
 import argparse
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from hf_common import corpus_blocks, cpu_trainer, step_losses, tiny_model
+from common import corpus_blocks, cpu_trainer, step_losses, tiny_model, tokenizer_fields
 from mm_rec.data import byte_level_tokenizer
 
 
@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     tokenizer = byte_level_tokenizer()
-    trainer = cpu_trainer(tiny_model(tokenizer), tokenizer, corpus_blocks(tokenizer, block_size=32, rows=64),
+    model = tiny_model(seed=0, **tokenizer_fields(tokenizer))
+    trainer = cpu_trainer(model, tokenizer, corpus_blocks(tokenizer, block_size=32, rows=64),
                           args.out, max_steps=6, per_device_train_batch_size=args.per_device_batch)
     trainer.train()
     if trainer.is_world_process_zero():

@@ -1,5 +1,6 @@
-"""Test environment: offline Hugging Face, scratch caches, Triton interpreted on CPU, and a
-random state seeded per test."""
+"""Test environment: offline Hugging Face, scratch caches, Triton interpreted on CPU, a random
+state seeded per test, and the one tiny config (``tiny_config``) with its model (``tiny_model``)
+and a saved checkpoint of that model (``tiny_checkpoint``)."""
 
 import os
 import random
@@ -18,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import common  # noqa: E402
 
 
 def pytest_configure(config):
@@ -44,3 +47,25 @@ def seed_per_test(request):
     np.random.seed(seed)
     torch.manual_seed(seed)
     yield seed
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The one tiny config: ``tiny_config(**overrides)`` (tests/common.py)."""
+    return common.tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``tiny_model(seed=0, **overrides)``: the model of ``tiny_config(**overrides)``, eval mode,
+    weights drawn after ``torch.manual_seed(seed)``."""
+    return common.tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A folder written by ``tiny_model(seed=0).save_pretrained`` (weights, config, code, card;
+    no tokenizer). Tests that change it work on a copy."""
+    path = tmp_path_factory.mktemp("tiny_checkpoint") / "model"
+    common.tiny_model(seed=0).save_pretrained(path)
+    return path

@@ -1,6 +1,10 @@
-"""Ground truth for the tests: readable per-token loops written from docs/ARCHITECTURE.md."""
+"""Ground truth for the tests: readable per-token loops and formulas written from
+docs/ARCHITECTURE.md (and transformers' causal-LM loss). None of them calls mm_rec."""
+
+import math
 
 import torch
+import torch.nn.functional as F
 
 
 def naive_scan(x, log_gamma, initial_state=None):
@@ -13,6 +17,49 @@ def naive_scan(x, log_gamma, initial_state=None):
         h = x[:, t].double() + gamma[:, t] * h
         out.append(h)
     return torch.stack(out, 1), h
+
+
+def naive_scan_grads(x, log_gamma, h0, grad_h, grad_h_T):
+    """Autograd through the float64 naive_scan: (d_x, d_log_gamma, d_h0) of sum(h grad_h) + sum(h_T grad_h_T)."""
+    x, log_gamma, h0 = (t.detach().double().requires_grad_() for t in (x, log_gamma, h0))
+    h, h_T = naive_scan(x, log_gamma, h0)
+    ((h * grad_h.double()).sum() + (h_T * grad_h_T.double()).sum()).backward()
+    return x.grad, log_gamma.grad, h0.grad
+
+
+def naive_gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def naive_rms_norm(x, weight, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def naive_log_gamma(a):
+    """log gamma = clamp(log sigmoid(a), log 1e-6, log(1 - 1e-6)), from the decay logits a, in float64."""
+    return (-torch.log1p(torch.exp(-a.double()))).clamp(math.log(1e-6), math.log1p(-1e-6))
+
+
+def naive_decay(p, W_E, b_E):
+    """MDI's decay generator: log gamma = clamp(log sigmoid(W_E GELU(p) + b_E)), in float64."""
+    return naive_log_gamma(naive_gelu(p.double()) @ W_E.double().T + b_E.double())
+
+
+def naive_recurrence_inputs(a, gate_logits, z, real, reset):
+    """The scan's inputs of the "input" mode from the decay logits a, in float64:
+    x = (1 - gamma) sigmoid(g~) z and carry = log gamma (0 at padding, -inf at a reset)."""
+    log_gamma = naive_log_gamma(a).masked_fill(~real[..., None], 0.0)
+    x = -torch.expm1(log_gamma) * torch.sigmoid(gate_logits.double()) * z.double()
+    return x, log_gamma.masked_fill(reset[..., None], float("-inf"))
+
+
+def naive_causal_lm_loss(hidden, weight, labels, num_items_in_batch=None):
+    """transformers' causal-LM loss written out: logits, shift by one, -100 ignored; summed over
+    tokens and divided by num_items_in_batch (default: the number of scored tokens)."""
+    logits = (hidden @ weight.T).double()
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
 
 
 def naive_positions(attention_mask, position_ids=None):
@@ -126,3 +173,38 @@ def naive_memory_attention(q, k, v, slot_keys, slot_values, block_size, segment_
                 open_block = []
         finals.append({"slot_keys": K, "slot_values": V, "summaries": summaries, "open_block": open_block})
     return out, finals
+
+
+def naive_block(block, config, x, attention_mask, position_ids):
+    """docs/ARCHITECTURE.md section 1 for one block, written out in float64 from its parameters.
+    Returns (h, y)."""
+    P = {name: p.detach().double() for name, p in block.named_parameters()}
+    d, eps = config.hidden_size, config.rms_norm_eps
+    x = x.double()
+    u = naive_rms_norm(x, P["norm1.weight"], eps)
+    names = ["q", "k", "v", "z"] + (["g"] if config.recurrence_gate == "input" else []) + ["p"]
+    widths = [config.pe_dim if n == "p" else d for n in names]
+    if config.use_hem:
+        W = dict(zip(names, P["hem.W_fused.weight"].split(widths)))
+        bias = dict(zip(names, P["hem.W_fused.bias"].split(widths)))
+    else:
+        W = {n: P[f"hem.W_{n}.weight"] for n in names}
+        bias = {n: P[f"hem.W_{n}.bias"] for n in names}
+    proj = {n: u @ W[n].T + bias[n] for n in names}
+    log_gamma = naive_decay(proj["p"], P["mdi.W_E.weight"], P["mdi.W_E.bias"])
+    real = attention_mask.bool()
+    reset = real & (position_ids == 0) if position_ids is not None else None
+    if config.recurrence_gate == "input":
+        h, _ = naive_recurrence(proj["z"], log_gamma, real, reset, gate_logits=proj["g"])
+    else:
+        h, _ = naive_recurrence(proj["z"], log_gamma, real, reset,
+                                state_gate=(P["state_gate.W_g.weight"], P["state_gate.W_g.bias"]))
+    H = config.num_attention_heads
+    r = naive_rms_norm(h.unflatten(-1, (H, -1)), 1.0, eps).flatten(-2) * P["readout_norm.weight"]
+    m, _ = naive_memory_attention(
+        proj["q"], proj["k"], proj["v"], P["memory.slot_keys"], P["memory.slot_values"],
+        config.memory_block_size, config.memory_segment_length, config.memory_decay, H, attention_mask, position_ids,
+    )
+    x = x + (r + m) @ P["W_o.weight"].T
+    ffn = naive_gelu(naive_rms_norm(x, P["norm2.weight"], eps) @ P["ffn.up.weight"].T) @ P["ffn.down.weight"].T
+    return h, x + ffn

@@ -5,17 +5,18 @@ stream's cache as the eager step would (GPU only)."""
 import pytest
 import torch
 
-from mm_rec import MMRecConfig, MMRecForCausalLM
+from mm_rec import MMRecForCausalLM
 
 pytestmark = pytest.mark.gpu
 
 
-def gpu_model(dtype=torch.float32, **overrides):
+def gpu_model(tiny_config, dtype=torch.float32):
+    """Width 64 and a vocabulary of 97 (ids 2..96 in the prompts); no eos, so every row runs to
+    max_new_tokens; the default (auto, so Triton) scan backend."""
     torch.manual_seed(0)
-    fields = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, memory_block_size=4,
-                  memory_segment_length=16, num_memory_slots=3, eos_token_id=None, pad_token_id=0)
-    fields.update(overrides)
-    return MMRecForCausalLM(MMRecConfig(**fields)).to("cuda", dtype).eval()
+    config = tiny_config(vocab_size=97, hidden_size=64, num_attention_heads=4, num_memory_slots=3, eos_token_id=None,
+                         scan_backend="auto")
+    return MMRecForCausalLM(config).to("cuda", dtype).eval()
 
 
 def prompts():
@@ -32,8 +33,8 @@ def run(model, graph, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_tokens_and_cache_equal_the_eager_steps(dtype):
-    model = gpu_model(dtype)
+def test_greedy_tokens_and_cache_equal_the_eager_steps(dtype, tiny_config):
+    model = gpu_model(tiny_config, dtype)
     ids, mask = prompts()
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False)  # crosses 2+ folds
     eager = run(model, False, **kwargs)
@@ -44,11 +45,11 @@ def test_greedy_tokens_and_cache_equal_the_eager_steps(dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for got, want in zip(graphed.cache.layers, eager.cache.layers):
         for name, t in want.tensors().items():
-            torch.testing.assert_close(getattr(got, name), t, rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(got.tensors()[name], t, rtol=0, atol=0, msg=name)
 
 
-def test_seeded_sampling_equals_the_eager_steps():
-    model = gpu_model()
+def test_seeded_sampling_equals_the_eager_steps(tiny_config):
+    model = gpu_model(tiny_config)
     ids, mask = prompts()
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=True, top_k=20, temperature=0.9)
     torch.manual_seed(5)
@@ -58,10 +59,10 @@ def test_seeded_sampling_equals_the_eager_steps():
     assert torch.equal(graphed.sequences, eager.sequences)
 
 
-def test_two_streams_share_the_graph_without_mixing_their_states():
+def test_two_streams_share_the_graph_without_mixing_their_states(tiny_config):
     """Stream A, then stream B (same batch size, so the same graph and buffers), then A again:
     A's cache must still be A's."""
-    model = gpu_model()
+    model = gpu_model(tiny_config)
     ids, mask = prompts()
     other = torch.flip(ids, [1])
     kwargs = dict(max_new_tokens=12, do_sample=False)

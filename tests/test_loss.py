@@ -1,19 +1,15 @@
-"""mm_rec/loss.py: the chunked linear + cross-entropy against the plain definition."""
+"""mm_rec/loss.py: the chunked linear + cross-entropy against the plain definition
+(tests/naive.py), and the model's loss: shifted by one token, -100 ignored, the same through the
+training path (no logits) and the evaluation path."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mm_rec import MMRecConfig, MMRecForCausalLM
 from mm_rec.loss import causal_lm_loss
 
-
-def reference_loss(hidden, weight, labels, num_items_in_batch=None):
-    """transformers' causal-LM loss written out: logits, shift by one, -100 ignored."""
-    logits = (hidden @ weight.T).double()
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
+from common import VOCAB, random_ids
+from naive import naive_causal_lm_loss
 
 
 def inputs(seed, B=3, T=17, d=8, V=50):
@@ -31,7 +27,7 @@ def test_loss_and_gradients_equal_the_definition(chunk_rows, num_items):
     hidden, weight, labels = inputs(0)
     grads = []
     for fn in (lambda h, w: causal_lm_loss(h, w, labels, num_items, chunk_rows=chunk_rows),
-               lambda h, w: reference_loss(h, w, labels, num_items)):
+               lambda h, w: naive_causal_lm_loss(h, w, labels, num_items)):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         loss = fn(h, w)
         (3.0 * loss).backward()  # a non-unit upstream gradient
@@ -45,7 +41,7 @@ def test_frozen_head_gets_no_gradient_and_hidden_still_does():
     h = hidden.clone().requires_grad_()
     causal_lm_loss(h, weight, labels, chunk_rows=5).backward()
     ref = hidden.clone().requires_grad_()
-    reference_loss(ref, weight, labels).backward()
+    naive_causal_lm_loss(ref, weight, labels).backward()
     torch.testing.assert_close(h.grad, ref.grad, rtol=1e-12, atol=1e-12)
 
 
@@ -54,18 +50,15 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = causal_lm_loss(hidden, weight, labels, chunk_rows=16)
     assert loss.dtype == torch.float32
-    ref = reference_loss(hidden.double(), weight.double(), labels)
+    ref = naive_causal_lm_loss(hidden.double(), weight.double(), labels)
     assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())  # bf16 operands
 
 
-def test_model_training_loss_equals_the_logits_loss():
+def test_model_training_loss_equals_the_logits_loss(tiny_model):
     """The model's training path (no logits) and its evaluation path (logits, then the loss)
     give the same loss and the same gradients."""
-    torch.manual_seed(3)
-    config = MMRecConfig(vocab_size=70, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         memory_block_size=4, memory_segment_length=8, num_memory_slots=2, scan_backend="torch")
-    model = MMRecForCausalLM(config).double().train()
-    ids = torch.randint(0, 70, (2, 21))
+    model = tiny_model(seed=3).double().train()
+    ids = random_ids((2, 21), seed=3)
     labels = ids.clone()
     labels[1, :4] = -100
     out = model(ids, labels=labels)
@@ -74,8 +67,25 @@ def test_model_training_loss_equals_the_logits_loss():
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     hidden = model.model(ids).last_hidden_state
-    reference = reference_loss(hidden, model.lm_head.weight, labels)
+    reference = naive_causal_lm_loss(hidden, model.lm_head.weight, labels)
     reference.backward()
     torch.testing.assert_close(out.loss, reference, rtol=1e-12, atol=1e-12)
     for name, param in model.named_parameters():
         torch.testing.assert_close(fused[name], param.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_loss_is_shifted_cross_entropy_ignoring_minus_100(tiny_model):
+    model = tiny_model(seed=3)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    labels = ids.clone()
+    labels[0, 5] = labels[1, :3] = labels[1, 12] = -100
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, VOCAB).double()
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    manual = -logits[keep].log_softmax(-1).gather(1, targets[keep, None]).mean()
+    torch.testing.assert_close(out.loss.double(), manual, rtol=1e-5, atol=1e-6)
+    # An independent check that the shift is by exactly one token: labels = ids predicts ids[t + 1].
+    unshifted = F.cross_entropy(out.logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    assert not torch.isclose(out.loss, unshifted)

@@ -1,4 +1,4 @@
-"""mm_rec/recurrence_triton.py: the fused recurrence inputs against the PyTorch formulas (float64),
+"""mm_rec/recurrence_triton.py: the fused recurrence inputs against the formulas (tests/naive.py, float64),
 forward and backward, including decays within 1e-6 of 1 and of the clamp, padding and resets."""
 
 import math
@@ -6,22 +6,15 @@ import math
 import pytest
 import torch
 
-import torch.nn.functional as F
-
 from mm_rec.recurrence import LOG_GAMMA_MAX, LOG_GAMMA_MIN
 from mm_rec.recurrence_triton import AVAILABLE
+
+from naive import naive_recurrence_inputs
 
 pytestmark = [pytest.mark.skipif(not AVAILABLE, reason="triton is not installed"),
               # the interpreter evaluates both sides of tl.where; the unselected side may divide by 0
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def reference(a, g, z, real, reset):
-    """docs/ARCHITECTURE.md section 1 in float64."""
-    log_gamma = F.logsigmoid(a).clamp(math.log(1e-6), math.log1p(-1e-6)).masked_fill(~real[..., None], 0.0)
-    x = -torch.expm1(log_gamma) * torch.sigmoid(g) * z
-    return x, log_gamma.masked_fill(reset[..., None], float("-inf"))
 
 
 def inputs(seed, B=2, T=9, d=37, dtype=torch.float32):
@@ -47,7 +40,7 @@ def test_forward_and_backward_equal_the_formulas(dtype, tol):
     dev = [t.to(DEVICE) for t in (a, g, z, real, reset)]
     x, carry = recurrence_inputs_fwd(*dev, LOG_GAMMA_MIN, LOG_GAMMA_MAX)
     leaves = [t.double().requires_grad_() for t in (a, g, z)]  # the bf16 values, exactly, in float64
-    x_ref, carry_ref = reference(*leaves, real, reset)
+    x_ref, carry_ref = naive_recurrence_inputs(*leaves, real, reset)
     assert x.dtype == carry.dtype == torch.float32
     torch.testing.assert_close(x.cpu().double(), x_ref.detach(), rtol=tol, atol=1e-12)
     torch.testing.assert_close(carry.cpu().double(), carry_ref.detach(), rtol=tol, atol=1e-12)

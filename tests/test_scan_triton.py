@@ -1,11 +1,11 @@
-"""The Triton scan against the naive loop (CPU: interpreted, tiny shapes; GPU: real shapes)."""
+"""mm_rec/scan_triton.py: the Triton scan against the naive loop (CPU: interpreted, tiny shapes; GPU: real shapes)."""
 
 import pytest
 import torch
 
 from mm_rec import scan_triton
 from mm_rec.scan import scan
-from naive import naive_scan
+from naive import naive_scan, naive_scan_grads
 
 pytestmark = pytest.mark.skipif(not scan_triton.AVAILABLE, reason="triton is not installed")
 
@@ -33,14 +33,6 @@ def randn(*shape, seed, device=DEVICE):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def naive_grads(x, log_gamma, h0, grad_h, grad_h_T):
-    """Autograd through the float64 naive loop: (d_x, d_log_gamma, d_h0)."""
-    x, log_gamma, h0 = (t.detach().double().requires_grad_() for t in (x, log_gamma, h0))
-    h, h_T = naive_scan(x, log_gamma, h0)
-    ((h * grad_h.double()).sum() + (h_T * grad_h_T.double()).sum()).backward()
-    return x.grad, log_gamma.grad, h0.grad
-
-
 @pytest.mark.parametrize("T, D, use_h0, resets", [(63, 37, True, True), (1, 5, False, False), (40, 16, False, True)])
 def test_forward_and_backward_match_naive(T, D, use_h0, resets):
     B = 2
@@ -55,7 +47,8 @@ def test_forward_and_backward_match_naive(T, D, use_h0, resets):
     grad_h, grad_h_T = randn(B, T, D, seed=2), randn(B, D, seed=3)
     d_x, d_log_gamma, d_h0 = scan_triton.scan_bwd(grad_h, grad_h_T, h, log_gamma, h0)
     h0_ref = torch.zeros(B, D) if h0 is None else h0.cpu()
-    ref_d_x, ref_d_log_gamma, ref_d_h0 = naive_grads(x.cpu(), log_gamma.cpu(), h0_ref, grad_h.cpu(), grad_h_T.cpu())
+    ref_d_x, ref_d_log_gamma, ref_d_h0 = naive_scan_grads(x.cpu(), log_gamma.cpu(), h0_ref, grad_h.cpu(),
+                                                          grad_h_T.cpu())
     assert torch.isfinite(d_log_gamma).all(), "d_log_gamma must be 0, not NaN, at resets"
     torch.testing.assert_close(d_x.double().cpu(), ref_d_x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d_log_gamma.double().cpu(), ref_d_log_gamma, rtol=1e-5, atol=1e-5)
@@ -76,7 +69,7 @@ def test_bf16_inputs():
 
     grad_h, grad_h_T = randn(B, T, D, seed=6).bfloat16(), randn(B, D, seed=7)
     grads = scan_triton.scan_bwd(grad_h, grad_h_T, h, log_gamma, h0)
-    refs = naive_grads(x.cpu(), log_gamma.cpu(), h0.cpu(), grad_h.cpu(), grad_h_T.cpu())
+    refs = naive_scan_grads(x.cpu(), log_gamma.cpu(), h0.cpu(), grad_h.cpu(), grad_h_T.cpu())
     for got, ref, dtype in zip(grads, refs, (torch.bfloat16, torch.bfloat16, torch.float32)):
         assert got.dtype == dtype
         assert rel_err(got.cpu(), ref) < 2e-2  # h is saved in bf16, so d_log_gamma sees its rounding

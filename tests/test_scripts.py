@@ -85,28 +85,6 @@ def test_trained_folder_holds_the_run(trained):
     assert all(math.isfinite(entry["eval_bits_per_byte"]) for entry in history if "eval_loss" in entry)
 
 
-def test_corpus_from_jsonl_and_a_saved_dataset(tmp_path):
-    import datasets
-
-    records = [{"text": f"document {i}\nwith two lines", "id": i} for i in range(5)]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
-    corpus = load_corpus([str(tmp_path / "a.jsonl")])
-    assert list(corpus.documents.values()) == [r["text"] for r in records] and corpus.validation is None
-    train_texts, held_out = split_corpus(corpus, 0.2)
-    assert len(held_out) == 1 and set(held_out.values()) | set(train_texts.values()) == set(corpus.documents.values())
-
-    datasets.DatasetDict(train=datasets.Dataset.from_list(records[:3]), validation=datasets.Dataset.from_list(records[3:])
-                         ).save_to_disk(str(tmp_path / "saved"))
-    train_texts, held_out = split_corpus(load_corpus([str(tmp_path / "saved")], max_documents=2), 0.05)
-    assert list(train_texts.values()) == [records[0]["text"], records[1]["text"]]
-    assert list(held_out.values()) == [records[3]["text"], records[4]["text"]]
-
-    (tmp_path / "one.txt").write_text("line one\nline two\nline three\nline four\n")
-    train_texts, held_out = split_corpus(load_corpus([str(tmp_path / "one.txt")]), 0.3)
-    assert "".join(train_texts.values()) + "".join(held_out.values()) == "line one\nline two\nline three\nline four"
-    assert list(held_out.values()) == ["\nline three\nline four"]  # the last line break before 70%
-
-
 def test_evaluate_beats_the_untrained_model_and_counts_bytes(trained, data_dir, tmp_path, capsys):
     assert evaluate_script.main([str(trained), "--output", str(tmp_path / "eval.json")]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -286,17 +264,6 @@ def test_generate_and_evaluate_bad_flags_are_one_line_errors(trained, bad_data, 
     ]
     for argv, named in evaluate_cases:
         assert_one_line_error(capsys, evaluate_script.main(argv), named)
-
-
-@pytest.mark.parametrize("preset, low, high", [("tiny", 0.01, 0.1), ("laptop", 1.0, 1.5), ("gpu-small", 15, 25), ("gpu-130m", 100, 135)])
-def test_preset_sizes(preset, low, high):
-    from mm_rec import MMRecConfig, MMRecForCausalLM
-    from mm_rec.training import PRESETS
-
-    config = MMRecConfig(vocab_size=PRESETS[preset]["vocab_size"], **PRESETS[preset]["model"])
-    with torch.device("meta"):
-        model = MMRecForCausalLM(config)
-    assert low <= model.num_parameters() / 1e6 <= high
 
 
 @pytest.mark.gpu

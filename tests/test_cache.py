@@ -1,0 +1,289 @@
+"""mm_rec/cache.py: MMRecCache and LayerState. The flat tensors of a layer's state, cache files
+(round trip bit for bit, every field checked, atomic writes), a cache that does not fit the model
+refused, a tiny_checkpoint and reloaded stream that continues exactly, detach() for truncated backprop,
+and one cache type for every copy of the code (the package's and a checkpoint's)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mm_rec
+from mm_rec import LayerState, MMRecCache
+from mm_rec.cache import CACHE_FORMAT_VERSION
+
+from common import VOCAB, fresh_process, random_ids
+
+
+def test_layer_state_flat_tensors_round_trip(tiny_model):
+    """LayerState.tensors() is the flat {name: tensor} of LayerState.shapes (h, then the memory's
+    fields); from_tensors inverts it; map applies a function to every tensor."""
+    model = tiny_model()
+    with torch.no_grad():
+        cache = model(random_ids((3, 23), seed=18), use_cache=True).cache
+    config = model.config
+    shapes = LayerState.shapes(3, config.hidden_size, config.blocks_per_segment, config.num_memory_slots)
+    for layer in cache.layers:
+        flat = layer.tensors()
+        assert list(flat) == list(shapes) and list(flat)[0] == "h"
+        assert {name: tuple(t.shape) for name, t in flat.items()} == shapes
+        assert flat["h"] is layer.h and all(flat[n] is t for n, t in layer.memory.tensors().items())
+        again = LayerState.from_tensors(flat)
+        assert again.h is layer.h and all(again.memory.tensors()[n] is t for n, t in layer.memory.tensors().items())
+        doubled = layer.map(lambda t: t * 2)
+        assert isinstance(doubled, LayerState)
+        for name, t in flat.items():
+            assert torch.equal(doubled.tensors()[name], t * 2), name
+
+
+# ---------------------------------------------------------------------------------------
+# Cache files
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cache_file(tmp_path, tiny_model):
+    """A valid cache file (2 layers, 2 rows) and its tensors and metadata, to break."""
+    model = tiny_model()
+    with torch.no_grad():
+        cache = model(random_ids((2, 23)), use_cache=True).cache
+    path = tmp_path / "stream.safetensors"
+    cache.save(path)
+    meta = {"format": "mmrec-cache", "version": str(CACHE_FORMAT_VERSION), "num_layers": "2"}
+    return path, cache, load_file(path), meta, model.config
+
+
+def test_cache_file_round_trip(cache_file):
+    path, cache, _, _, config = cache_file
+    loaded = MMRecCache.load(path, config=config)
+    torch.testing.assert_close(loaded.position, cache.position, rtol=0, atol=0)
+    for a, b in zip(loaded.layers, cache.layers):
+        for name, t in b.tensors().items():
+            torch.testing.assert_close(a.tensors()[name], t, rtol=0, atol=0, msg=name)
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left
+
+
+def _rewrite(path, tensors, meta):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=meta)
+
+
+def _drop(name):
+    return lambda t, m: t.pop(name)
+
+
+BAD_CACHE_FILES = {
+    "no version": (lambda t, m: m.pop("version"), "no 'version'"),
+    "newer version": (lambda t, m: m.update(version="2"), "format version 2 \\(written by a newer mm_rec\\)"),
+    "version not an integer": (lambda t, m: m.update(version="one"), "version must be an integer, got 'one'"),
+    "no num_layers": (lambda t, m: m.pop("num_layers"), "no 'num_layers'"),
+    "num_layers not an integer": (lambda t, m: m.update(num_layers="2.5"), "num_layers must be an integer, got '2.5'"),
+    "num_layers negative": (lambda t, m: m.update(num_layers="-1"), "num_layers must be at least 1, got -1"),
+    "num_layers zero": (lambda t, m: m.update(num_layers="0"), "num_layers must be at least 1, got 0"),
+    "num_layers too large": (lambda t, m: m.update(num_layers="3"), "missing tensors \\['layers.2."),
+    "num_layers too small": (lambda t, m: m.update(num_layers="1"), "unexpected tensors \\['layers.1."),
+    "missing tensor": (_drop("layers.1.slot_keys"), "missing tensors \\['layers.1.slot_keys'\\]"),
+    "missing position": (_drop("position"), "missing tensors \\['position'\\]"),
+    "wrong dtype": (lambda t, m: t.update({"layers.0.h": t["layers.0.h"].double()}),
+                    "layer 0 h has dtype torch.float64, expected torch.float32"),
+    "float counts": (lambda t, m: t.update({"layers.1.block_count": t["layers.1.block_count"].float()}),
+                     "layer 1 block_count has dtype torch.float32"),
+    "width differs across layers": (lambda t, m: t.update({"layers.1.h": torch.zeros(2, 16)}),
+                                    "layer 1 h has shape \\(2, 16\\), expected \\(2, 32\\)"),
+    "rows differ across layers": (lambda t, m: t.update({"layers.1.slot_values": t["layers.1.slot_values"][:1]}),
+                                  "layer 1 slot_values has shape \\(1, 4, 32\\)"),
+    "position shape": (lambda t, m: t.update(position=t["position"][:, None]), "position must be a \\[B\\] int64"),
+    "position dtype": (lambda t, m: t.update(position=t["position"].int()), "position must be a \\[B\\] int64"),
+    "negative position": (lambda t, m: t.update(position=-t["position"]), "must not be negative"),
+    "not a cache file": (lambda t, m: m.update(format="something-else"), "is not an MMRecCache file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CACHE_FILES))
+def test_bad_cache_file_raises_naming_the_field(cache_file, case):
+    path, _, tensors, meta, _ = cache_file
+    edit, message = BAD_CACHE_FILES[case]
+    edit(tensors, meta)
+    _rewrite(path, tensors, meta)
+    with pytest.raises(ValueError, match=message):
+        MMRecCache.load(path)
+
+
+def test_cache_file_of_another_model_is_refused(cache_file, tiny_config):
+    path, _, _, _, config = cache_file
+    with pytest.raises(ValueError, match="cache has 2 layers, the model has 3"):
+        MMRecCache.load(path, config=tiny_config(num_hidden_layers=3))
+    with pytest.raises(ValueError, match="slot_keys has shape"):
+        MMRecCache.load(path, config=tiny_config(num_memory_slots=5))
+
+
+def test_truncated_cache_file_is_refused(cache_file):
+    path = cache_file[0]
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read an MMRecCache"):
+        MMRecCache.load(path)
+
+
+def test_cache_save_onto_a_directory_refuses_before_writing(cache_file, tmp_path):
+    _, cache, _, _, _ = cache_file
+    target = tmp_path / "folder"
+    target.mkdir()
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match="is a directory"):
+        cache.save(target)
+    assert sorted(os.listdir(tmp_path)) == before and os.listdir(target) == []
+
+
+def test_cache_save_failing_midway_leaves_the_old_file_and_no_temporary(cache_file, monkeypatch):
+    path, cache, _, _, _ = cache_file
+    before = path.read_bytes()
+
+    def write_half_then_fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mm_rec.cache, "save_file", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        cache.save(path)
+    assert os.listdir(path.parent) == [path.name] and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+@pytest.mark.parametrize("device", [None, "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_cache_save_load_continues_identically(tmp_path, with_config, device, tiny_model):
+    """save -> load (checked against a config or not; onto a device or the default CPU) gives
+    back every tensor bit for bit, and the stream continues as if never interrupted. The rows
+    are left-padded differently, so positions, open blocks and block counts differ per row."""
+    model = tiny_model()
+    ids = torch.randint(2, VOCAB, (2, 33))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = model(ids[:, :21], attention_mask=mask[:, :21], use_cache=True).cache
+        path = tmp_path / "chat.safetensors"
+        cache.save(path)
+        restored = MMRecCache.load(path, **({"config": model.config} if with_config else {}),
+                                   **({} if device is None else {"device": device}))
+        assert restored.position.device.type == (device or "cpu")
+        assert torch.equal(restored.position.cpu(), cache.position) and cache.position.tolist() == [21, 15]
+        for saved_layer, loaded_layer in zip(cache.layers, restored.layers):
+            for name, t in saved_layer.tensors().items():
+                loaded = loaded_layer.tensors()[name]
+                assert loaded.dtype == t.dtype and torch.equal(loaded.cpu(), t), name
+        on = device or "cpu"
+        tail = model.to(on)(ids[:, 21:].to(on), attention_mask=mask[:, 21:].to(on), cache=restored, use_cache=True).logits
+    assert (tail.cpu() - full[:, 21:]).abs().max() <= 1e-4
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------
+# A cache that does not fit the model; detach()
+# ---------------------------------------------------------------------------------------
+
+def test_cache_of_another_model_batch_or_dtype_is_refused(tmp_path, tiny_model):
+    model = tiny_model()
+    ids = torch.randint(2, VOCAB, (2, 10))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+        with pytest.raises(ValueError, match="batch size"):
+            model(ids[:1], cache=cache)
+        wider = tiny_model(hidden_size=64)
+        with pytest.raises(ValueError, match="shape"):
+            wider(ids, cache=cache)
+        deeper = tiny_model(num_hidden_layers=3)
+        with pytest.raises(ValueError, match="layers"):
+            deeper(ids, cache=cache)
+        halved = MMRecCache([layer.map(lambda t: t.half() if t.is_floating_point() else t) for layer in cache.layers],
+                            cache.position)
+        with pytest.raises(ValueError, match="dtype"):
+            model(ids, cache=halved)
+        with pytest.raises(ValueError, match="MMRecCache"):
+            model(ids, cache=("not", "a cache"))
+    cache.save(tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match="shape|layers"):
+        MMRecCache.load(tmp_path / "c.safetensors", config=wider.config)
+    truncated = tmp_path / "bad.safetensors"
+    truncated.write_bytes((tmp_path / "c.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read"):
+        MMRecCache.load(truncated)
+
+
+def test_detached_cache_continues_exactly_and_cuts_the_graph(tiny_model):
+    """Truncated backprop through time: carry cache.detach() between training chunks."""
+    model = tiny_model()
+    ids = torch.randint(2, VOCAB, (2, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+    first = model(ids[:, :17], use_cache=True)
+    carried = first.cache.detach().to("cpu")
+    assert all(not t.requires_grad for layer in carried.layers for t in layer.tensors().values())
+    second = model(ids[:, 17:], cache=carried, use_cache=True)
+    assert (second.logits.detach() - full[:, 17:]).abs().max() <= 1e-4
+    model.zero_grad()
+    second.logits.sum().backward()
+    # Had the cache kept its graph, that backward would have run through (and freed) the first
+    # chunk's graph, and this would raise "Trying to backward through the graph a second time".
+    graph_of_first = torch.autograd.grad(first.logits.sum(), model.model.embed_tokens.weight)[0]
+    fresh = torch.autograd.grad(model(ids[:, :17]).logits.sum(), model.model.embed_tokens.weight)[0]
+    torch.testing.assert_close(graph_of_first, fresh, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# One cache type for every copy of the code
+# ---------------------------------------------------------------------------------------
+
+STREAM_SCRIPT = """
+    import importlib, json, sys, torch
+    from transformers import AutoModelForCausalLM
+    path, cache_file = sys.argv[1], sys.argv[2]
+    # The model first: once mm_rec is imported, its registered classes would win over the folder's code.
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    import mm_rec
+    remote_cache_module = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".cache")
+    g = torch.Generator().manual_seed(0)
+    history, turn = torch.randint(2, 64, (1, 40), generator=g), torch.randint(2, 64, (1, 5), generator=g)
+    result = dict(model_module=type(model).__module__)
+    with torch.no_grad():
+        out = model(history, use_cache=True)
+        out.cache.save(cache_file)
+        cache = mm_rec.MMRecCache.load(cache_file, config=model.config)
+        result["package_cache_seen_by_checkpoint_code"] = remote_cache_module.is_mmrec_cache(cache)
+        result["checkpoint_cache_seen_by_package"] = mm_rec.is_mmrec_cache(out.cache)
+        result["other_objects_rejected"] = not any(f(x) for f in (mm_rec.is_mmrec_cache, remote_cache_module.is_mmrec_cache)
+                                                   for x in (None, (), {"layers": [], "position": 0}))
+        try:
+            full = model(torch.cat([history, turn], 1)).logits[:, -5:]
+            continued = model(turn, use_cache=True, cache=cache).logits
+            result["forward_diff"] = (continued - full).abs().max().item()
+            cache = mm_rec.MMRecCache.load(cache_file, config=model.config)
+            kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None)
+            streamed = model.continue_stream(turn, cache, **kwargs)
+            at_once = model.generate(torch.cat([history, turn], 1), **kwargs)
+            result["same_generation"] = torch.equal(streamed[:, 5:], at_once[:, 45:])
+        except ValueError as err:
+            result["error"] = str(err)
+    print(json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def auto_loaded_stream(tiny_checkpoint, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("stream")
+    result = fresh_process(STREAM_SCRIPT, tiny_checkpoint, tmp_path / "stream.safetensors", tmp_path=tmp_path)
+    assert result["model_module"].startswith("transformers_modules."), "the model must come from the folder's code"
+    return result
+
+
+def test_is_mmrec_cache_accepts_every_copy_of_the_code(auto_loaded_stream):
+    assert auto_loaded_stream["package_cache_seen_by_checkpoint_code"]
+    assert auto_loaded_stream["checkpoint_cache_seen_by_package"]
+    assert auto_loaded_stream["other_objects_rejected"]
+
+
+def test_readme_stream_example_with_a_model_loaded_through_auto(auto_loaded_stream):
+    """The README's example, in a fresh process, with the model's classes from transformers_modules
+    and the cache from the mm_rec package."""
+    assert "error" not in auto_loaded_stream, auto_loaded_stream.get("error")
+    assert auto_loaded_stream["forward_diff"] <= 1e-4
+    assert auto_loaded_stream["same_generation"]

@@ -1,0 +1,53 @@
+"""mm_rec/configuration_mmrec.py: every field validated (ValueError naming it), the seed's
+aliases, and the round trip through config.json."""
+
+import pytest
+
+from mm_rec import MMRecConfig
+
+from common import VOCAB
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("hidden_size", 33, "hidden_size"),  # not divisible by 2 heads
+    ("memory_segment_length", 18, "memory_segment_length"),  # not a multiple of the block size 4
+    ("recurrence_gate", "gru", "recurrence_gate"),
+    ("scan_backend", "cuda", "scan_backend"),
+    ("vocab_size", 0, "vocab_size"),
+    ("hidden_size", 0, "hidden_size"),
+    ("num_hidden_layers", 0, "num_hidden_layers"),
+    ("num_attention_heads", -4, "num_attention_heads"),
+    ("intermediate_size", 0, "intermediate_size"),
+    ("pe_dim", 0, "pe_dim"),
+    ("memory_block_size", 0, "memory_block_size"),
+    ("memory_segment_length", -16, "memory_segment_length"),
+    ("num_memory_slots", 0, "num_memory_slots"),
+    ("memory_decay", 0.0, "memory_decay"),
+    ("memory_decay", 1.0, "memory_decay"),
+    ("memory_decay", 1.5, "memory_decay"),
+    ("dropout", -0.1, "dropout"),
+    ("dropout", 1.0, "dropout"),
+])
+def test_config_rejects_bad_values(field, value, named, tiny_config):
+    with pytest.raises(ValueError, match=named):
+        tiny_config(**{field: value})
+
+
+def test_config_seed_aliases_and_round_trip(tmp_path):
+    config = MMRecConfig(vocab_size=VOCAB, num_hidden_layers=2, memory_block_size=4, memory_segment_length=16,
+                         num_memory_slots=3, model_dim=24, num_heads=3, ffn_dim=40, recurrence_gate="state",
+                         use_hem=False, memory_decay=0.9, pe_dim=5)
+    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (24, 3, 40)
+    with pytest.raises(ValueError, match="model_dim"):
+        MMRecConfig(hidden_size=32, model_dim=24)
+    for seed_name in ("model_dim", "num_heads", "ffn_dim"):
+        assert seed_name not in config.to_dict()
+    config.save_pretrained(tmp_path)
+    loaded = MMRecConfig.from_pretrained(tmp_path)
+    assert loaded.model_type == "mmrec"
+    fields = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "pe_dim", "hidden_act", "rms_norm_eps", "memory_block_size", "memory_segment_length",
+              "num_memory_slots", "memory_decay", "recurrence_gate", "use_hem", "scan_backend", "dropout",
+              "initializer_range", "tie_word_embeddings"]
+    for field in fields:
+        assert getattr(loaded, field) == getattr(config, field), field
