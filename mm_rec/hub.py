@@ -32,7 +32,7 @@ from huggingface_hub import metadata_load
 logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ["W_fused", "W_o", "up", "down"]
-LORA_TARGET_MODULES_UNFUSED = ["W_q", "W_k", "W_v", "W_z", "W_g", "W_og", "W_p", "W_o", "up", "down"]
+LORA_TARGET_MODULES_UNFUSED = ["hem.W_q", "hem.W_k", "hem.W_v", "hem.W_z", "hem.W_g", "hem.W_og", "hem.W_p", "W_o", "up", "down"]
 
 CARD_NAME = "README.md"
 CARD_TAGS = ["custom_code", "mm-rec"]

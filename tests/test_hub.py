@@ -22,16 +22,21 @@ def test_model_card_keeps_a_user_readme(tmp_path, tiny_config):
     assert is_our_card(user_card)
 
 
-@pytest.mark.parametrize("use_hem, targets", [(True, LORA_TARGET_MODULES), (False, LORA_TARGET_MODULES_UNFUSED)])
-def test_lora_targets_are_the_blocks_linear_maps_but_the_decay_generator(use_hem, targets, tiny_config):
-    """Each target name ends the name of a Linear in every block; together they cover every
-    Linear of the blocks but mdi.W_E (the memory timescales), and nothing outside the blocks."""
+@pytest.mark.parametrize("use_hem, recurrence_gate, output_gate", [
+    (True, "input", False), (False, "input", False), (False, "input", True), (False, "state", False), (True, "state", True)])
+def test_lora_targets_are_the_blocks_linear_maps_but_the_timescales(use_hem, recurrence_gate, output_gate, tiny_config):
+    """PEFT's own matching of the target names adapts every Linear of every block except the
+    decay generator mdi.W_E and the state gate state_gate.W_g (the memory timescales), and
+    nothing outside the blocks."""
+    peft = pytest.importorskip("peft")
     torch.manual_seed(19)
-    model = MMRecForCausalLM(tiny_config(use_hem=use_hem))
-    linears = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    targeted = {name for name in linears if name.rsplit(".", 1)[-1] in targets}
-    for i in range(model.config.num_hidden_layers):
-        in_block = {name for name in targeted if name.startswith(f"model.layers.{i}.")}
-        assert {name.rsplit(".", 1)[-1] for name in in_block} == set(targets), i
-    blocks = {name for name in linears if name.startswith("model.layers.")}
-    assert targeted == blocks - {name for name in blocks if name.endswith("mdi.W_E")}
+    config = tiny_config(use_hem=use_hem, recurrence_gate=recurrence_gate, output_gate=output_gate)
+    model = MMRecForCausalLM(config)
+    blocks = {name for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")}
+    expected = {name for name in blocks if not name.endswith(("mdi.W_E", "state_gate.W_g"))}
+    targets = LORA_TARGET_MODULES if use_hem else LORA_TARGET_MODULES_UNFUSED
+    adapted = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=targets))
+    wrapped = {name.removeprefix("base_model.model.") for name, module in adapted.named_modules()
+               if isinstance(module, peft.tuners.lora.LoraLayer)}
+    assert wrapped == expected
