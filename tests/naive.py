@@ -40,9 +40,14 @@ def naive_log_gamma(a):
     return (-torch.log1p(torch.exp(-a.double()))).clamp(math.log(1e-6), math.log1p(-1e-6))
 
 
-def naive_decay(p, W_E, b_E):
-    """MDI's decay generator: log gamma = clamp(log sigmoid(W_E GELU(p) + b_E)), in float64."""
-    return naive_log_gamma(naive_gelu(p.double()) @ W_E.double().T + b_E.double())
+def naive_decay(p, W_E, b_E, lower_bound=None):
+    """MDI's decay generator: log gamma = clamp(log sigmoid(W_E GELU(p) + b_E)), in float64; with
+    ``lower_bound`` beta [d], gamma = b + (1 - b) sigmoid(a) with b = sigmoid(beta), then the clamp."""
+    a = naive_gelu(p.double()) @ W_E.double().T + b_E.double()
+    if lower_bound is None:
+        return naive_log_gamma(a)
+    b = torch.sigmoid(lower_bound.double())
+    return torch.log(b + (1 - b) * torch.sigmoid(a)).clamp(math.log(1e-6), math.log1p(-1e-6))
 
 
 def naive_recurrence_inputs(a, gate_logits, z, real, reset):
@@ -134,7 +139,7 @@ def naive_fold(slot_keys, slot_values, blocks, decay):
 
 
 def naive_memory_attention(q, k, v, slot_keys, slot_values, block_size, segment_length, decay, num_heads,
-                           attention_mask=None, position_ids=None):
+                           attention_mask=None, position_ids=None, memory_levels="slots+blocks"):
     """The whole multi-memory attention of docs/ARCHITECTURE.md section 2, token by token, in float64.
 
     q, k, v: [B, T, d]; slot_*: the learned slots [S, d]. Keeps explicit lists per row: the
@@ -157,11 +162,13 @@ def naive_memory_attention(q, k, v, slot_keys, slot_values, block_size, segment_
                 K, V = slot_keys.double().clone(), slot_values.double().clone()
                 summaries, open_block = [], []
             elif p % L == 0 and p > 0:
-                K, V = naive_fold(K, V, summaries, decay)
+                if memory_levels != "blocks":  # "blocks": the slots never fold
+                    K, V = naive_fold(K, V, summaries, decay)
                 summaries = []
             assert len(open_block) == p % N
-            keys = torch.cat([K] + [s[0][None] for s in summaries])
-            values = torch.cat([V] + [s[1][None] for s in summaries])
+            visible = summaries if memory_levels != "slots" else []  # "slots": summaries unseen
+            keys = torch.cat([K] + [s[0][None] for s in visible])
+            values = torch.cat([V] + [s[1][None] for s in visible])
             for head in range(num_heads):
                 cols = slice(head * dh, (head + 1) * dh)
                 weights = torch.softmax(keys[:, cols] @ q[b, t, cols] / dh ** 0.5, dim=0)
@@ -182,7 +189,9 @@ def naive_block(block, config, x, attention_mask, position_ids):
     d, eps = config.hidden_size, config.rms_norm_eps
     x = x.double()
     u = naive_rms_norm(x, P["norm1.weight"], eps)
-    names = ["q", "k", "v", "z"] + (["g"] if config.recurrence_gate == "input" else []) + ["p"]
+    memory = config.memory_levels != "none"
+    names = (["q", "k", "v"] if memory else []) + ["z"] + (["g"] if config.recurrence_gate == "input" else [])
+    names += (["og"] if config.output_gate else []) + ["p"]
     widths = [config.pe_dim if n == "p" else d for n in names]
     if config.use_hem:
         W = dict(zip(names, P["hem.W_fused.weight"].split(widths)))
@@ -191,7 +200,7 @@ def naive_block(block, config, x, attention_mask, position_ids):
         W = {n: P[f"hem.W_{n}.weight"] for n in names}
         bias = {n: P[f"hem.W_{n}.bias"] for n in names}
     proj = {n: u @ W[n].T + bias[n] for n in names}
-    log_gamma = naive_decay(proj["p"], P["mdi.W_E.weight"], P["mdi.W_E.bias"])
+    log_gamma = naive_decay(proj["p"], P["mdi.W_E.weight"], P["mdi.W_E.bias"], P.get("mdi.lower_bound"))
     real = attention_mask.bool()
     reset = real & (position_ids == 0) if position_ids is not None else None
     if config.recurrence_gate == "input":
@@ -201,10 +210,14 @@ def naive_block(block, config, x, attention_mask, position_ids):
                                 state_gate=(P["state_gate.W_g.weight"], P["state_gate.W_g.bias"]))
     H = config.num_attention_heads
     r = naive_rms_norm(h.unflatten(-1, (H, -1)), 1.0, eps).flatten(-2) * P["readout_norm.weight"]
-    m, _ = naive_memory_attention(
-        proj["q"], proj["k"], proj["v"], P["memory.slot_keys"], P["memory.slot_values"],
-        config.memory_block_size, config.memory_segment_length, config.memory_decay, H, attention_mask, position_ids,
-    )
-    x = x + (r + m) @ P["W_o.weight"].T
+    if config.output_gate:
+        r = r * proj["og"] * torch.sigmoid(proj["og"])  # silu
+    if memory:
+        m, _ = naive_memory_attention(
+            proj["q"], proj["k"], proj["v"], P["memory.slot_keys"], P["memory.slot_values"], config.memory_block_size,
+            config.memory_segment_length, config.memory_decay, H, attention_mask, position_ids, config.memory_levels,
+        )
+        r = r + m
+    x = x + r @ P["W_o.weight"].T
     ffn = naive_gelu(naive_rms_norm(x, P["norm2.weight"], eps) @ P["ffn.up.weight"].T) @ P["ffn.down.weight"].T
     return h, x + ffn

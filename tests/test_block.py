@@ -10,16 +10,35 @@ from mm_rec.positions import token_layout
 from naive import naive_block
 
 
+OPTIONS = [  # the quality study's options (docs/ARCHITECTURE.md sections 1 and 2), one or two at a time
+    {"memory_levels": "slots"}, {"memory_levels": "blocks"}, {"memory_levels": "none"},
+    {"decay_lower_bound": True}, {"output_gate": True},
+    {"decay_lower_bound": True, "output_gate": True, "use_hem": False},
+    {"output_gate": True, "recurrence_gate": "state", "memory_levels": "blocks"},
+]
+
+
 @pytest.mark.parametrize("recurrence_gate", ["input", "state"])
 @pytest.mark.parametrize("use_hem", [True, False])
 @pytest.mark.parametrize("rows", ["plain", "left_padded", "packed"])
 def test_block_matches_naive_reference(recurrence_gate, use_hem, rows, tiny_config):
-    config = tiny_config(recurrence_gate=recurrence_gate, use_hem=use_hem, memory_decay=0.8)
+    check_block_against_naive(tiny_config(recurrence_gate=recurrence_gate, use_hem=use_hem, memory_decay=0.8), rows)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("rows", ["left_padded", "packed"])
+def test_block_options_match_naive_reference(options, rows, tiny_config):
+    check_block_against_naive(tiny_config(memory_decay=0.8, **options), rows)
+
+
+def check_block_against_naive(config, rows):
     torch.manual_seed(8)
     block = MMRecForCausalLM(config).model.layers[0]
     with torch.no_grad():  # move every parameter off its init so each path carries signal
         for p in block.parameters():
             p.add_(0.3 * torch.randn_like(p))
+        if block.mdi.lower_bound is not None:  # floors around 1/2, not layer 0's 1e-3
+            block.mdi.lower_bound.copy_(torch.randn_like(block.mdi.lower_bound))
     B, T = 2, 40
     x = torch.randn(B, T, config.hidden_size)
     mask = torch.ones(B, T, dtype=torch.long)

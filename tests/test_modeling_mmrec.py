@@ -55,6 +55,26 @@ def test_parallel_equals_chunked_equals_token_by_token(gate, use_hem, tiny_model
     assert cache.position.tolist() == [T] * 3
 
 
+@pytest.mark.parametrize("options", [
+    {"memory_levels": "slots"}, {"memory_levels": "blocks"}, {"memory_levels": "none"},
+    {"decay_lower_bound": True, "output_gate": True}, {"output_gate": True, "recurrence_gate": "state"},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_quality_options_keep_parallel_chunked_and_token_by_token_equal(options, tiny_model):
+    """The options of the quality study keep the exactness invariant, left-padded rows included."""
+    model = tiny_model(**options)
+    T = 41
+    ids = torch.randint(2, VOCAB, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        chunked, _ = stream(model, ids, random_cuts(T, random.Random(2)), mask)
+        token_by_token, _ = stream(model, ids, list(range(T + 1)), mask)
+    real = mask.bool()
+    assert (chunked - full)[real].abs().max() <= 1e-4
+    assert (token_by_token - full)[real].abs().max() <= 1e-4
+
+
 def test_long_input_over_many_segments_equals_token_by_token(tiny_model):
     """T far beyond memory_segment_length: the parallel forward's segment layout holds 7
     segments, with 6 folds between them."""
