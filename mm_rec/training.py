@@ -817,7 +817,8 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
     model = MMRecForCausalLM(config)
     model.generation_config.update(do_sample=True, temperature=0.8, top_k=50, max_new_tokens=200,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters"
+    # the launch configuration's mixed precision applies where the run asks for none
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, mixed precision {args.mixed_precision}"
         + (f"; {processes} processes of {run.batch_size // processes} rows per step" if processes > 1 else ""))
 
     trainer = _trainer_class()(
@@ -826,6 +827,8 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
         callbacks=[_no_eval_at_the_end()],
     )
     trainer.eval_bytes_per_token = _bytes_per_token(periodic["input_ids"], tokenizer)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        log("the launch configuration asks for FSDP, which accelerate runs on GPUs only: this run is plain DDP")
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
@@ -840,9 +843,12 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
     if not main:
         args.distributed_state.wait_for_everyone()
         return None
-    # weights, config, generation config and code; evaluated and sampled as loaded from there, in fp32
-    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(output_dir, state_dict=weights)
-    model = MMRecForCausalLM.from_pretrained(output_dir).to(args.device)
+    # A plain fp32 copy: saving the FSDP-wrapped model would run collectives on this process alone.
+    generation_config = model.generation_config
+    model = MMRecForCausalLM(config)
+    model.load_state_dict(weights)
+    model.generation_config = generation_config
+    model.to(args.device).save_pretrained(output_dir)  # weights, config, generation config, code
     final = evaluate_rows(model, held_rows["input_ids"], tokenizer, run.batch_size, description="final evaluation")
     trainer.state.log_history.append({"eval_loss": final["loss"], "step": steps})
     log(f"held-out loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f}, "
@@ -865,7 +871,7 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
         "held-out loss": final["loss"], "held-out perplexity": final["perplexity"],
         "held-out bits per byte": final["bits_per_byte"], "held-out tokens": final["tokens"],
         "held-out bytes": final["bytes"], "parameters": model.num_parameters(), "vocab size": len(tokenizer),
-        "processes": processes, "minutes (this session)": (time.time() - started) / 60, "sample": sample,
+        "processes": processes, "mixed precision": args.mixed_precision, "minutes (this session)": (time.time() - started) / 60, "sample": sample,
     }
     held_names = list(held_out)
     write_model_card(output_dir, config, model.num_parameters(), metrics={
