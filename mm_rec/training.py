@@ -799,14 +799,14 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
         saved = resume or not main
         tokenizer = AutoTokenizer.from_pretrained(output_dir, trust_remote_code=True) if saved else None
         tokenizer, train_texts, held_out, description = run_data(run, tokenizer, log)
+        train_rows = blocks(train_texts.values(), tokenizer, run.block_size, "training")
+        held_rows = blocks(held_out.values(), tokenizer, run.block_size, "held-out")
         if not saved:  # saved first, so a resumed run reads exactly these token ids
             if overwrite and output_dir.exists():
                 shutil.rmtree(output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save_pretrained(output_dir)
             run.save(output_dir)
-    train_rows = blocks(train_texts.values(), tokenizer, run.block_size, "training")
-    held_rows = blocks(held_out.values(), tokenizer, run.block_size, "held-out")
     periodic = held_rows.select(range(min(run.eval_blocks, len(held_rows)))) if run.eval_blocks else held_rows
     log(f"data: {description}; {len(train_texts)} documents for training, {len(held_out)} held out; "
         f"{len(train_rows)} x {run.block_size} training tokens, {len(held_rows)} x {run.block_size} held out; "
