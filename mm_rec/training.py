@@ -871,7 +871,8 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
         "held-out loss": final["loss"], "held-out perplexity": final["perplexity"],
         "held-out bits per byte": final["bits_per_byte"], "held-out tokens": final["tokens"],
         "held-out bytes": final["bytes"], "parameters": model.num_parameters(), "vocab size": len(tokenizer),
-        "processes": processes, "mixed precision": args.mixed_precision, "minutes (this session)": (time.time() - started) / 60, "sample": sample,
+        "processes": processes, "mixed precision": args.mixed_precision,
+        "minutes (this session)": (time.time() - started) / 60, "sample": sample,
     }
     held_names = list(held_out)
     write_model_card(output_dir, config, model.num_parameters(), metrics={

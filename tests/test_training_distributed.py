@@ -166,12 +166,15 @@ def test_two_ddp_processes_train_the_run_of_one(runs):
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_resume_a_crashed_run(runs):
-    """`--resume` under 2 processes, from the checkpoint a crash of the 2-process run left."""
+def test_a_crashed_ddp_run_resumes_on_two_processes_or_one(runs):
+    """`--resume` from the checkpoint a crash of the 2-process run left, under 2 processes, and
+    under one (the global batch is the same)."""
     root, _, _ = runs
     crashed = crashed_copy(root / "two", root / "crashed")
     resumed = launch("ddp.yaml", 2, "--output-dir", str(crashed), "--resume", launch_flags=["--mixed_precision", "no"])
     assert_resumed(resumed, crashed, root / "two", rtol=1e-5, atol=1e-6)
+    alone = crashed_copy(root / "two", root / "crashed_alone")
+    assert_resumed(train_alone("--output-dir", str(alone), "--resume"), alone, root / "two", rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
