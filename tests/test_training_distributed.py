@@ -254,3 +254,18 @@ def test_fsdp_on_one_gpu_matches_plain_training_and_resumes(tmp_path):
     assert all(torch.isfinite(torch.tensor(list(bf16_losses.values()))))
     model = AutoModelForCausalLM.from_pretrained(bf16, trust_remote_code=True)
     assert model.dtype == torch.float32  # the fp32 master weights, gathered from the shards
+
+
+@pytest.mark.gpu
+def test_ddp_config_on_one_gpu_matches_plain_training(tmp_path):
+    """configs/ddp.yaml with one process on one GPU, in fp32: the steps and weights of a plain run."""
+    flags = [*QUICK, "--no-bf16"]
+    train_alone(*flags, "--output-dir", str(tmp_path / "plain"), cuda=True)
+    ddp = tmp_path / "ddp"
+    launch("ddp.yaml", 1, *flags, "--output-dir", str(ddp), cuda=True, launch_flags=["--mixed_precision", "no"])
+    plain_losses, ddp_losses = step_losses(tmp_path / "plain"), step_losses(ddp)
+    assert sorted(ddp_losses) == list(range(1, STEPS + 1))
+    for step, loss in plain_losses.items():
+        assert ddp_losses[step] == pytest.approx(loss, rel=1e-4), step
+    assert_same_weights(ddp, tmp_path / "plain", rtol=1e-4, atol=1e-5)
+    AutoModelForCausalLM.from_pretrained(ddp, trust_remote_code=True)
