@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import torch
 
@@ -130,18 +130,45 @@ def load_model_folder(folder):
 def run_main(main: Callable[[], int]) -> int:
     """Call a script's body: a user error becomes one line ``error: ...`` on stderr and exit
     status 2; Ctrl-C before training ends quietly with status 130. transformers' weight
-    loading/saving bars are off (the training and evaluation bars stay)."""
+    loading/saving bars are off (the training and evaluation bars stay). In a distributed run
+    (``accelerate launch``) the process ends here, see ``_leave_process_group``."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        return main()
+        status = main()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        status = 130
     except (ValueError, OSError) as err:  # OSError: missing, unreadable or existing files
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
+        if is_main_process():
+            print(f"error: {one_line(err)}", file=sys.stderr)
+        status = 2
+    if torch.distributed.is_initialized():
+        _leave_process_group(status)
+    return status
+
+
+def is_main_process() -> bool:
+    """Whether this process prints and writes: True unless it is one of the others (rank > 0)
+    of a distributed run (``accelerate launch``, ``torchrun``)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"  # set by the launcher before the process group starts
+
+
+def _leave_process_group(status: int) -> NoReturn:
+    """End a process of a distributed run. After a success the processes leave together (no
+    process closes its sockets under a working one); then the process group's teardown is
+    skipped: ~ProcessGroupGloo joins its worker thread, which may still be freeing the last
+    collective's tensors and needs the GIL for that, so at interpreter exit the thread is killed
+    there (std::terminate: SIGABRT), and from destroy_process_group() the two threads deadlock.
+    After a failure there is no waiting: the launcher stops the other processes."""
+    if status == 0:
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def one_line(err: BaseException) -> str:
@@ -359,6 +386,7 @@ class RunConfig:
     bf16: bool
     model: dict
     prompt: Optional[str] = None
+    logging_steps: Optional[int] = None  # None: every min(10, eval_steps) steps
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "RunConfig":
@@ -400,8 +428,8 @@ class RunConfig:
             if name in given and getattr(candidate, name) != getattr(self, name):
                 raise ValueError(f"--resume: --{name.replace('_', '-')} {given[name]} differs from the saved run's "
                                  f"{getattr(self, name)!r}; resume with the saved value, or start a new --output-dir")
-        changed = {k: getattr(candidate, k) for k in ("max_steps", "eval_steps", "save_steps", "eval_blocks", "bf16", "prompt")
-                   if k in given}
+        changed = {k: getattr(candidate, k) for k in ("max_steps", "eval_steps", "save_steps", "eval_blocks", "bf16", "prompt",
+                                                      "logging_steps") if k in given}
         return dataclasses.replace(self, **changed)
 
 
@@ -458,8 +486,15 @@ def _checkpoint_step(path: Path) -> Optional[int]:
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    """A Trainer checkpoint that resuming can use: weights, optimizer, scheduler and trainer state."""
-    return all((path / name).is_file() for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"))
+    """A Trainer checkpoint that resuming can use: weights, optimizer, scheduler and trainer state.
+    Under FSDP, weights and optimizer are accelerate's files: one each (full state dict), or
+    torch.distributed.checkpoint folders (sharded), whose ``.metadata`` is written last."""
+    def saved(*names: str) -> bool:
+        return any((path / name).is_file() for name in names)
+
+    return (saved("model.safetensors", "pytorch_model_fsdp.bin", "pytorch_model_fsdp_0/.metadata")
+            and saved("optimizer.pt", "optimizer.bin", "optimizer_0/.metadata")
+            and saved("scheduler.pt") and saved("trainer_state.json"))
 
 
 def last_complete_checkpoint(folder: Path, log: Callable[[str], None] = print) -> Optional[Path]:
@@ -489,15 +524,20 @@ def _trainer_class():
             return os.path.join(folder, STAGING) if self._saving else folder
 
         def _save_checkpoint(self, model, trial, *args, **kwargs):
+            # Every process writes its part (its RNG state, FSDP shards) into the staging folder,
+            # which the main process empties before and renames once all are done.
             checkpoints = Path(super()._get_output_dir(trial))
             name = f"checkpoint-{self.state.global_step}"
             staging = checkpoints / STAGING
-            shutil.rmtree(staging, ignore_errors=True)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
             self._saving = True
             try:
                 super()._save_checkpoint(model, trial, *args, **kwargs)
             finally:
                 self._saving = False
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 final = checkpoints / name
                 if final.exists():
@@ -705,12 +745,17 @@ def run_data(run: RunConfig, tokenizer=None, log: Callable[[str], None] = print)
 
 
 def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: bool = False,
-          log: Callable[[str], None] = print, resume_command: str = "") -> dict:
+          log: Callable[[str], None] = print, resume_command: str = "") -> Optional[dict]:
     """Train ``run`` into ``output_dir`` (already checked by ``check_output_dir``) and return
     the summary written to results.json. The folder ends up holding the self-contained model
     (weights, code, config, generation config, tokenizer, model card), run_config.json,
     results.json, loss_curve.png, sample.txt and checkpoints/. Raises TrainingInterrupted on
-    Ctrl-C, after which ``resume_command`` continues the run."""
+    Ctrl-C, after which ``resume_command`` continues the run.
+
+    Under ``accelerate launch`` (DDP or FSDP) every process calls this. The ``run.batch_size``
+    rows of a step are split evenly between the processes, so a run is the same run on any
+    number of them. The main process (rank 0) alone trains the tokenizer, logs, evaluates at the
+    end and writes files; the others load its tokenizer, and get None back."""
     from transformers import AutoTokenizer, DataCollatorForLanguageModeling, TrainingArguments, set_seed
 
     from .configuration_mmrec import MMRecConfig
@@ -719,6 +764,27 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
 
     started = time.time()
     checkpoints = output_dir / CHECKPOINTS
+    # Sets up the process group of `accelerate launch`; one process on its own otherwise.
+    args = TrainingArguments(
+        output_dir=str(checkpoints), max_steps=run.max_steps, per_device_train_batch_size=run.batch_size,
+        per_device_eval_batch_size=run.batch_size, learning_rate=run.learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=0.05, weight_decay=0.1, max_grad_norm=1.0, eval_strategy="steps", eval_steps=run.eval_steps,
+        logging_steps=run.logging_steps or max(1, min(10, run.eval_steps)), save_strategy="steps",
+        save_steps=run.save_steps, save_total_limit=None, bf16=run.bf16, use_cpu=not torch.cuda.is_available(),
+        seed=run.seed, report_to="none", dataloader_num_workers=0, dataloader_pin_memory=False,
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient every step
+    )
+    processes = args.world_size
+    if run.batch_size % processes:
+        raise ValueError(f"--batch-size {run.batch_size} (rows per optimizer step, over all processes) is not "
+                         f"divisible by the {processes} processes; pass a multiple of {processes}")
+    args.per_device_train_batch_size = run.batch_size // processes
+    main = args.process_index == 0
+    if not main:
+        log = _quiet
+    # Every process has checked the folder (check_output_dir) before the main one writes to it.
+    args.distributed_state.wait_for_everyone()
+
     checkpoint = None
     if resume:
         checkpoint = last_complete_checkpoint(checkpoints, log)
@@ -726,19 +792,20 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
         if done > run.max_steps or (done == run.max_steps and (output_dir / RESULTS).exists()):
             raise ValueError(f"--resume: the run already trained {done} steps; pass --max-steps larger than {done} to train on")
         log(f"resuming from {checkpoint} (step {done})" if checkpoint else "resuming: no complete checkpoint yet, starting at step 0")
-        tokenizer = AutoTokenizer.from_pretrained(output_dir, trust_remote_code=True)
-    else:
-        tokenizer = None
     set_seed(run.seed)
-    tokenizer, train_texts, held_out, description = run_data(run, tokenizer, log)
-    train_rows = blocks(train_texts.values(), tokenizer, run.block_size, "training")
-    held_rows = blocks(held_out.values(), tokenizer, run.block_size, "held-out")
-    if not resume:  # saved first, so a resumed run reads exactly these token ids
-        if overwrite and output_dir.exists():
-            shutil.rmtree(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save_pretrained(output_dir)
-        run.save(output_dir)
+    # The tokenizer is the main process's: trained (or loaded) and saved there first, then loaded by the others.
+    with args.main_process_first(local=False, desc="the tokenizer"):
+        saved = resume or not main
+        tokenizer = AutoTokenizer.from_pretrained(output_dir, trust_remote_code=True) if saved else None
+        tokenizer, train_texts, held_out, description = run_data(run, tokenizer, log)
+        train_rows = blocks(train_texts.values(), tokenizer, run.block_size, "training")
+        held_rows = blocks(held_out.values(), tokenizer, run.block_size, "held-out")
+        if not saved:  # saved first, so a resumed run reads exactly these token ids
+            if overwrite and output_dir.exists():
+                shutil.rmtree(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(output_dir)
+            run.save(output_dir)
     periodic = held_rows.select(range(min(run.eval_blocks, len(held_rows)))) if run.eval_blocks else held_rows
     log(f"data: {description}; {len(train_texts)} documents for training, {len(held_out)} held out; "
         f"{len(train_rows)} x {run.block_size} training tokens, {len(held_rows)} x {run.block_size} held out; "
@@ -749,33 +816,38 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
     model = MMRecForCausalLM(config)
     model.generation_config.update(do_sample=True, temperature=0.8, top_k=50, max_new_tokens=200,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters")
+    # the launch configuration's mixed precision applies where the run asks for none
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, mixed precision {args.mixed_precision}"
+        + (f"; {processes} processes of {run.batch_size // processes} rows per step" if processes > 1 else ""))
 
-    args = TrainingArguments(
-        output_dir=str(checkpoints), max_steps=run.max_steps, per_device_train_batch_size=run.batch_size,
-        per_device_eval_batch_size=run.batch_size, learning_rate=run.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=0.05, weight_decay=0.1, max_grad_norm=1.0, eval_strategy="steps", eval_steps=run.eval_steps,
-        logging_steps=max(1, min(10, run.eval_steps)), save_strategy="steps", save_steps=run.save_steps,
-        save_total_limit=None, bf16=run.bf16, use_cpu=not torch.cuda.is_available(), seed=run.seed, report_to="none",
-        dataloader_num_workers=0, dataloader_pin_memory=False,
-    )
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_rows, eval_dataset=periodic,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
         callbacks=[_no_eval_at_the_end()],
     )
     trainer.eval_bytes_per_token = _bytes_per_token(periodic["input_ids"], tokenizer)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        log("the launch configuration asks for FSDP, which accelerate runs on GPUs only: this run is plain DDP")
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
-        last = last_complete_checkpoint(checkpoints, log=lambda _: None)
+        last = last_complete_checkpoint(checkpoints, log=_quiet)
         where = f"{last.name} is the last complete checkpoint" if last else "no checkpoint was saved yet (resuming starts at step 0)"
         raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; {where}. "
                                   f"Resume with: {resume_command}") from None
 
     steps = trainer.state.global_step
-    # accelerate leaves forward wrapped in the training autocast: evaluate and sample in the model's dtype
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    # Every process takes part: under FSDP this gathers the shards (to the main process only).
+    weights = trainer.accelerator.get_state_dict(trainer.model)
+    if not main:
+        args.distributed_state.wait_for_everyone()
+        return None
+    # A plain fp32 copy: saving the FSDP-wrapped model would run collectives on this process alone.
+    generation_config = model.generation_config
+    model = MMRecForCausalLM(config)
+    model.load_state_dict(weights)
+    model.generation_config = generation_config
+    model.to(args.device).save_pretrained(output_dir)  # weights, config, generation config, code
     final = evaluate_rows(model, held_rows["input_ids"], tokenizer, run.batch_size, description="final evaluation")
     trainer.state.log_history.append({"eval_loss": final["loss"], "step": steps})
     log(f"held-out loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f}, "
@@ -798,9 +870,9 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
         "held-out loss": final["loss"], "held-out perplexity": final["perplexity"],
         "held-out bits per byte": final["bits_per_byte"], "held-out tokens": final["tokens"],
         "held-out bytes": final["bytes"], "parameters": model.num_parameters(), "vocab size": len(tokenizer),
+        "processes": processes, "mixed precision": args.mixed_precision,
         "minutes (this session)": (time.time() - started) / 60, "sample": sample,
     }
-    trainer.save_model(str(output_dir))  # weights, config, generation config, code, card and tokenizer
     held_names = list(held_out)
     write_model_card(output_dir, config, model.num_parameters(), metrics={
         "held-out loss (nats/token)": final["loss"], "held-out perplexity": final["perplexity"],
@@ -815,7 +887,12 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
     save_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", title=f"MM-Rec, preset {run.preset}")
     (output_dir / "sample.txt").write_text(sample + "\n", encoding="utf-8")
     atomic_write_text(output_dir / RESULTS, json.dumps(summary, indent=2) + "\n")
+    args.distributed_state.wait_for_everyone()
     return summary
+
+
+def _quiet(message: str) -> None:
+    """The log of the processes other than the main one."""
 
 
 def _bytes_per_token(rows: Sequence[Sequence[int]], tokenizer) -> float:

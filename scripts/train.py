@@ -5,12 +5,16 @@
     python scripts/train.py --data notes.jsonl --text-field body --output-dir runs/notes
     python scripts/train.py --preset gpu-130m --data wikitext_saved/ --output-dir runs/big
     python scripts/train.py --output-dir runs/laptop --resume               # after Ctrl-C
+    accelerate launch --config_file configs/ddp.yaml scripts/train.py --preset gpu-130m --output-dir runs/ddp
 
 The output folder gets the model (load it with AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)), its tokenizer, generation config and model card, results.json,
 loss_curve.png, sample.txt, run_config.json and checkpoints/. A folder that already holds
 anything is refused unless --resume (continue it: same data, tokenizer and model) or
 --overwrite (replace a run written by this script).
+
+Under `accelerate launch` (DDP or FSDP, configs/) it runs unchanged: --batch-size rows per step
+are split between the processes, and the main process alone writes the files.
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ def parse_args(argv):
     parser.add_argument("--vocab-size", type=positive_int, help="size of the BPE tokenizer trained here")
     parser.add_argument("--block-size", type=positive_int, help="tokens per training row")
     parser.add_argument("--max-steps", type=positive_int, help="optimizer steps (the run's total, also on --resume)")
-    parser.add_argument("--batch-size", type=positive_int, help="rows per optimizer step")
+    parser.add_argument("--batch-size", type=positive_int, help="rows per optimizer step, over all processes")
     parser.add_argument("--learning-rate", type=positive_float, help="peak learning rate (cosine schedule)")
     parser.add_argument("--eval-steps", type=positive_int, help="evaluate on held-out text every N steps")
     parser.add_argument("--eval-blocks", type=positive_int, help="held-out rows per periodic evaluation (the final one reads all)")
     parser.add_argument("--save-steps", type=positive_int, help="write a checkpoint every N steps (default: --eval-steps)")
+    parser.add_argument("--logging-steps", type=positive_int, help="log the training loss every N steps (default: 10, "
+                        "or --eval-steps if fewer)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (CPU or GPU; default: on for GPU presets where the GPU supports it)")
     parser.add_argument("--seed", type=int)
@@ -62,18 +68,24 @@ def _main(argv) -> int:
         raise ValueError(f"argument --validation-fraction: expected a number in (0, 0.5), got {args.validation_fraction}")
     flags = {name: getattr(args, name) for name in (
         "preset", "data", "text_field", "max_works", "validation_fraction", "tokenizer", "vocab_size", "block_size",
-        "max_steps", "batch_size", "learning_rate", "eval_steps", "eval_blocks", "save_steps", "bf16", "seed", "prompt")}
+        "max_steps", "batch_size", "learning_rate", "eval_steps", "eval_blocks", "save_steps", "logging_steps", "bf16", "seed",
+        "prompt")}
     output_dir = training.check_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         run = training.RunConfig.load(output_dir).resumed_with(flags)
     else:
         run = training.RunConfig.from_preset(flags.pop("preset") or "laptop", **flags)
-    resume = shlex.join([Path(sys.executable).name, os.path.relpath(__file__), "--output-dir", args.output_dir, "--resume"])
+    command = shlex.join([os.path.relpath(__file__), "--output-dir", args.output_dir, "--resume"])
+    launched = "LOCAL_RANK" in os.environ  # by torchrun, which accelerate launch runs for DDP and FSDP
+    resume = f"accelerate launch <the same launch options> {command}" if launched else f"{Path(sys.executable).name} {command}"
     try:
         summary = training.train(run, output_dir, resume=args.resume, overwrite=args.overwrite, resume_command=resume)
     except training.TrainingInterrupted as stop:
-        print(f"\n{stop}", file=sys.stderr)
+        if training.is_main_process():
+            print(f"\n{stop}", file=sys.stderr)
         return 130
+    if summary is None:  # not the main process of a distributed run
+        return 0
     print(f"\nsample:\n{summary['sample']}\n")
     print(f"held-out perplexity {summary['held-out perplexity']:.2f}, bits per byte {summary['held-out bits per byte']:.4f}; "
           f"saved to {args.output_dir} in {summary['minutes (this session)']:.1f} min")
