@@ -6,7 +6,8 @@ chooses the PyTorch reference.
 Algorithm: one pass over the data, chunks chained through a carry buffer.
 T is cut into chunks of BT steps; a program owns one tile (batch b, chunk c, BD channels).
 It loads its tile once, scans it in registers from a zero state
-(``tl.associative_scan`` of the pairs (gamma_t, x_t), linear space), waits for the state
+(``tl.associative_scan`` of the pairs (log gamma_t, x_t): decays multiply as summed logs,
+states add in linear space), waits for the state
 at the end of chunk c-1 that the program of chunk c-1 publishes, publishes its own end
 state, then adds the carried state to its tile and writes h. So x and log_gamma are read
 once and h written once; only the [B, D] carries cross programs, one chunk after another.
@@ -23,12 +24,11 @@ reaches h_t obeys g_t = grad_h_t + gamma_{t+1} g_{t+1}, a reverse scan whose dec
 log_gamma shifted by one step.
 
 The channel count D is a compile-time constant (one compile per model width): row offsets
-become immediates instead of 64-bit addresses held in registers. That cut a 32x32 forward
-tile from 186 to 110 registers per thread (and made 64-step forward tiles pay) and the
-backward's time by 6%.
+become immediates instead of 64-bit addresses held in registers, which frees registers for
+larger tiles.
 
-Resets (log_gamma = -inf) need nothing special: gamma = exp(-inf) = 0 zeroes every product
-that crosses them, the carried state included. All arithmetic is float32.
+Resets (log_gamma = -inf) need nothing special: a sum of logs that crosses one is -inf and
+its exp is 0, which cuts the carried state too. All arithmetic is float32.
 """
 
 from typing import Optional, Tuple
@@ -58,9 +58,11 @@ def _block_sizes(device: torch.device, backward: bool = False) -> Tuple[int, int
 if AVAILABLE:
 
     @triton.jit
-    def _linear_combine(a_prev, h_prev, a_next, h_next):
-        """Compose two steps of h -> a * h + x: apply (a_prev, h_prev), then (a_next, h_next)."""
-        return a_prev * a_next, h_next + a_next * h_prev
+    def _linear_combine(la_prev, h_prev, la_next, h_next):
+        """Compose two steps of h -> exp(la) h + x: apply (la_prev, h_prev), then (la_next, h_next).
+        The decays are summed as logs: a product of fp32 gammas near 1 would round once per step
+        (a systematic error of T ulps over a long sequence), a sum of logs rounds once per exp."""
+        return la_prev + la_next, h_next + tl.exp(la_next) * h_prev
 
     @triton.jit
     def _claim_tile(flags, T, B, D, NT, BT: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr):
@@ -119,12 +121,13 @@ if AVAILABLE:
         i_c, i_b, i_d, rows, t, o_d, mask_d, mask, offs = _claim_tile(flags, T, B, D, NT, BT, BD, False)
 
         # rows past T get gamma = 1, x = 0: the tile's last row is then the chunk's end state
-        gamma = tl.exp(tl.load(log_gamma + offs, mask=mask, other=0.0).to(tl.float32))
+        log_g = tl.load(log_gamma + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_X:
             u = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             u = tl.zeros([BT, BD], dtype=tl.float32)
-        decay, h_local = tl.associative_scan((gamma, u), axis=0, combine_fn=_linear_combine)
+        log_decay, h_local = tl.associative_scan((log_g, u), axis=0, combine_fn=_linear_combine)
+        decay = tl.exp(log_decay)
         decay_end = _row(decay, rows, BT - 1)
         h_local_end = _row(h_local, rows, BT - 1)
 
@@ -161,9 +164,10 @@ if AVAILABLE:
         # the decay of step t of the reverse scan is gamma_{t+1}; 1 past the end, where
         # grad_h_T enters as the carry
         mask_next = (t + 1 < T)[:, None] & mask_d[None, :]
-        gamma_next = tl.exp(tl.load(log_gamma + offs + D, mask=mask_next, other=0.0).to(tl.float32))
+        log_g_next = tl.load(log_gamma + offs + D, mask=mask_next, other=0.0).to(tl.float32)
         dh = tl.load(grad_h + offs, mask=mask, other=0.0).to(tl.float32)
-        decay, g_local = tl.associative_scan((gamma_next, dh), axis=0, combine_fn=_linear_combine, reverse=True)
+        log_decay, g_local = tl.associative_scan((log_g_next, dh), axis=0, combine_fn=_linear_combine, reverse=True)
+        decay = tl.exp(log_decay)
         decay_start = _row(decay, rows, 0)
         g_local_start = _row(g_local, rows, 0)
 
