@@ -528,10 +528,11 @@ SMOKE_LM = dict(hidden_size=32, layers=2, seq_len=64, batch_size=4, steps=4, eva
 
 
 def code_fingerprint() -> str:
-    """Hash of MM-Rec's source (every mm_rec/*.py but this harness): MM-Rec runs of changed code are new runs."""
+    """Hash of the model's source (every mm_rec/*.py a checkpoint carries, not the training, data,
+    benchmark or study code): MM-Rec runs of changed model code are new runs."""
     digest = hashlib.sha1()
     for path in sorted(PACKAGE.glob("*.py")):
-        if path.name != Path(__file__).name:
+        if path.name not in (Path(__file__).name, "training.py", "data.py", "benchmark.py"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
