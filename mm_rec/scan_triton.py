@@ -6,8 +6,8 @@ chooses the PyTorch reference.
 Algorithm: one pass over the data, chunks chained through a carry buffer.
 T is cut into chunks of BT steps; a program owns one tile (batch b, chunk c, BD channels).
 It loads its tile once, scans it in registers from a zero state
-(``tl.associative_scan`` of the pairs (log gamma_t, x_t): decays multiply as summed logs,
-states add in linear space), waits for the state
+(``tl.associative_scan`` of the pairs (gamma_t, x_t), linear space; the decay across a
+whole chunk is exp of the sum of its log gammas), waits for the state
 at the end of chunk c-1 that the program of chunk c-1 publishes, publishes its own end
 state, then adds the carried state to its tile and writes h. So x and log_gamma are read
 once and h written once; only the [B, D] carries cross programs, one chunk after another.
@@ -27,8 +27,9 @@ The channel count D is a compile-time constant (one compile per model width): ro
 become immediates instead of 64-bit addresses held in registers, which frees registers for
 larger tiles.
 
-Resets (log_gamma = -inf) need nothing special: a sum of logs that crosses one is -inf and
-its exp is 0, which cuts the carried state too. All arithmetic is float32.
+Resets (log_gamma = -inf) need nothing special: gamma = exp(-inf) = 0 zeroes every product
+that crosses them, and a chunk's sum of logs is -inf, which cuts the carried state too. All
+arithmetic is float32.
 """
 
 from typing import Optional, Tuple
@@ -58,11 +59,9 @@ def _block_sizes(device: torch.device, backward: bool = False) -> Tuple[int, int
 if AVAILABLE:
 
     @triton.jit
-    def _linear_combine(la_prev, h_prev, la_next, h_next):
-        """Compose two steps of h -> exp(la) h + x: apply (la_prev, h_prev), then (la_next, h_next).
-        The decays are summed as logs: a product of fp32 gammas near 1 would round once per step
-        (a systematic error of T ulps over a long sequence), a sum of logs rounds once per exp."""
-        return la_prev + la_next, h_next + tl.exp(la_next) * h_prev
+    def _linear_combine(a_prev, h_prev, a_next, h_next):
+        """Compose two steps of h -> a * h + x: apply (a_prev, h_prev), then (a_next, h_next)."""
+        return a_prev * a_next, h_next + a_next * h_prev
 
     @triton.jit
     def _claim_tile(flags, T, B, D, NT, BT: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr):
@@ -126,9 +125,11 @@ if AVAILABLE:
             u = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             u = tl.zeros([BT, BD], dtype=tl.float32)
-        log_decay, h_local = tl.associative_scan((log_g, u), axis=0, combine_fn=_linear_combine)
-        decay = tl.exp(log_decay)
-        decay_end = _row(decay, rows, BT - 1)
+        decay, h_local = tl.associative_scan((tl.exp(log_g), u), axis=0, combine_fn=_linear_combine)
+        # the decay carried to the next chunk from the sum of logs: a gamma near 1 rounded to fp32
+        # is off by up to half an ulp of 1, the same way at every step, and a product over the
+        # whole sequence would sum that bias (T / 2 ulps); a sum of logs rounds once per chunk
+        decay_end = tl.exp(tl.sum(log_g, axis=0))
         h_local_end = _row(h_local, rows, BT - 1)
 
         if i_c > 0:
@@ -166,9 +167,9 @@ if AVAILABLE:
         mask_next = (t + 1 < T)[:, None] & mask_d[None, :]
         log_g_next = tl.load(log_gamma + offs + D, mask=mask_next, other=0.0).to(tl.float32)
         dh = tl.load(grad_h + offs, mask=mask, other=0.0).to(tl.float32)
-        log_decay, g_local = tl.associative_scan((log_g_next, dh), axis=0, combine_fn=_linear_combine, reverse=True)
-        decay = tl.exp(log_decay)
-        decay_start = _row(decay, rows, 0)
+        decay, g_local = tl.associative_scan((tl.exp(log_g_next), dh), axis=0, combine_fn=_linear_combine,
+                                             reverse=True)
+        decay_start = tl.exp(tl.sum(log_g_next, axis=0))  # as decay_end in the forward
         g_local_start = _row(g_local, rows, 0)
 
         if i_c < NT - 1:
