@@ -51,7 +51,7 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.scan_backend = config.scan_backend
         self.norm1 = RMSNorm(d, config.rms_norm_eps)
         self.hem = HEMProjection(config)
-        self.mdi = MDIDecay(config, layer_idx)
+        self.mdi = MDIDecay(config)
         self.state_gate = StateGate(d) if config.recurrence_gate == "state" else None
         self.readout_norm = GroupRMSNorm(d, config.num_attention_heads, config.rms_norm_eps)
         self.memory = MultiMemoryAttention(config) if config.memory_levels != "none" else None

@@ -37,8 +37,6 @@ class MMRecConfig(PretrainedConfig):
             (the long-term slots only; block summaries still fold into them), "blocks" (the
             segment's block summaries and the learned slots, which never fold), or "none" (no
             memory attention: the block is the recurrence and the FFN). For ablations.
-        decay_lower_bound: give each layer a learned per-channel floor b on the decay,
-            gamma = b + (1 - b) sigma(a), starting higher in deeper layers (HGRN's lower bounds).
         output_gate: gate the state readout, r = GroupRMSNorm(h) * silu(o), with o one more
             slice of the HEM projection.
         use_hem: one fused projection GEMM (True) or separate seed-named linears (False).
@@ -73,7 +71,6 @@ class MMRecConfig(PretrainedConfig):
         memory_decay: float = 0.99,
         recurrence_gate: str = "input",
         memory_levels: str = "slots+blocks",
-        decay_lower_bound: bool = False,
         output_gate: bool = False,
         use_hem: bool = True,
         scan_backend: str = "auto",
@@ -114,7 +111,6 @@ class MMRecConfig(PretrainedConfig):
         self.memory_decay = memory_decay
         self.recurrence_gate = recurrence_gate
         self.memory_levels = memory_levels
-        self.decay_lower_bound = decay_lower_bound
         self.output_gate = output_gate
         self.use_hem = use_hem
         self.scan_backend = scan_backend
@@ -162,7 +158,7 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError(f"MMRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.rms_norm_eps) > 0.0:
             raise ValueError(f"MMRecConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        for name in ("use_hem", "use_cache", "decode_cuda_graph", "decay_lower_bound", "output_gate"):
+        for name in ("use_hem", "use_cache", "decode_cuda_graph", "output_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MMRecConfig.{name} must be a bool, got {getattr(self, name)!r}")
         chunk = self.inference_chunk_size

@@ -46,7 +46,7 @@ def check_loading_info(model, path, loading_info: Mapping, ignore_mismatched_siz
     in_layers = [key for key in unexpected if layer_of(key) is not None]
     if in_layers:
         fields = [name for name, marker in (("use_hem", "hem.W_"), ("recurrence_gate", "state_gate."),
-                                                   ("decay_lower_bound", "mdi.lower_bound"), ("memory_levels", "memory.slot_")) if
+                                                   ("memory_levels", "memory.slot_")) if
                   any(marker in key for key in in_layers + sorted(missing))]
         raise ValueError(f"{where}: the checkpoint's layers hold tensors this config has no place for: {in_layers}"
                          + (f"; check {' and '.join(fields)}" if fields else ""))

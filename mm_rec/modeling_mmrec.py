@@ -178,8 +178,6 @@ class MMRecPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MultiMemoryAttention):  # on the scale of the keys of a unit-RMS input
             init.normal_(module.slot_keys, 0.0, 1.0)
             init.normal_(module.slot_values, 0.0, 1.0)
-        elif isinstance(module, MDIDecay):
-            module.init_lower_bound_()
 
     def _linear_inits(self) -> Dict[nn.Linear, Callable[[nn.Linear], None]]:
         """The linears whose init is not N(0, initializer_range), by owner: HEM's stacked projections

@@ -66,14 +66,12 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-blocks-only": {"memory_levels": "blocks"},
     "mmrec-block16": {"memory_block_size": 16},
     "mmrec-block64": {"memory_block_size": 64},
-    "mmrec-lower-bound": {"decay_lower_bound": True},
     "mmrec-output-gate": {"output_gate": True},
-    "mmrec-lower-bound-output-gate": {"decay_lower_bound": True, "output_gate": True},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
     "ablations": ("mmrec-no-memory", "mmrec-slots-only", "mmrec-blocks-only", "mmrec-block16", "mmrec-block64"),
-    "improvements": ("mmrec-lower-bound", "mmrec-output-gate", "mmrec-lower-bound-output-gate"),
+    "improvements": ("mmrec-output-gate",),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.

@@ -2,8 +2,6 @@
 
     a_t       = W_E GELU(p_t) + b_E                       decay logits, W_E: pe_dim -> d
     log g_t   = clamp(logsigmoid(a_t), log 1e-6, log(1 - 1e-6))       (float32)
-    with decay_lower_bound: gamma_t = b + (1 - b) sigmoid(a_t), b = sigmoid(beta) per channel,
-              i.e. a_t -> logaddexp(a_t, beta + softplus(a_t)) before the sigmoid
     h_t       = gamma_t h_{t-1} + (1 - gamma_t) g_t z_t
     g_t       = sigmoid(g~_t)                   recurrence_gate="input"  (a parallel scan)
               | sigmoid(W_g h_{t-1} + b_g)      recurrence_gate="state"  (a loop over t)
@@ -36,29 +34,15 @@ TIMESCALE_RANGE = (1e-3, 1e-1)  # 1 - gamma at init: memories of ~10 to ~1000 to
 
 
 class MDIDecay(nn.Module):
-    """P -> GELU -> E: the decay generator. p: [B, T, pe_dim] -> log gamma [B, T, d] (fp32).
+    """P -> GELU -> E: the decay generator. p: [B, T, pe_dim] -> log gamma [B, T, d] (fp32)."""
 
-    With ``config.decay_lower_bound``, ``lower_bound`` holds beta [d]: the decay never falls below
-    sigmoid(beta), which starts at layer_idx / num_layers (deeper layers remember longer)."""
-
-    def __init__(self, config, layer_idx: int = 0):
+    def __init__(self, config):
         super().__init__()
         self.W_E = nn.Linear(config.pe_dim, config.hidden_size, bias=True)
-        self.floor_at_init = max(layer_idx / config.num_hidden_layers, 1e-3)
-        self.lower_bound = nn.Parameter(torch.empty(config.hidden_size)) if config.decay_lower_bound else None
 
     def logits(self, p: Tensor) -> Tensor:
-        """a = W_E GELU(p): the decay logits, [B, T, d] (float32 with a lower bound, else the model dtype)."""
-        a = self.W_E(F.gelu(p))
-        if self.lower_bound is None:
-            return a
-        a = a.float()
-        return torch.logaddexp(a, self.lower_bound.float() + F.softplus(a))
-
-    def init_lower_bound_(self) -> None:
-        if self.lower_bound is not None:
-            b = self.floor_at_init
-            init.constant_(self.lower_bound, math.log(b) - math.log1p(-b))
+        """a = W_E GELU(p): the decay logits, [B, T, d] in the model dtype."""
+        return self.W_E(F.gelu(p))
 
     def forward(self, p: Tensor) -> Tensor:
         return log_gamma_from_logits(self.logits(p))

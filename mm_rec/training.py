@@ -44,32 +44,32 @@ STAGING = ".staging"  # checkpoints are written here, then renamed into place
 KEEP_CHECKPOINTS = 2
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 
-# model: MMRecConfig fields. vocab_size: BPE size when the tokenizer is trained here.
+# model: MMRecConfig fields (output_gate: see docs/quality/). vocab_size: BPE size when the tokenizer is trained here.
 # eval_blocks: held-out rows of each periodic evaluation (the final one reads all of them).
 PRESETS: Dict[str, dict] = {
     "tiny": dict(
         vocab_size=320, block_size=64, batch_size=8, max_steps=20, learning_rate=1e-2, eval_steps=10, eval_blocks=16,
         bf16=False,
         model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, memory_block_size=8,
-                   memory_segment_length=32, num_memory_slots=4),
+                   memory_segment_length=32, num_memory_slots=4, output_gate=True),
     ),
     "laptop": dict(
         vocab_size=2048, block_size=128, batch_size=16, max_steps=400, learning_rate=3e-3, eval_steps=100, eval_blocks=128,
         bf16=False,
         model=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, memory_block_size=16,
-                   memory_segment_length=128, num_memory_slots=8),
+                   memory_segment_length=128, num_memory_slots=8, output_gate=True),
     ),
     "gpu-small": dict(  # about 20M parameters
         vocab_size=8192, block_size=512, batch_size=32, max_steps=5000, learning_rate=1.5e-3, eval_steps=500,
         eval_blocks=512, bf16=True,
         model=dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, memory_block_size=32,
-                   memory_segment_length=512, num_memory_slots=16),
+                   memory_segment_length=512, num_memory_slots=16, output_gate=True),
     ),
     "gpu-130m": dict(  # about 128M parameters
         vocab_size=32000, block_size=1024, batch_size=32, max_steps=20000, learning_rate=6e-4, eval_steps=1000,
         eval_blocks=512, bf16=True,
         model=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, memory_block_size=32,
-                   memory_segment_length=512, num_memory_slots=16),
+                   memory_segment_length=512, num_memory_slots=16, output_gate=True),
     ),
 }
 

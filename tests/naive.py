@@ -40,14 +40,9 @@ def naive_log_gamma(a):
     return (-torch.log1p(torch.exp(-a.double()))).clamp(math.log(1e-6), math.log1p(-1e-6))
 
 
-def naive_decay(p, W_E, b_E, lower_bound=None):
-    """MDI's decay generator: log gamma = clamp(log sigmoid(W_E GELU(p) + b_E)), in float64; with
-    ``lower_bound`` beta [d], gamma = b + (1 - b) sigmoid(a) with b = sigmoid(beta), then the clamp."""
-    a = naive_gelu(p.double()) @ W_E.double().T + b_E.double()
-    if lower_bound is None:
-        return naive_log_gamma(a)
-    b = torch.sigmoid(lower_bound.double())
-    return torch.log(b + (1 - b) * torch.sigmoid(a)).clamp(math.log(1e-6), math.log1p(-1e-6))
+def naive_decay(p, W_E, b_E):
+    """MDI's decay generator: log gamma = clamp(log sigmoid(W_E GELU(p) + b_E)), in float64."""
+    return naive_log_gamma(naive_gelu(p.double()) @ W_E.double().T + b_E.double())
 
 
 def naive_recurrence_inputs(a, gate_logits, z, real, reset):
@@ -200,7 +195,7 @@ def naive_block(block, config, x, attention_mask, position_ids):
         W = {n: P[f"hem.W_{n}.weight"] for n in names}
         bias = {n: P[f"hem.W_{n}.bias"] for n in names}
     proj = {n: u @ W[n].T + bias[n] for n in names}
-    log_gamma = naive_decay(proj["p"], P["mdi.W_E.weight"], P["mdi.W_E.bias"], P.get("mdi.lower_bound"))
+    log_gamma = naive_decay(proj["p"], P["mdi.W_E.weight"], P["mdi.W_E.bias"])
     real = attention_mask.bool()
     reset = real & (position_ids == 0) if position_ids is not None else None
     if config.recurrence_gate == "input":

@@ -12,8 +12,7 @@ from naive import naive_block
 
 OPTIONS = [  # the quality study's options (docs/ARCHITECTURE.md sections 1 and 2), one or two at a time
     {"memory_levels": "slots"}, {"memory_levels": "blocks"}, {"memory_levels": "none"},
-    {"decay_lower_bound": True}, {"output_gate": True},
-    {"decay_lower_bound": True, "output_gate": True, "use_hem": False},
+    {"output_gate": True}, {"output_gate": True, "use_hem": False},
     {"output_gate": True, "recurrence_gate": "state", "memory_levels": "blocks"},
 ]
 
@@ -37,8 +36,6 @@ def check_block_against_naive(config, rows):
     with torch.no_grad():  # move every parameter off its init so each path carries signal
         for p in block.parameters():
             p.add_(0.3 * torch.randn_like(p))
-        if block.mdi.lower_bound is not None:  # floors around 1/2, not layer 0's 1e-3
-            block.mdi.lower_bound.copy_(torch.randn_like(block.mdi.lower_bound))
     B, T = 2, 40
     x = torch.randn(B, T, config.hidden_size)
     mask = torch.ones(B, T, dtype=torch.long)

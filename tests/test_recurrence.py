@@ -41,31 +41,6 @@ def test_mdi_decay_clamps_at_extreme_inputs(tiny_config):
     assert (-torch.expm1(out) > 0).all()  # the input weight 1 - gamma never vanishes
 
 
-@pytest.mark.parametrize("extreme", [False, True])
-def test_decay_lower_bound_is_its_definition(extreme, tiny_config):
-    """gamma = b + (1 - b) sigmoid(a) with b = sigmoid(beta) (then the clamp), also where a and
-    beta are far out (the logaddexp form must not overflow)."""
-    torch.manual_seed(6)
-    decay = MDIDecay(tiny_config(pe_dim=6, hidden_size=20, decay_lower_bound=True))
-    scale = 30.0 if extreme else 2.0
-    with torch.no_grad():
-        decay.lower_bound.copy_(scale * torch.randn(20))
-    p = scale * torch.randn(2, 9, 6)
-    expected = naive_decay(p, decay.W_E.weight, decay.W_E.bias, decay.lower_bound)
-    out = decay(p)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
-    assert (out.double() >= torch.log(torch.sigmoid(decay.lower_bound.double())).clamp(max=math.log1p(-1e-6)) - 1e-6).all()
-
-
-def test_decay_lower_bound_starts_higher_in_deeper_layers(tiny_config):
-    torch.manual_seed(7)
-    model = MMRecForCausalLM(tiny_config(num_hidden_layers=4, decay_lower_bound=True))
-    floors = [torch.sigmoid(layer.mdi.lower_bound.double()) for layer in model.model.layers]
-    for i, floor in enumerate(floors):
-        torch.testing.assert_close(floor, torch.full_like(floor, max(i / 4, 1e-3)), rtol=1e-6, atol=0)
-
-
 def test_decay_init_is_log_uniform_over_timescales(tiny_config):
     torch.manual_seed(14)
     model = MMRecForCausalLM(tiny_config(hidden_size=32))
