@@ -147,8 +147,12 @@ def build_model(family: str, vocab_size: int, hidden_size: int, num_layers: int,
             from fla.models import HGRNConfig, HGRNForCausalLM
         except ImportError:
             raise RefusedRun(FLA_MISSING) from None
+        # fla's fused norm / SwiGLU / cross-entropy kernels autotune dozens of configurations on first
+        # use (minutes per process); their PyTorch forms compute the same model, and HGRN's own
+        # recurrence kernel is kept
         return HGRNForCausalLM(HGRNConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-                                          tie_word_embeddings=True))
+                                          tie_word_embeddings=True, fuse_norm=False, fuse_swiglu=False,
+                                          fuse_cross_entropy=False))
     raise ValueError(f"model family must be one of {FAMILIES}, got {family!r}")
 
 
