@@ -221,6 +221,18 @@ def test_a_batch_the_processes_cannot_share_is_one_error_line(tmp_path):
     assert not out.exists()
 
 
+def assert_same_run(run: Path, plain: Path) -> dict:
+    """``run`` logged every step with the losses of ``plain`` and ended with its weights, in a
+    folder from_pretrained loads. Returns plain's losses by step."""
+    plain_losses, losses = step_losses(plain), step_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in plain_losses.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), step
+    assert_same_weights(run, plain, rtol=1e-4, atol=1e-5)
+    AutoModelForCausalLM.from_pretrained(run, trust_remote_code=True)
+    return plain_losses
+
+
 @pytest.mark.gpu
 def test_fsdp_on_one_gpu_matches_plain_training_and_resumes(tmp_path):
     """configs/fsdp.yaml with one process on one GPU (FSDP2, sharded checkpoints). In fp32 its
@@ -234,12 +246,7 @@ def test_fsdp_on_one_gpu_matches_plain_training_and_resumes(tmp_path):
     assert "asks for FSDP" not in done.stdout
     checkpoint = fsdp / "checkpoints" / f"checkpoint-{CRASH_STEP}"
     assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file() and not (checkpoint / "model.safetensors").exists()
-    plain_losses, fsdp_losses = step_losses(tmp_path / "plain"), step_losses(fsdp)
-    assert sorted(fsdp_losses) == list(range(1, STEPS + 1))
-    for step, loss in plain_losses.items():
-        assert fsdp_losses[step] == pytest.approx(loss, rel=1e-4), step
-    assert_same_weights(fsdp, tmp_path / "plain", rtol=1e-4, atol=1e-5)
-    AutoModelForCausalLM.from_pretrained(fsdp, trust_remote_code=True)
+    plain_losses = assert_same_run(fsdp, tmp_path / "plain")
 
     crashed = crashed_copy(fsdp, tmp_path / "crashed")
     resumed = launch("fsdp.yaml", 1, "--output-dir", str(crashed), "--resume", cuda=True,
@@ -263,9 +270,4 @@ def test_ddp_config_on_one_gpu_matches_plain_training(tmp_path):
     train_alone(*flags, "--output-dir", str(tmp_path / "plain"), cuda=True)
     ddp = tmp_path / "ddp"
     launch("ddp.yaml", 1, *flags, "--output-dir", str(ddp), cuda=True, launch_flags=["--mixed_precision", "no"])
-    plain_losses, ddp_losses = step_losses(tmp_path / "plain"), step_losses(ddp)
-    assert sorted(ddp_losses) == list(range(1, STEPS + 1))
-    for step, loss in plain_losses.items():
-        assert ddp_losses[step] == pytest.approx(loss, rel=1e-4), step
-    assert_same_weights(ddp, tmp_path / "plain", rtol=1e-4, atol=1e-5)
-    AutoModelForCausalLM.from_pretrained(ddp, trust_remote_code=True)
+    assert_same_run(ddp, tmp_path / "plain")
