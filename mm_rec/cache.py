@@ -42,6 +42,11 @@ class LayerState:
         return {"h": (batch_size, hidden_size),
                 **MemoryState.shapes(batch_size, hidden_size, blocks_per_segment, num_slots)}
 
+    @staticmethod
+    def names() -> List[str]:
+        """The tensors' names, in the order of ``shapes`` and ``tensors()``."""
+        return ["h", *(f.name for f in fields(MemoryState))]
+
     def tensors(self) -> Dict[str, Tensor]:
         return {"h": self.h, **self.memory.tensors()}
 
@@ -139,7 +144,7 @@ class MMRecCache:
         num_layers = _int_field(meta, "num_layers", where)
         if num_layers < 1:
             raise ValueError(f"{where}: num_layers must be at least 1, got {num_layers}")
-        names = list(LayerState.shapes(1, 1, 1, 1))
+        names = LayerState.names()
         expected = {"position"} | {f"layers.{i}.{n}" for i in range(num_layers) for n in names}
         missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
         if missing:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .cache import LayerState, MMRecCache
 
-_NAMES = list(LayerState.shapes(1, 1, 1, 1))
+_NAMES = LayerState.names()
 
 
 def _state(cache) -> List[Tensor]:

@@ -170,7 +170,9 @@ class MMRecPreTrainedModel(PreTrainedModel):
         a partial checkpoint gets exactly its missing tensors initialised."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            self._linear_inits().get(module, lambda m: _normal_linear_(m, std))(module)
+            if "_linear_init_table" not in self.__dict__:  # built once: the model's linears do not change
+                self.__dict__["_linear_init_table"] = self._linear_inits()
+            self.__dict__["_linear_init_table"].get(module, lambda m: _normal_linear_(m, std))(module)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, 0.0, std)
         elif isinstance(module, (RMSNorm, GroupRMSNorm)):
