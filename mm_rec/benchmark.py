@@ -162,7 +162,7 @@ def training_throughput(model, batch_size: int, seq_len: int, steps: int = 8, wa
     step_s = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     del optimizer
-    return {"step_s": step_s, "tokens_per_s": batch_size * seq_len / step_s, "peak_gib": peak, "loss": float(loss)}
+    return {"step_s": step_s, "tokens_per_s": batch_size * seq_len / step_s, "peak_gib": peak, "loss": loss.item()}
 
 
 class _StepClock:

@@ -27,7 +27,8 @@ class MMRecConfig(PretrainedConfig):
         pe_dim: width of the MDI decay generator P -> GELU -> E; default d // 4.
         hidden_act: FFN activation.
         rms_norm_eps: epsilon of every RMS norm.
-        memory_block_size: N, tokens per level-1 block summary.
+        memory_block_size: N, tokens per level-1 block summary. 1 makes level 1 exact
+            attention over the segment's earlier tokens (in-context recall, more compute).
         memory_segment_length: tokens per memory segment (a multiple of N); at each
             segment boundary the block summaries fold into the long-term slots.
         num_memory_slots: S, long-term memory slots per layer.

@@ -66,12 +66,16 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-blocks-only": {"memory_levels": "blocks"},
     "mmrec-block16": {"memory_block_size": 16},
     "mmrec-block64": {"memory_block_size": 64},
+    "mmrec-block4": {"memory_block_size": 4},
+    "mmrec-block1": {"memory_block_size": 1},
     "mmrec-output-gate": {"output_gate": True},
+    "mmrec-output-gate-block1": {"output_gate": True, "memory_block_size": 1},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
-    "ablations": ("mmrec-no-memory", "mmrec-slots-only", "mmrec-blocks-only", "mmrec-block16", "mmrec-block64"),
-    "improvements": ("mmrec-output-gate",),
+    "ablations": ("mmrec-no-memory", "mmrec-slots-only", "mmrec-blocks-only", "mmrec-block16", "mmrec-block64",
+                  "mmrec-block4", "mmrec-block1"),
+    "improvements": ("mmrec-output-gate", "mmrec-output-gate-block1"),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.

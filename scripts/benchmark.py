@@ -29,6 +29,7 @@ import transformers
 
 from mm_rec import MMRecConfig, MMRecForCausalLM
 from mm_rec.benchmark import generate_throughput, peak_bf16_tflops, training_throughput
+from mm_rec.training import PRESETS
 
 GPU_TRAIN_SHAPES = [(2048, 16), (8192, 4), (32768, 1)]
 CPU_TRAIN_SHAPES = [(512, 8), (2048, 2)]
@@ -37,12 +38,13 @@ GPU_CONTEXTS = [2048, 16384, 65536]
 
 def build(name, size, device, dtype=None):
     """(model, parameters) for 'mmrec', 'hgrn' or 'llama' at 'gpu' (hidden 768, 12 layers, vocab
-    32000) or 'cpu' size (hidden 128, 4 layers, vocab 2048); None where fla is not installed."""
+    32000; MM-Rec as the gpu-130m training preset) or 'cpu' size (hidden 128, 4 layers, vocab 2048); None where fla is not installed."""
     hidden, layers, heads, vocab = (768, 12, 12, 32000) if size == "gpu" else (128, 4, 4, 2048)
     torch.manual_seed(0)
-    if name == "mmrec":
-        model = MMRecForCausalLM(MMRecConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                             num_attention_heads=heads))
+    if name == "mmrec":  # the training presets' memory and output gate (mm_rec/training.py)
+        model = MMRecForCausalLM(MMRecConfig(**{**PRESETS["gpu-130m"]["model"], "vocab_size": vocab,
+                                                "hidden_size": hidden, "num_hidden_layers": layers,
+                                                "num_attention_heads": heads}))
     elif name == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

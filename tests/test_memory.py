@@ -28,10 +28,12 @@ MEMORY_CASES = {
 }
 
 
+@pytest.mark.parametrize("block", [4, 1], ids=lambda n: f"block{n}")
 @pytest.mark.parametrize("case", list(MEMORY_CASES))
-def test_memory_attention_matches_naive(case, tiny_config):
+def test_memory_attention_matches_naive(case, block, tiny_config):
+    """Blocks of one token (level 1 = attention over every earlier token of the segment) as well."""
     B, T, pads, documents = MEMORY_CASES[case]
-    config = tiny_config(memory_decay=0.7)
+    config = tiny_config(memory_decay=0.7, memory_block_size=block)
     torch.manual_seed(9)
     memory = MultiMemoryAttention(config)
     torch.nn.init.normal_(memory.slot_keys)

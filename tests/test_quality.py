@@ -234,12 +234,14 @@ def test_bad_flags_are_one_line_errors(flags, named, tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_tiny_study_on_cuda(tmp_path):
-    """The CUDA path (device generator, bf16 autocast, fused AdamW, fla's HGRN where installed)."""
+    """The CUDA path (device generator, bf16 autocast, fused AdamW). HGRN is left out: fla autotunes
+    each of its kernels on first use (minutes of compiling at every new width); the study itself
+    runs it on the GPU."""
     setting = quality.MQARSetting(64, 8)
     inputs, targets = quality.mqar_batch(setting, 8, 128, torch.Generator("cuda").manual_seed(0))
     assert inputs.is_cuda and int((targets != quality.IGNORE_INDEX).sum()) == 8 * 8
     mqar, lm = quality.MQARProtocol(**quality.SMOKE_MQAR), quality.LMProtocol(**quality.SMOKE_LM)
-    families = ("mmrec", "llama", "hgrn") if quality.fla_available() else ("mmrec", "llama")
+    families = ("mmrec", "llama")
     runs = quality.plan_runs("all", families, ("mmrec-input",), mqar=mqar, lm=lm)
     outcome = quality.Study(tmp_path, "cuda", mqar, lm, progress=False).run_all(runs)
     assert sorted(outcome["done"]) == sorted(r.name for r in runs)
