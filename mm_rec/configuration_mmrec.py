@@ -25,6 +25,9 @@ class MMRecConfig(PretrainedConfig):
             (the seed's ``num_heads``); must divide ``hidden_size``.
         intermediate_size: FFN inner width (the seed's ``ffn_dim``); default 4d.
         pe_dim: width of the MDI decay generator P -> GELU -> E; default d // 4.
+        decay_init_min, decay_init_max: at initialisation, 1 - gamma of the d channels spans
+            [decay_init_min, decay_init_max] log-uniformly (memories of about 1 / rate tokens);
+            default 1e-3 .. 0.1, about 10 to 1000 tokens.
         hidden_act: FFN activation.
         rms_norm_eps: epsilon of every RMS norm.
         memory_block_size: N, tokens per level-1 block summary. 1 makes level 1 exact
@@ -64,6 +67,8 @@ class MMRecConfig(PretrainedConfig):
         num_attention_heads: int = 4,
         intermediate_size: Optional[int] = None,
         pe_dim: Optional[int] = None,
+        decay_init_min: float = 1e-3,
+        decay_init_max: float = 0.1,
         hidden_act: str = "gelu",
         rms_norm_eps: float = 1e-6,
         memory_block_size: int = 32,
@@ -104,6 +109,8 @@ class MMRecConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
         self.pe_dim = pe_dim if pe_dim is not None else max(1, hidden_size // 4)
+        self.decay_init_min = decay_init_min
+        self.decay_init_max = decay_init_max
         self.hidden_act = hidden_act
         self.rms_norm_eps = rms_norm_eps
         self.memory_block_size = memory_block_size
@@ -149,6 +156,12 @@ class MMRecConfig(PretrainedConfig):
             )
         if not 0.0 < float(self.memory_decay) < 1.0:
             raise ValueError(f"MMRecConfig.memory_decay must be in (0, 1), got {self.memory_decay!r}")
+        low, high = self.decay_init_min, self.decay_init_max
+        for name, value in (("decay_init_min", low), ("decay_init_max", high)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                raise ValueError(f"MMRecConfig.{name} must be a number in (0, 1), got {value!r}")
+        if low > high:
+            raise ValueError(f"MMRecConfig.decay_init_min ({low}) must not exceed decay_init_max ({high})")
         if self.recurrence_gate not in RECURRENCE_GATES:
             raise ValueError(f"MMRecConfig.recurrence_gate must be one of {RECURRENCE_GATES}, got {self.recurrence_gate!r}")
         if self.memory_levels not in MEMORY_LEVELS:

@@ -196,7 +196,8 @@ class MMRecPreTrainedModel(PreTrainedModel):
             elif isinstance(owner, StateGate):
                 inits[owner.W_g] = lambda m: _xavier_linear_(m, [m.out_features])
             elif isinstance(owner, MDIDecay):
-                inits[owner.W_E] = init_decay_generator_
+                span = (self.config.decay_init_min, self.config.decay_init_max)
+                inits[owner.W_E] = lambda m, span=span: init_decay_generator_(m, *span)
             elif isinstance(owner, FeedForward):
                 inits[owner.down] = residual
             elif isinstance(owner, MMRecBlock):

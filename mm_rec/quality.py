@@ -70,12 +70,16 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-block1": {"memory_block_size": 1},
     "mmrec-output-gate": {"output_gate": True},
     "mmrec-output-gate-block1": {"output_gate": True, "memory_block_size": 1},
+    "mmrec-output-gate-fast-decay": {"output_gate": True, "decay_init_max": 0.5},
+    "mmrec-output-gate-full-decay": {"output_gate": True, "pe_dim": "hidden_size"},
+    "mmrec-output-gate-fast-full-decay": {"output_gate": True, "decay_init_max": 0.5, "pe_dim": "hidden_size"},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
     "ablations": ("mmrec-no-memory", "mmrec-slots-only", "mmrec-blocks-only", "mmrec-block16", "mmrec-block64",
                   "mmrec-block4", "mmrec-block1"),
-    "improvements": ("mmrec-output-gate", "mmrec-output-gate-block1"),
+    "improvements": ("mmrec-output-gate", "mmrec-output-gate-block1", "mmrec-output-gate-fast-decay",
+                     "mmrec-output-gate-full-decay", "mmrec-output-gate-fast-full-decay"),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.
@@ -93,6 +97,12 @@ def heads_for(hidden_size: int) -> int:
     return max(1, hidden_size // 64)
 
 
+def resolve_overrides(overrides: Optional[dict], hidden_size: int) -> dict:
+    """A variant's MMRecConfig overrides for one model width: the value "hidden_size" stands for
+    that width (e.g. {"pe_dim": "hidden_size"}: a full-width decay generator at every size)."""
+    return {k: hidden_size if v == "hidden_size" else v for k, v in (overrides or {}).items()}
+
+
 def check_variant(name: str, overrides: dict) -> None:
     """RefusedRun unless every override is a field MMRecConfig accepts (PretrainedConfig would
     silently store an unknown one as an attribute) and the config builds."""
@@ -101,7 +111,7 @@ def check_variant(name: str, overrides: dict) -> None:
     if unknown:
         raise RefusedRun(f"variant {name}: MMRecConfig has no field {', '.join(unknown)} (yet); variant skipped")
     try:
-        MMRecConfig(**overrides)
+        MMRecConfig(**resolve_overrides(overrides, MMRecConfig().hidden_size))
     except ValueError as err:
         raise RefusedRun(f"variant {name}: {' '.join(str(err).split())}; variant skipped") from None
 
@@ -136,7 +146,7 @@ def build_model(family: str, vocab_size: int, hidden_size: int, num_layers: int,
 
         config = MMRecConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                              num_attention_heads=heads_for(hidden_size), intermediate_size=intermediate_size,
-                             tie_word_embeddings=True, **(overrides or {}))
+                             tie_word_embeddings=True, **resolve_overrides(overrides, hidden_size))
         return MMRecForCausalLM(config)
     if family == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM

@@ -30,7 +30,6 @@ from .scan import scan
 
 LOG_GAMMA_MIN = math.log(1e-6)
 LOG_GAMMA_MAX = math.log1p(-1e-6)
-TIMESCALE_RANGE = (1e-3, 1e-1)  # 1 - gamma at init: memories of ~10 to ~1000 tokens
 
 
 class MDIDecay(nn.Module):
@@ -53,14 +52,14 @@ def log_gamma_from_logits(a: Tensor) -> Tensor:
     return F.logsigmoid(a.float()).clamp(LOG_GAMMA_MIN, LOG_GAMMA_MAX)
 
 
-def init_decay_generator_(linear: nn.Linear) -> None:
-    """Small W_E; b_E such that 1 - sigmoid(b_E) is log-uniform over TIMESCALE_RANGE across
-    channels, so a fresh model already remembers across a block. (transformers' ``init``
-    functions leave a tensor loaded from a checkpoint as it is.)"""
+def init_decay_generator_(linear: nn.Linear, lo: float, hi: float) -> None:
+    """Small W_E; b_E such that 1 - sigmoid(b_E) is log-uniform over [lo, hi] across channels
+    (config.decay_init_min / max), so a fresh model already has memories of about 1 / hi to
+    1 / lo tokens. (transformers' ``init`` functions leave a tensor loaded from a checkpoint as
+    it is.)"""
     weight, bias = linear.weight, linear.bias
     bound = 0.1 * math.sqrt(6.0 / (weight.shape[0] + weight.shape[1]))
     init.uniform_(weight, -bound, bound)
-    lo, hi = TIMESCALE_RANGE
     rate = torch.logspace(math.log10(lo), math.log10(hi), bias.numel(), dtype=torch.float64)
     init.copy_(bias, torch.log1p(-rate) - torch.log(rate))  # sigmoid(b) = 1 - rate
 

@@ -44,6 +44,9 @@ def parse_args(argv):
     parser.add_argument("--steps", type=positive_int, help="training steps per run (LM default 800, MQAR at most 2000)")
     parser.add_argument("--eval-every", type=positive_int, help="evaluate every N steps (LM default 100, MQAR 200)")
     parser.add_argument("--batch-size", type=positive_int, help="LM rows per step (default 32)")
+    parser.add_argument("--lm-width", type=positive_int, help="LM hidden size (default 384)")
+    parser.add_argument("--lm-layers", type=positive_int, help="LM layers (default 6)")
+    parser.add_argument("--lm-seq-len", type=positive_int, help="LM tokens per row (default 512)")
     parser.add_argument("--mqar-tokens-per-batch", type=positive_int, help="MQAR tokens per step (default 32768)")
     parser.add_argument("--mqar-vocab", type=positive_int, help="MQAR vocabulary (default 8192, Zoology's)")
     parser.add_argument("--mqar-test-size", type=positive_int, help="MQAR test examples per setting (default 1000)")
@@ -90,7 +93,8 @@ def protocols(args):
                        ("sequential_max_length", args.sequential_max_length)):
         if value is not None:
             mqar[key] = tuple(value) if isinstance(value, list) else value
-    for key, value in (("tokenizations", args.tokenizations), ("batch_size", args.batch_size), ("bpe_vocab", args.bpe_vocab)):
+    for key, value in (("tokenizations", args.tokenizations), ("batch_size", args.batch_size), ("bpe_vocab", args.bpe_vocab),
+                       ("hidden_size", args.lm_width), ("layers", args.lm_layers), ("seq_len", args.lm_seq_len)):
         if value is not None:
             lm[key] = tuple(value) if isinstance(value, list) else value
     return quality.MQARProtocol(**mqar), quality.LMProtocol(**lm)

@@ -102,10 +102,13 @@ def test_hgrn_formula_matches_fla():
 @pytest.mark.parametrize("vocab,hidden,layers", [(258, 384, 6), (4096, 384, 6), (8192, 64, 2), (8192, 256, 2)])
 def test_equal_size_matching_within_ten_percent(vocab, hidden, layers):
     target = quality.hgrn_parameter_count(vocab, hidden, layers)
-    for family, overrides in [("mmrec", {}), ("mmrec", {"memory_block_size": 16}), ("llama", {})]:
+    full_decay = quality.MMREC_VARIANTS["mmrec-output-gate-full-decay"]
+    for family, overrides in [("mmrec", {}), ("mmrec", {"memory_block_size": 16}), ("mmrec", full_decay), ("llama", {})]:
         width, count = quality.match_intermediate_size(family, target, vocab, hidden, layers, overrides)
         with torch.device("meta"):
             model = quality.build_model(family, vocab, hidden, layers, width, overrides)
+        if overrides is full_decay:  # "hidden_size" stands for the width of the study
+            assert model.config.pe_dim == hidden and model.config.output_gate
         assert quality.count_parameters(model) == count  # the count reported is the built model's
         assert abs(count - target) <= 0.10 * target, (family, count, target)
         assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied
@@ -225,6 +228,7 @@ def test_smoke_study_runs_reports_and_resumes(tmp_path, capsys):
 @pytest.mark.parametrize("flags,named", [
     (["--steps", "0"], "--steps"), (["--study", "nope"], "--study"), (["--variants", "mmrec-nope"], "mmrec-nope"),
     (["--models", "rwkv"], "rwkv"), (["--settings", "100x40"], "100x40"), (["--extra-variant", "x={"], "--extra-variant"),
+    (["--lm-width", "0"], "--lm-width"),
 ])
 def test_bad_flags_are_one_line_errors(flags, named, tmp_path, capsys):
     rc = eval_quality.main(["--smoke", "--plan", "--out", str(tmp_path), *flags])
@@ -248,3 +252,17 @@ def test_tiny_study_on_cuda(tmp_path):
     for record in quality.load_records(tmp_path):
         assert not record["diverged"] and record["device"] == torch.cuda.get_device_name()
         assert math.isfinite(record["final"].get("bits_per_byte", record["final"].get("accuracy")))
+
+
+def test_lm_size_flags_reach_the_planned_runs():
+    """--lm-width / --lm-layers / --lm-seq-len set the LM protocol (a smaller study, e.g. on a CPU)."""
+    args = eval_quality.parse_args(["--lm-width", "48", "--lm-layers", "3", "--lm-seq-len", "96", "--tokenizations", "bytes",
+                                   "--lrs", "2e-3"])
+    _, lm = eval_quality.protocols(args)
+    runs = quality.plan_runs("lm", ("mmrec",), ("mmrec-output-gate-full-decay",), lm=lm)
+    (run,) = runs
+    assert (run.spec["hidden_size"], run.spec["layers"], run.spec["seq_len"]) == (48, 3, 96)
+    with torch.device("meta"):
+        model = quality.build_model("mmrec", run.spec["vocab_size"], 48, 3, run.spec["intermediate_size"],
+                                    run.spec["overrides"])
+    assert model.config.pe_dim == 48 and quality.count_parameters(model) == run.params

@@ -41,10 +41,14 @@ def test_mdi_decay_clamps_at_extreme_inputs(tiny_config):
     assert (-torch.expm1(out) > 0).all()  # the input weight 1 - gamma never vanishes
 
 
-def test_decay_init_is_log_uniform_over_timescales(tiny_config):
+@pytest.mark.parametrize("span", [(1e-3, 1e-1), (1e-3, 0.5)], ids=["default", "fast"])
+def test_decay_init_is_log_uniform_over_timescales(span, tiny_config):
+    """1 - gamma at init spans [decay_init_min, decay_init_max] log-uniformly (default 1e-3 .. 0.1)."""
     torch.manual_seed(14)
-    model = MMRecForCausalLM(tiny_config(hidden_size=32))
-    expected = torch.linspace(math.log(1e-3), math.log(1e-1), 32, dtype=torch.float64)
+    lo, hi = span
+    overrides = {} if span == (1e-3, 1e-1) else dict(decay_init_min=lo, decay_init_max=hi)
+    model = MMRecForCausalLM(tiny_config(hidden_size=32, **overrides))
+    expected = torch.linspace(math.log(lo), math.log(hi), 32, dtype=torch.float64)
     for layer in model.model.layers:
         rate = torch.sigmoid(-layer.mdi.W_E.bias.double())  # 1 - sigmoid(b_E)
         torch.testing.assert_close(rate.log().sort().values, expected, rtol=0, atol=1e-5)
@@ -56,7 +60,7 @@ def test_decay_init_is_log_uniform_over_timescales(tiny_config):
         layer.mdi.W_E.register_forward_hook(lambda mod, inp, out: seen.append(torch.sigmoid(-out.double())))
     model(random_ids((2, 20), seed=14))
     rates = torch.cat([s.flatten() for s in seen])
-    assert rates.min() > 0.5e-3 and rates.max() < 2e-1
+    assert rates.min() > 0.5 * lo and rates.max() < min(2 * hi, 1.0)
 
 
 # ---------------------------------------------------------------------------------------
