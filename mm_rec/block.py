@@ -24,16 +24,20 @@ from .recurrence import MDIDecay, StateGate, recurrence
 
 
 class FeedForward(nn.Module):
-    """d -> intermediate_size -> d."""
+    """d -> intermediate_size -> d: down(act(up x)), or with ``gated`` down(act(gate x) * up x)
+    (a GLU; SwiGLU with act "silu")."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, gated: bool = False):
         super().__init__()
+        self.gate = nn.Linear(hidden_size, intermediate_size, bias=False) if gated else None
         self.up = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act = ACT2FN[act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.act(self.up(x)))
+        if self.gate is None:
+            return self.down(self.act(self.up(x)))
+        return self.down(self.act(self.gate(x)) * self.up(x))
 
 
 class MMRecBlock(GradientCheckpointingLayer):
@@ -58,7 +62,7 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.num_memory_slots = config.num_memory_slots
         self.W_o = nn.Linear(d, d, bias=False)
         self.norm2 = RMSNorm(d, config.rms_norm_eps)
-        self.ffn = FeedForward(d, config.intermediate_size, config.hidden_act)
+        self.ffn = FeedForward(d, config.intermediate_size, config.hidden_act, config.ffn_gate)
         self.dropout = nn.Dropout(config.dropout)
 
     def fresh_state(self, batch_size: int) -> LayerState:

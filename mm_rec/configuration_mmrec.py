@@ -29,6 +29,8 @@ class MMRecConfig(PretrainedConfig):
             [decay_init_min, decay_init_max] log-uniformly (memories of about 1 / rate tokens);
             default 1e-3 .. 0.1, about 10 to 1000 tokens.
         hidden_act: FFN activation.
+        ffn_gate: a gated FFN, down(act(gate x) * up x) (SwiGLU with hidden_act="silu"), instead
+            of down(act(up x)).
         rms_norm_eps: epsilon of every RMS norm.
         memory_block_size: N, tokens per level-1 block summary. 1 makes level 1 exact
             attention over the segment's earlier tokens (in-context recall, more compute).
@@ -70,6 +72,7 @@ class MMRecConfig(PretrainedConfig):
         decay_init_min: float = 1e-3,
         decay_init_max: float = 0.1,
         hidden_act: str = "gelu",
+        ffn_gate: bool = False,
         rms_norm_eps: float = 1e-6,
         memory_block_size: int = 32,
         memory_segment_length: int = 512,
@@ -112,6 +115,7 @@ class MMRecConfig(PretrainedConfig):
         self.decay_init_min = decay_init_min
         self.decay_init_max = decay_init_max
         self.hidden_act = hidden_act
+        self.ffn_gate = ffn_gate
         self.rms_norm_eps = rms_norm_eps
         self.memory_block_size = memory_block_size
         self.memory_segment_length = memory_segment_length
@@ -172,7 +176,7 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError(f"MMRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.rms_norm_eps) > 0.0:
             raise ValueError(f"MMRecConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        for name in ("use_hem", "use_cache", "decode_cuda_graph", "output_gate"):
+        for name in ("use_hem", "use_cache", "decode_cuda_graph", "output_gate", "ffn_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MMRecConfig.{name} must be a bool, got {getattr(self, name)!r}")
         chunk = self.inference_chunk_size

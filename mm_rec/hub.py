@@ -12,7 +12,8 @@ Anywhere transformers is installed, without this package:
 
 LoRA (PEFT): ``LoraConfig(task_type="CAUSAL_LM", target_modules=LORA_TARGET_MODULES)`` adapts
 every linear map of a block: the fused HEM projection ``hem.W_fused`` (q, k, v, z, gate and
-the decay input p in one matrix), the readout ``W_o`` and the FFN ``ffn.up`` / ``ffn.down``.
+the decay input p in one matrix), the readout ``W_o`` and the FFN ``ffn.up`` / ``ffn.down`` (and
+``ffn.gate`` with ``ffn_gate``).
 With ``use_hem=False`` target ``LORA_TARGET_MODULES_UNFUSED`` instead. The decay generator
 ``mdi.W_E``, the state gate ``state_gate.W_g`` and the memory slots are left out on purpose:
 they set the memory timescales, which a small adapter should not move.
@@ -31,8 +32,9 @@ from huggingface_hub import metadata_load
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGET_MODULES = ["W_fused", "W_o", "up", "down"]
-LORA_TARGET_MODULES_UNFUSED = ["hem.W_q", "hem.W_k", "hem.W_v", "hem.W_z", "hem.W_g", "hem.W_og", "hem.W_p", "W_o", "up", "down"]
+LORA_TARGET_MODULES = ["W_fused", "W_o", "gate", "up", "down"]
+LORA_TARGET_MODULES_UNFUSED = ["hem.W_q", "hem.W_k", "hem.W_v", "hem.W_z", "hem.W_g", "hem.W_og", "hem.W_p", "W_o", "gate",
+                               "up", "down"]
 
 CARD_NAME = "README.md"
 CARD_TAGS = ["custom_code", "mm-rec"]

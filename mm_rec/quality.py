@@ -73,13 +73,16 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-output-gate-fast-decay": {"output_gate": True, "decay_init_max": 0.5},
     "mmrec-output-gate-full-decay": {"output_gate": True, "pe_dim": "hidden_size"},
     "mmrec-output-gate-fast-full-decay": {"output_gate": True, "decay_init_max": 0.5, "pe_dim": "hidden_size"},
+    "mmrec-output-gate-fast-full-decay-swiglu": {"output_gate": True, "decay_init_max": 0.5, "pe_dim": "hidden_size",
+                                                 "ffn_gate": True, "hidden_act": "silu"},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
     "ablations": ("mmrec-no-memory", "mmrec-slots-only", "mmrec-blocks-only", "mmrec-block16", "mmrec-block64",
                   "mmrec-block4", "mmrec-block1"),
     "improvements": ("mmrec-output-gate", "mmrec-output-gate-block1", "mmrec-output-gate-fast-decay",
-                     "mmrec-output-gate-full-decay", "mmrec-output-gate-fast-full-decay"),
+                     "mmrec-output-gate-full-decay", "mmrec-output-gate-fast-full-decay",
+                     "mmrec-output-gate-fast-full-decay-swiglu"),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.

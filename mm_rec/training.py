@@ -45,9 +45,9 @@ KEEP_CHECKPOINTS = 2
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 
 # model: MMRecConfig fields (output_gate: see docs/quality/). vocab_size: BPE size when the tokenizer is trained here.
-# laptop: a full-width decay input (pe_dim = hidden_size) and initial decays down to 1 - gamma = 0.5, with the FFN
-# narrowed to keep the parameter count: 2.430 held-out bits per byte against 2.482 (docs/quality/cpu-lm/). The GPU
-# presets keep pe_dim = d / 4 and the default decay range until that is measured at their size on a GPU.
+# laptop: a full-width decay input (pe_dim = hidden_size), initial decays down to 1 - gamma = 0.5 and a SwiGLU FFN
+# narrowed to keep the parameter count: 2.389 held-out bits per byte against 2.482 (docs/quality/cpu-lm/). The GPU
+# presets keep the config defaults for these until they are measured at their size on a GPU.
 # eval_blocks: held-out rows of each periodic evaluation (the final one reads all of them).
 PRESETS: Dict[str, dict] = {
     "tiny": dict(
@@ -61,7 +61,7 @@ PRESETS: Dict[str, dict] = {
         bf16=False,
         model=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, memory_block_size=16,
                    memory_segment_length=128, num_memory_slots=8, output_gate=True, pe_dim=128, decay_init_max=0.5,
-                   intermediate_size=416),
+                   ffn_gate=True, hidden_act="silu", intermediate_size=280),
     ),
     "gpu-small": dict(  # about 20M parameters
         vocab_size=8192, block_size=512, batch_size=32, max_steps=5000, learning_rate=1.5e-3, eval_steps=500,

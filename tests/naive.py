@@ -214,5 +214,10 @@ def naive_block(block, config, x, attention_mask, position_ids):
         )
         r = r + m
     x = x + r @ P["W_o.weight"].T
-    ffn = naive_gelu(naive_rms_norm(x, P["norm2.weight"], eps) @ P["ffn.up.weight"].T) @ P["ffn.down.weight"].T
-    return h, x + ffn
+    u = naive_rms_norm(x, P["norm2.weight"], eps)
+    act = {"gelu": naive_gelu, "silu": lambda a: a * torch.sigmoid(a)}[config.hidden_act]
+    if config.ffn_gate:  # GLU: act(gate u) * up u
+        inner = act(u @ P["ffn.gate.weight"].T) * (u @ P["ffn.up.weight"].T)
+    else:
+        inner = act(u @ P["ffn.up.weight"].T)
+    return h, x + inner @ P["ffn.down.weight"].T

@@ -14,6 +14,8 @@ OPTIONS = [  # the quality study's options (docs/ARCHITECTURE.md sections 1 and 
     {"memory_levels": "slots"}, {"memory_levels": "blocks"}, {"memory_levels": "none"},
     {"output_gate": True}, {"output_gate": True, "use_hem": False},
     {"output_gate": True, "recurrence_gate": "state", "memory_levels": "blocks"},
+    {"ffn_gate": True, "hidden_act": "silu"}, {"ffn_gate": True, "memory_block_size": 1},
+    {"pe_dim": 32, "decay_init_max": 0.5},
 ]
 
 

@@ -31,6 +31,7 @@ from common import VOCAB
     ("decay_init_max", 1.0, "decay_init_max"),
     ("decay_init_max", "0.5", "decay_init_max"),
     ("decay_init_min", 0.5, "decay_init_min"),  # above decay_init_max 0.1
+    ("ffn_gate", 1, "ffn_gate"),
 ])
 def test_config_rejects_bad_values(field, value, named, tiny_config):
     with pytest.raises(ValueError, match=named):
@@ -40,7 +41,8 @@ def test_config_rejects_bad_values(field, value, named, tiny_config):
 def test_config_seed_aliases_and_round_trip(tmp_path):
     config = MMRecConfig(vocab_size=VOCAB, num_hidden_layers=2, memory_block_size=4, memory_segment_length=16,
                          num_memory_slots=3, model_dim=24, num_heads=3, ffn_dim=40, recurrence_gate="state",
-                         use_hem=False, memory_decay=0.9, pe_dim=5, decay_init_min=0.01, decay_init_max=0.5)
+                         use_hem=False, memory_decay=0.9, pe_dim=5, decay_init_min=0.01, decay_init_max=0.5,
+                         ffn_gate=True)
     assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (24, 3, 40)
     with pytest.raises(ValueError, match="model_dim"):
         MMRecConfig(hidden_size=32, model_dim=24)
@@ -52,6 +54,6 @@ def test_config_seed_aliases_and_round_trip(tmp_path):
     fields = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "pe_dim", "hidden_act", "rms_norm_eps", "memory_block_size", "memory_segment_length",
               "num_memory_slots", "memory_decay", "recurrence_gate", "use_hem", "scan_backend", "dropout",
-              "initializer_range", "tie_word_embeddings", "decay_init_min", "decay_init_max"]
+              "initializer_range", "tie_word_embeddings", "decay_init_min", "decay_init_max", "ffn_gate"]
     for field in fields:
         assert getattr(loaded, field) == getattr(config, field), field

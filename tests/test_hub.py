@@ -22,15 +22,17 @@ def test_model_card_keeps_a_user_readme(tmp_path, tiny_config):
     assert is_our_card(user_card)
 
 
-@pytest.mark.parametrize("use_hem, recurrence_gate, output_gate", [
-    (True, "input", False), (False, "input", False), (False, "input", True), (False, "state", False), (True, "state", True)])
-def test_lora_targets_are_the_blocks_linear_maps_but_the_timescales(use_hem, recurrence_gate, output_gate, tiny_config):
+@pytest.mark.parametrize("use_hem, recurrence_gate, output_gate, ffn_gate", [
+    (True, "input", False, False), (False, "input", False, False), (False, "input", True, True),
+    (False, "state", False, False), (True, "state", True, True)])
+def test_lora_targets_are_the_blocks_linear_maps_but_the_timescales(use_hem, recurrence_gate, output_gate, ffn_gate,
+                                                                   tiny_config):
     """PEFT's own matching of the target names adapts every Linear of every block except the
     decay generator mdi.W_E and the state gate state_gate.W_g (the memory timescales), and
     nothing outside the blocks."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(19)
-    config = tiny_config(use_hem=use_hem, recurrence_gate=recurrence_gate, output_gate=output_gate)
+    config = tiny_config(use_hem=use_hem, recurrence_gate=recurrence_gate, output_gate=output_gate, ffn_gate=ffn_gate)
     model = MMRecForCausalLM(config)
     blocks = {name for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")}
