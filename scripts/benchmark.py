@@ -38,10 +38,11 @@ GPU_CONTEXTS = [2048, 16384, 65536]
 
 def build(name, size, device, dtype=None):
     """(model, parameters) for 'mmrec', 'hgrn' or 'llama' at 'gpu' (hidden 768, 12 layers, vocab
-    32000; MM-Rec as the gpu-130m training preset) or 'cpu' size (hidden 128, 4 layers, vocab 2048); None where fla is not installed."""
+    32000) or 'cpu' size (hidden 128, 4 layers, vocab 2048); MM-Rec with the gpu-130m preset's
+    memory and output gate at both sizes; None where fla is not installed."""
     hidden, layers, heads, vocab = (768, 12, 12, 32000) if size == "gpu" else (128, 4, 4, 2048)
     torch.manual_seed(0)
-    if name == "mmrec":  # the training presets' memory and output gate (mm_rec/training.py)
+    if name == "mmrec":
         model = MMRecForCausalLM(MMRecConfig(**{**PRESETS["gpu-130m"]["model"], "vocab_size": vocab,
                                                 "hidden_size": hidden, "num_hidden_layers": layers,
                                                 "num_attention_heads": heads}))
