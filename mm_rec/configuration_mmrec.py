@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from transformers import PretrainedConfig
@@ -191,6 +192,13 @@ class MMRecConfig(PretrainedConfig):
         if model_type != cls.model_type:
             raise ValueError(f"the config has model_type {model_type!r}, expected {cls.model_type!r}: not an MM-Rec checkpoint")
         return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def unknown_fields(cls, fields) -> list:
+        """The names in ``fields`` that are not MMRecConfig arguments, sorted (PretrainedConfig would
+        store a misspelt one as a silent attribute)."""
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        return sorted(name for name in fields if name not in accepted)
 
     @property
     def blocks_per_segment(self) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -75,6 +74,9 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-output-gate-fast-full-decay": {"output_gate": True, "decay_init_max": 0.5, "pe_dim": "hidden_size"},
     "mmrec-output-gate-fast-full-decay-swiglu": {"output_gate": True, "decay_init_max": 0.5, "pe_dim": "hidden_size",
                                                  "ffn_gate": True, "hidden_act": "silu"},
+    "mmrec-output-gate-fast-full-decay-swiglu-block1": {"output_gate": True, "decay_init_max": 0.5,
+                                                        "pe_dim": "hidden_size", "ffn_gate": True,
+                                                        "hidden_act": "silu", "memory_block_size": 1},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
@@ -82,7 +84,7 @@ VARIANT_GROUPS = {
                   "mmrec-block4", "mmrec-block1"),
     "improvements": ("mmrec-output-gate", "mmrec-output-gate-block1", "mmrec-output-gate-fast-decay",
                      "mmrec-output-gate-full-decay", "mmrec-output-gate-fast-full-decay",
-                     "mmrec-output-gate-fast-full-decay-swiglu"),
+                     "mmrec-output-gate-fast-full-decay-swiglu", "mmrec-output-gate-fast-full-decay-swiglu-block1"),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.
@@ -109,8 +111,7 @@ def resolve_overrides(overrides: Optional[dict], hidden_size: int) -> dict:
 def check_variant(name: str, overrides: dict) -> None:
     """RefusedRun unless every override is a field MMRecConfig accepts (PretrainedConfig would
     silently store an unknown one as an attribute) and the config builds."""
-    accepted = set(inspect.signature(MMRecConfig.__init__).parameters) - {"self", "kwargs"}
-    unknown = sorted(k for k in overrides if k not in accepted)
+    unknown = MMRecConfig.unknown_fields(overrides)
     if unknown:
         raise RefusedRun(f"variant {name}: MMRecConfig has no field {', '.join(unknown)} (yet); variant skipped")
     try:

@@ -36,16 +36,23 @@ CPU_TRAIN_SHAPES = [(512, 8), (2048, 2)]
 GPU_CONTEXTS = [2048, 16384, 65536]
 
 
-def build(name, size, device, dtype=None):
+def mmrec_config(hidden, layers, heads, vocab, overrides=None):
+    """The gpu-130m preset's MM-Rec at this size: its widths that scale with the hidden size
+    (pe_dim, intermediate_size) scaled, then ``overrides`` (MMRecConfig fields) on top."""
+    preset = PRESETS["gpu-130m"]["model"]
+    scaled = {k: preset[k] * hidden // preset["hidden_size"] for k in ("pe_dim", "intermediate_size") if k in preset}
+    return MMRecConfig(**{**preset, **scaled, "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+                          "num_attention_heads": heads, **(overrides or {})})
+
+
+def build(name, size, device, dtype=None, mmrec_overrides=None):
     """(model, parameters) for 'mmrec', 'hgrn' or 'llama' at 'gpu' (hidden 768, 12 layers, vocab
-    32000) or 'cpu' size (hidden 128, 4 layers, vocab 2048); MM-Rec with the gpu-130m preset's
-    memory and output gate at both sizes; None where fla is not installed."""
+    32000) or 'cpu' size (hidden 128, 4 layers, vocab 2048); MM-Rec as the gpu-130m preset at both
+    sizes (``mmrec_config``); None where fla is not installed."""
     hidden, layers, heads, vocab = (768, 12, 12, 32000) if size == "gpu" else (128, 4, 4, 2048)
     torch.manual_seed(0)
     if name == "mmrec":
-        model = MMRecForCausalLM(MMRecConfig(**{**PRESETS["gpu-130m"]["model"], "vocab_size": vocab,
-                                                "hidden_size": hidden, "num_hidden_layers": layers,
-                                                "num_attention_heads": heads}))
+        model = MMRecForCausalLM(mmrec_config(hidden, layers, heads, vocab, mmrec_overrides))
     elif name == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -59,6 +66,17 @@ def build(name, size, device, dtype=None):
         model = HGRNForCausalLM(HGRNConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers))
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model, sum(p.numel() for p in model.parameters())
+
+
+def json_object(text):
+    """argparse type: a JSON object (MMRecConfig fields)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of MMRecConfig fields, got {text!r}")
+    return value
 
 
 def release():
@@ -87,12 +105,13 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def run_study(models, size, device, dtype, cases, measure):
+def run_study(models, size, device, dtype, cases, measure, mmrec_overrides=None, report=None):
     """One row per (model, case): ``measure(model, params, case)`` -> dict, or a note where the
-    model is not installed or the case runs out of memory. Models are built one at a time."""
+    model is not installed or the case runs out of memory. Models are built one at a time;
+    ``report(rows)`` after each row, so an interrupted run keeps what it measured."""
     rows = []
     for name in models:
-        built = build(name, size, device, dtype)
+        built = build(name, size, device, dtype, mmrec_overrides)
         if built is None:
             rows.append({"model": name, "note": "not installed"})
             continue
@@ -104,13 +123,15 @@ def run_study(models, size, device, dtype, cases, measure):
             except torch.OutOfMemoryError:
                 result = {"note": "out of memory"}
             rows.append({"model": name, "params_m": params / 1e6, **case, **result})
+            if report is not None:
+                report(rows)
             release()
         del model
         release()
     return rows
 
 
-def train_study(args, device, models):
+def train_study(args, device, models, report=None):
     size = "gpu" if device.type == "cuda" else "cpu"
     shapes = GPU_TRAIN_SHAPES if size == "gpu" else CPU_TRAIN_SHAPES
     peak = peak_bf16_tflops(device)
@@ -121,13 +142,13 @@ def train_study(args, device, models):
         return result
 
     cases = [{"seq": seq, "batch": batch} for seq, batch in shapes]
-    return run_study(models, size, device, None, cases, measure)
+    return run_study(models, size, device, None, cases, measure, args.mmrec_overrides, report)
 
 
-def generate_study(args, device, models):
+def generate_study(args, device, models, report=None):
     cases = [{"context": context, "batch": batch} for context in args.contexts for batch in (1, 8)]
     return run_study(models, "gpu", device, torch.bfloat16, cases, lambda model, params, case: generate_throughput(
-        model, case["batch"], case["context"], new_tokens=args.new_tokens))
+        model, case["batch"], case["context"], new_tokens=args.new_tokens), args.mmrec_overrides, report)
 
 
 def train_table(rows):
@@ -187,10 +208,19 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per shape (after 3 warm-up steps)")
     parser.add_argument("--contexts", type=int, nargs="+", default=GPU_CONTEXTS)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--mmrec-overrides", type=json_object, metavar="JSON",
+                        help="MMRecConfig fields over the gpu-130m preset, e.g. '{\"memory_block_size\": 32}'")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args(argv)
     if args.steps < 1 or args.new_tokens < 1 or any(c < 64 for c in args.contexts):
         parser.error("--steps and --new-tokens must be positive and --contexts at least 64")
+    if args.mmrec_overrides:
+        if MMRecConfig.unknown_fields(args.mmrec_overrides):
+            parser.error(f"--mmrec-overrides: MMRecConfig has no field {', '.join(MMRecConfig.unknown_fields(args.mmrec_overrides))}")
+        try:
+            mmrec_config(128, 4, 4, 2048, args.mmrec_overrides)
+        except (ValueError, TypeError) as err:
+            parser.error(f"--mmrec-overrides: {err}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -203,12 +233,14 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if device.type == "cuda" else "cpu"
     for study in studies:
-        rows = train_study(args, device, models) if study == "train" else generate_study(args, device, models)
-        table = train_table(rows) if study == "train" else generate_table(rows)
-        text = "\n".join(header + table) + "\n"
-        print(text)
-        (args.out / f"{study}_{tag}.md").write_text(text)
-        (args.out / f"{study}_{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        def write(rows, study=study):
+            table = train_table(rows) if study == "train" else generate_table(rows)
+            (args.out / f"{study}_{tag}.md").write_text("\n".join(header + table) + "\n")
+            (args.out / f"{study}_{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+        rows = (train_study if study == "train" else generate_study)(args, device, models, report=write)
+        write(rows)
+        print((args.out / f"{study}_{tag}.md").read_text())
         if study == "train":
             plot(rows, "seq", "tokens_per_s", ["model"], "sequence length (tokens)", "training tokens/s",
                  f"training throughput, {device_name(device)}", args.out / f"train_{tag}.png")

@@ -23,7 +23,8 @@ def routing_inputs(seed, B, K, C, S, d, device):
     return [t.to(device) for t in (block_keys, slot_keys, init, restart)]
 
 
-@pytest.mark.parametrize("B, K, C, S, d", [(2, 5, 4, 3, 12), (1, 3, 16, 16, 40), (3, 2, 2, 5, 7)])
+# (2, 3, 40, 16, 20): 40 blocks walked in chunks of 16 (the last one partial), as blocks of one token do
+@pytest.mark.parametrize("B, K, C, S, d", [(2, 5, 4, 3, 12), (1, 3, 16, 16, 40), (3, 2, 2, 5, 7), (2, 3, 40, 16, 20)])
 @pytest.mark.parametrize("decay", [0.99, 0.6])
 def test_kernel_routing_equals_torch_loop(B, K, C, S, d, decay):
     from mm_rec.memory_triton import route_segments_triton
@@ -48,10 +49,11 @@ def test_ties_route_to_the_lowest_slot():
 
 
 @pytest.mark.gpu
-def test_gpu_realistic_width():
+@pytest.mark.parametrize("B, K, C", [(4, 66, 16), (2, 5, 512)], ids=["blocks-of-32", "blocks-of-1"])
+def test_gpu_realistic_width(B, K, C):
     from mm_rec.memory_triton import route_segments_triton
 
-    block_keys, slot_keys, init, restart = routing_inputs(0, 4, 66, 16, 16, 768, "cuda")
+    block_keys, slot_keys, init, restart = routing_inputs(0, B, K, C, 16, 768, "cuda")
     weight, keep = route_segments_triton(block_keys, slot_keys, init, restart, 0.99)
     ref_weight, ref_keep = route_segments_torch(block_keys.double(), slot_keys.double(), init.double(), restart, 0.99)
     torch.testing.assert_close(weight.double(), ref_weight, rtol=1e-5, atol=1e-7)

@@ -568,28 +568,34 @@ def test_export_of_the_model(case, tiny_model):
 
 GPU_SIZES = dict(vocab_size=512, hidden_size=256, num_attention_heads=4, memory_block_size=16,
                  memory_segment_length=128, num_memory_slots=8)
+# The quality study's choices on top: output gate, full-width decay input, faster decays, SwiGLU, blocks of 1.
+GPU_QUALITY = dict(output_gate=True, pe_dim=256, decay_init_max=0.5, ffn_gate=True, hidden_act="silu",
+                   memory_block_size=1)
 
 
-def gpu_model(tiny_config, backend, dtype, seed=0):
+def gpu_model(tiny_config, backend, dtype, seed=0, **overrides):
     torch.manual_seed(seed)
-    return MMRecForCausalLM(tiny_config(scan_backend=backend, **GPU_SIZES)).to("cuda", dtype).eval()
+    config = tiny_config(scan_backend=backend, **{**GPU_SIZES, **overrides})
+    return MMRecForCausalLM(config).to("cuda", dtype).eval()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY], ids=["defaults", "quality"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_triton_backend_logits_equal_torch_backend(dtype, tol, tiny_config):
+def test_triton_backend_logits_equal_torch_backend(dtype, tol, overrides, tiny_config):
     ids = torch.randint(0, 512, (4, 600), device="cuda")
     with torch.no_grad():
-        triton_logits = gpu_model(tiny_config, "triton", dtype)(ids).logits
-        torch_logits = gpu_model(tiny_config, "torch", dtype)(ids).logits
+        triton_logits = gpu_model(tiny_config, "triton", dtype, **overrides)(ids).logits
+        torch_logits = gpu_model(tiny_config, "torch", dtype, **overrides)(ids).logits
     scale = torch_logits.abs().max()
     assert (triton_logits - torch_logits).abs().max() <= tol * max(1.0, scale.item())
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY], ids=["defaults", "quality"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_exactness_on_gpu_chunked_and_token_by_token(dtype, tol, tiny_config):
-    model = gpu_model(tiny_config, "triton", dtype)
+def test_exactness_on_gpu_chunked_and_token_by_token(dtype, tol, overrides, tiny_config):
+    model = gpu_model(tiny_config, "triton", dtype, **overrides)
     ids = torch.randint(0, 512, (2, 300), device="cuda")
     cuts = [0, 100, 101, 257] + list(range(258, 301))  # chunks, then token by token
     with torch.no_grad():
@@ -621,8 +627,9 @@ def test_compiled_training_step_matches_eager(tiny_config):
 
 
 @pytest.mark.gpu
-def test_bf16_training_step_long_sequence_is_finite(tiny_config):
-    model = gpu_model(tiny_config, "triton", torch.bfloat16).train()
+@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY], ids=["defaults", "quality"])
+def test_bf16_training_step_long_sequence_is_finite(overrides, tiny_config):
+    model = gpu_model(tiny_config, "triton", torch.bfloat16, **overrides).train()
     ids = torch.randint(0, 512, (2, 4096), device="cuda")
     loss = model(ids, labels=ids).loss
     loss.backward()

@@ -279,3 +279,30 @@ def test_gpu_preset_trains_in_bf16(data_dir, tmp_path, capsys):
     _, held_out = split_corpus(load_corpus([str(data_dir)]), 0.05)
     metrics = evaluate_texts(model, tokenizer, held_out.values(), block_size=256, progress=False)
     assert metrics["loss"] == pytest.approx(results["held-out loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("overrides, named", [("{not json", "not JSON"), ("[1]", "JSON object"),
+                                              ('{"memory_blok_size": 1}', "memory_blok_size"),
+                                              ('{"memory_block_size": 0}', "memory_block_size")])
+def test_benchmark_bad_mmrec_overrides_are_one_line_errors(overrides, named, tmp_path, capsys):
+    benchmark_script = _script("benchmark")
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_script.main(["--device", "cpu", "--out", str(tmp_path / "out"), "--mmrec-overrides", overrides])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--mmrec-overrides" in err and named in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing measured, nothing written
+
+
+def test_benchmark_mmrec_config_scales_the_preset_and_applies_overrides():
+    """The benchmark's MM-Rec at another width keeps the preset's ratios (pe_dim / hidden,
+    intermediate / hidden) and takes the overrides on top."""
+    from mm_rec.training import PRESETS
+
+    benchmark_script = _script("benchmark")
+    preset = PRESETS["gpu-130m"]["model"]
+    config = benchmark_script.mmrec_config(384, 2, 6, 1000, {"memory_block_size": 4})
+    assert config.hidden_size == 384 and config.num_hidden_layers == 2 and config.vocab_size == 1000
+    assert config.pe_dim * preset["hidden_size"] == preset["pe_dim"] * 384
+    assert config.intermediate_size * preset["hidden_size"] == preset["intermediate_size"] * 384
+    assert config.memory_block_size == 4 and config.ffn_gate == preset["ffn_gate"]
