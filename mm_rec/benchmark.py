@@ -10,6 +10,17 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 
+def mmrec_config(hidden: int, layers: int, heads: int, vocab: int, overrides: Optional[dict] = None):
+    """The gpu-130m preset's MM-Rec at this size: its widths that scale with the hidden size
+    (pe_dim, intermediate_size) scaled, then ``overrides`` (MMRecConfig fields) on top."""
+    from .configuration_mmrec import MMRecConfig
+    from .training import PRESETS
+
+    preset = PRESETS["gpu-130m"]["model"]
+    scaled = {k: preset[k] * hidden // preset["hidden_size"] for k in ("pe_dim", "intermediate_size") if k in preset}
+    return MMRecConfig(**{**preset, **scaled, "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+                          "num_attention_heads": heads, **(overrides or {})})
+
 
 @torch.no_grad()
 def decode_latency(model, context_lengths: Sequence[int], steps: int = 32, batch_size: int = 1,

@@ -32,6 +32,17 @@ except ImportError:  # CPU-only machines load the model without Triton
 if AVAILABLE:
 
     @triton.jit
+    def _chunk_weights(best_at, rank_at, count, row_c, c0, o_c, o_s, log2_decay, one_minus_decay, C: tl.constexpr):
+        """The fold weights [BC, BS] of blocks c0 .. c0 + BC (zero past C), from their stored slot and
+        rank and the segment's per-slot counts: (1 - lam) lam^(m_j - rank) at the block's slot j."""
+        mask_c = c0 + o_c < C
+        best = tl.load(best_at + row_c + c0 + o_c, mask=mask_c, other=-1)
+        rank = tl.load(rank_at + row_c + c0 + o_c, mask=mask_c, other=0.0)
+        route = (o_s[None, :] == best[:, None]).to(tl.float32)
+        m_of_block = tl.sum(route * count[None, :], axis=1)
+        return route * (one_minus_decay * tl.exp2(log2_decay * (m_of_block - rank)))[:, None]
+
+    @triton.jit
     def _route_segments_kernel(
         block_keys, keys, init_keys, restart, weight, keep, best_at, rank_at,
         K, log2_decay, one_minus_decay,
@@ -77,11 +88,7 @@ if AVAILABLE:
             tl.debug_barrier()  # the routes are stored before pass 2 reads them in another layout
             for c0 in range(0, C, BC):  # pass 2a: the weights
                 mask_c = c0 + o_c < C
-                best = tl.load(best_at + b * C + c0 + o_c, mask=mask_c, other=-1)
-                rank = tl.load(rank_at + b * C + c0 + o_c, mask=mask_c, other=0.0)
-                route = (o_s[None, :] == best[:, None]).to(tl.float32)
-                m_of_block = tl.sum(route * count[None, :], axis=1)
-                w = route * (one_minus_decay * tl.exp2(log2_decay * (m_of_block - rank)))[:, None]
+                w = _chunk_weights(best_at, rank_at, count, b * C, c0, o_c, o_s, log2_decay, one_minus_decay, C)
                 tl.store(weight + (out * C + c0 + o_c[:, None]) * S + o_s[None, :], w,
                          mask=mask_c[:, None] & mask_s[None, :])
             fresh = tl.load(restart + b * K + s) != 0  # a document starts: the learned slots again
@@ -92,11 +99,7 @@ if AVAILABLE:
                 new = kept[:, None] * tl.load(row_keys + at, mask=tile_mask, other=0.0)
                 for c0 in range(0, C, BC):
                     mask_c = c0 + o_c < C
-                    best = tl.load(best_at + b * C + c0 + o_c, mask=mask_c, other=-1)
-                    rank = tl.load(rank_at + b * C + c0 + o_c, mask=mask_c, other=0.0)
-                    route = (o_s[None, :] == best[:, None]).to(tl.float32)
-                    m_of_block = tl.sum(route * count[None, :], axis=1)
-                    w = route * (one_minus_decay * tl.exp2(log2_decay * (m_of_block - rank)))[:, None]
+                    w = _chunk_weights(best_at, rank_at, count, b * C, c0, o_c, o_s, log2_decay, one_minus_decay, C)
                     b_tile = tl.load(blocks_at + (c0 + o_c[:, None]) * D + d0 + o_d[None, :],
                                      mask=mask_c[:, None] & mask_d[None, :], other=0.0)
                     new += tl.sum(w[:, :, None] * b_tile[:, None, :], axis=0)

@@ -7,14 +7,11 @@ the model of scripts/benchmark.py (the gpu-130m preset at hidden 768, 12 layers,
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import mmrec_config  # noqa: E402
-
-from mm_rec import MMRecForCausalLM  # noqa: E402
+from mm_rec import MMRecForCausalLM
+from mm_rec.benchmark import mmrec_config
 
 
 def main(argv=None):
@@ -36,7 +33,7 @@ def main(argv=None):
         model = MMRecForCausalLM(config).cuda().to(torch.bfloat16).eval()
         times = []
         with torch.no_grad():
-            for i in range(args.repeats + 1):
+            for _ in range(args.repeats + 1):
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 model(ids, use_cache=True)

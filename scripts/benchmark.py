@@ -28,21 +28,11 @@ import torch
 import transformers
 
 from mm_rec import MMRecConfig, MMRecForCausalLM
-from mm_rec.benchmark import generate_throughput, peak_bf16_tflops, training_throughput
-from mm_rec.training import PRESETS
+from mm_rec.benchmark import generate_throughput, mmrec_config, peak_bf16_tflops, training_throughput
 
 GPU_TRAIN_SHAPES = [(2048, 16), (8192, 4), (32768, 1)]
 CPU_TRAIN_SHAPES = [(512, 8), (2048, 2)]
 GPU_CONTEXTS = [2048, 16384, 65536]
-
-
-def mmrec_config(hidden, layers, heads, vocab, overrides=None):
-    """The gpu-130m preset's MM-Rec at this size: its widths that scale with the hidden size
-    (pe_dim, intermediate_size) scaled, then ``overrides`` (MMRecConfig fields) on top."""
-    preset = PRESETS["gpu-130m"]["model"]
-    scaled = {k: preset[k] * hidden // preset["hidden_size"] for k in ("pe_dim", "intermediate_size") if k in preset}
-    return MMRecConfig(**{**preset, **scaled, "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
-                          "num_attention_heads": heads, **(overrides or {})})
 
 
 def build(name, size, device, dtype=None, mmrec_overrides=None):
@@ -215,8 +205,9 @@ def main(argv=None):
     if args.steps < 1 or args.new_tokens < 1 or any(c < 64 for c in args.contexts):
         parser.error("--steps and --new-tokens must be positive and --contexts at least 64")
     if args.mmrec_overrides:
-        if MMRecConfig.unknown_fields(args.mmrec_overrides):
-            parser.error(f"--mmrec-overrides: MMRecConfig has no field {', '.join(MMRecConfig.unknown_fields(args.mmrec_overrides))}")
+        unknown = MMRecConfig.unknown_fields(args.mmrec_overrides)
+        if unknown:
+            parser.error(f"--mmrec-overrides: MMRecConfig has no field {', '.join(unknown)}")
         try:
             mmrec_config(128, 4, 4, 2048, args.mmrec_overrides)
         except (ValueError, TypeError) as err:
@@ -235,12 +226,13 @@ def main(argv=None):
     for study in studies:
         def write(rows, study=study):
             table = train_table(rows) if study == "train" else generate_table(rows)
-            (args.out / f"{study}_{tag}.md").write_text("\n".join(header + table) + "\n")
+            text = "\n".join(header + table) + "\n"
+            (args.out / f"{study}_{tag}.md").write_text(text)
             (args.out / f"{study}_{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
+            return text
 
         rows = (train_study if study == "train" else generate_study)(args, device, models, report=write)
-        write(rows)
-        print((args.out / f"{study}_{tag}.md").read_text())
+        print(write(rows))
         if study == "train":
             plot(rows, "seq", "tokens_per_s", ["model"], "sequence length (tokens)", "training tokens/s",
                  f"training throughput, {device_name(device)}", args.out / f"train_{tag}.png")
