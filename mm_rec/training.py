@@ -646,7 +646,8 @@ def generate_tokens(model, prompt_ids: Sequence[int], cache=None, max_new_tokens
     ``max_new_tokens`` tokens one at a time, each fed back through the cache; stops after
     ``eos_token_id``. Returns (new token ids, the cache after the prompt and every new token),
     so the cache continues the stream exactly where it stopped. Sampling: temperature, top-k
-    and top-p warpers from transformers; ``greedy``: argmax."""
+    and top-p warpers from transformers; ``greedy``: argmax. ``generator`` seeds the draws, made
+    on its device (the CPU generator of the scripts gives the same text for a model on any device)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     if not prompt_ids:
@@ -671,6 +672,8 @@ def generate_tokens(model, prompt_ids: Sequence[int], cache=None, max_new_tokens
                 token = int(logits.argmax(-1))
             else:
                 probs = torch.softmax(warpers(history, logits), dim=-1)
+                if generator is not None:  # draw where the seeded generator lives (a CPU one: the same text on any device)
+                    probs = probs.to(generator.device)
                 token = int(torch.multinomial(probs, 1, generator=generator))
             new.append(token)
             if on_token is not None:

@@ -225,6 +225,35 @@ def test_smoke_study_runs_reports_and_resumes(tmp_path, capsys):
     assert _tree(out / quality.RUNS) == before and (out / "notes.txt").read_text() == "mine"
 
 
+def _lm_record(lr: float, seed: int, bits_per_byte: float) -> dict:
+    spec = {"study": "lm", "tokenization": "bytes", "steps": 4, "batch_size": 2, "seq_len": 16, "hidden_size": 32,
+            "layers": 2, "vocab_size": 258, "seed": seed, "lr": lr}
+    return {"finished": True, "name": f"lm-bytes-llama-lr{lr:g}-s{seed}", "study": "lm", "setting": "bytes",
+            "model": "llama", "lr": lr, "spec": spec, "parameters": 1000, "non_embedding_parameters": 900,
+            "final": {"bits_per_byte": bits_per_byte, "loss": bits_per_byte / 2}, "steps_done": 4,
+            "seconds": {"train_and_eval": 1.0, "total": 1.0}, "curve": [{"step": 4, "bits_per_byte": bits_per_byte}],
+            "device": "cpu", "versions": {"torch": "x"}, "ended": f"2026-01-0{1 + seed}T00:00:00"}
+
+
+def test_other_seeds_measure_spread_and_do_not_choose_the_learning_rate(tmp_path):
+    runs = tmp_path / quality.RUNS
+    runs.mkdir()
+    records = [_lm_record(1e-3, 0, 2.0), _lm_record(2e-3, 0, 2.1),
+               _lm_record(2e-3, 1, 1.5)]  # a lucky second seed of the worse rate
+    for record in records:
+        (runs / f"{record['name']}.json").write_text(json.dumps(record))
+    best = quality.best_runs(quality.load_records(tmp_path, "lm"))
+    (section,) = best.values()
+    assert [(r["lr"], quality.seed_of(r)) for r in section[("bytes", "llama")]] == [(1e-3, 0), (2e-3, 0)]
+    row = next(line for line in quality.write_lm_report(tmp_path).read_text().splitlines() if line.startswith("| llama"))
+    assert "**2.0000**" in row and row.endswith("| - | - |")
+
+    second = _lm_record(1e-3, 1, 2.3)
+    (runs / f"{second['name']}.json").write_text(json.dumps(second))
+    row = next(line for line in quality.write_lm_report(tmp_path).read_text().splitlines() if line.startswith("| llama"))
+    assert "**2.0000**" in row and "0: 2.0000, 1: 2.3000" in row and f"| {(2.0 + 2.3) / 2:.4f} (2 seeds) |" in row
+
+
 @pytest.mark.parametrize("flags,named", [
     (["--steps", "0"], "--steps"), (["--study", "nope"], "--study"), (["--variants", "mmrec-nope"], "mmrec-nope"),
     (["--models", "rwkv"], "rwkv"), (["--settings", "100x40"], "100x40"), (["--extra-variant", "x={"], "--extra-variant"),

@@ -62,7 +62,8 @@ def environment(cuda: bool = False) -> dict:
     inherited = ("PYTHONPATH", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
     env = {k: v for k, v in os.environ.items()
            if k not in inherited and not k.startswith(("ACCELERATE_", "TORCHELASTIC_", "OMP_", "PET_"))}
-    env.update(PYTHONPATH=str(REPOSITORY), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))  # keep where the caller's packages are
+    env.update(PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""  # accelerate's GPU launcher then forms a gloo group on CPU
     return env
