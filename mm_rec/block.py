@@ -3,6 +3,8 @@
     u = RMSNorm1(x);  q, k, v, z, g~, p = HEM(u);  log gamma = MDI(p)
     h = recurrence(z, gate, gamma);  r = GroupRMSNorm_H(h);  m = MultiMemoryAttention(q, k, v)
     x' = x + Dropout(W_o (r + m));  y = x' + Dropout(FFN(RMSNorm2(x')))
+
+with output_gate, r * silu(o) in place of r, or (r + m) * silu(o) in place of r + m with gate_memory.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.readout_norm = GroupRMSNorm(d, config.num_attention_heads, config.rms_norm_eps)
         self.memory = MultiMemoryAttention(config) if config.memory_levels != "none" else None
         self.num_memory_slots = config.num_memory_slots
+        self.gate_memory = config.gate_memory
         self.W_o = nn.Linear(d, d, bias=False)
         self.norm2 = RMSNorm(d, config.rms_norm_eps)
         self.ffn = FeedForward(d, config.intermediate_size, config.hidden_act, config.ffn_gate)
@@ -83,12 +86,14 @@ class MMRecBlock(GradientCheckpointingLayer):
         h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
                                self.state_gate, self.scan_backend)
         r = self.readout_norm(h).to(x.dtype)
-        if proj.out_gate is not None:
-            r = r * F.silu(proj.out_gate)
+        gate = F.silu(proj.out_gate) if proj.out_gate is not None else None
+        if gate is not None and not self.gate_memory:
+            r = r * gate
+        memory = state.memory
         if self.memory is not None:
             m, memory = self.memory(proj.q, proj.k, proj.v, layout, state.memory)
             r = r + m
-        else:
-            memory = state.memory
+        if gate is not None and self.gate_memory:  # the gate covers the memory read too
+            r = r * gate
         x = x + self.dropout(self.W_o(r))
         return x + self.dropout(self.ffn(self.norm2(x))), LayerState(h=h_last, memory=memory)

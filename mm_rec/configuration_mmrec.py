@@ -46,6 +46,8 @@ class MMRecConfig(PretrainedConfig):
             memory attention: the block is the recurrence and the FFN). For ablations.
         output_gate: gate the state readout, r = GroupRMSNorm(h) * silu(o), with o one more
             slice of the HEM projection.
+        gate_memory: with ``output_gate``, the gate covers the memory read too:
+            (GroupRMSNorm(h) + m) * silu(o) instead of GroupRMSNorm(h) * silu(o) + m.
         use_hem: one fused projection GEMM (True) or separate seed-named linears (False).
         scan_backend: "auto", "triton" or "torch".
         dropout: residual dropout.
@@ -82,6 +84,7 @@ class MMRecConfig(PretrainedConfig):
         recurrence_gate: str = "input",
         memory_levels: str = "slots+blocks",
         output_gate: bool = False,
+        gate_memory: bool = False,
         use_hem: bool = True,
         scan_backend: str = "auto",
         dropout: float = 0.0,
@@ -125,6 +128,7 @@ class MMRecConfig(PretrainedConfig):
         self.recurrence_gate = recurrence_gate
         self.memory_levels = memory_levels
         self.output_gate = output_gate
+        self.gate_memory = gate_memory
         self.use_hem = use_hem
         self.scan_backend = scan_backend
         self.dropout = dropout
@@ -177,9 +181,13 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError(f"MMRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.rms_norm_eps) > 0.0:
             raise ValueError(f"MMRecConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        for name in ("use_hem", "use_cache", "decode_cuda_graph", "output_gate", "ffn_gate"):
+        for name in ("use_hem", "use_cache", "decode_cuda_graph", "output_gate", "gate_memory", "ffn_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MMRecConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.gate_memory and (not self.output_gate or self.memory_levels == "none"):
+            raise ValueError("MMRecConfig.gate_memory=True gates the memory read with the output gate: it needs "
+                             f"output_gate=True and a memory (memory_levels != 'none'), got output_gate="
+                             f"{self.output_gate!r}, memory_levels={self.memory_levels!r}")
         chunk = self.inference_chunk_size
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
             raise ValueError(f"MMRecConfig.inference_chunk_size must be a positive integer or None, got {chunk!r}")

@@ -77,6 +77,13 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-output-gate-fast-full-decay-swiglu-block1": {"output_gate": True, "decay_init_max": 0.5,
                                                         "pe_dim": "hidden_size", "ffn_gate": True,
                                                         "hidden_act": "silu", "memory_block_size": 1},
+    "mmrec-output-gate-fast-full-decay-swiglu-gate-memory": {"output_gate": True, "decay_init_max": 0.5,
+                                                             "pe_dim": "hidden_size", "ffn_gate": True,
+                                                             "hidden_act": "silu", "gate_memory": True},
+    "mmrec-output-gate-fast-full-decay-swiglu-gate-memory-block1": {"output_gate": True, "decay_init_max": 0.5,
+                                                                    "pe_dim": "hidden_size", "ffn_gate": True,
+                                                                    "hidden_act": "silu", "gate_memory": True,
+                                                                    "memory_block_size": 1},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
@@ -84,7 +91,9 @@ VARIANT_GROUPS = {
                   "mmrec-block4", "mmrec-block1"),
     "improvements": ("mmrec-output-gate", "mmrec-output-gate-block1", "mmrec-output-gate-fast-decay",
                      "mmrec-output-gate-full-decay", "mmrec-output-gate-fast-full-decay",
-                     "mmrec-output-gate-fast-full-decay-swiglu", "mmrec-output-gate-fast-full-decay-swiglu-block1"),
+                     "mmrec-output-gate-fast-full-decay-swiglu", "mmrec-output-gate-fast-full-decay-swiglu-block1",
+                     "mmrec-output-gate-fast-full-decay-swiglu-gate-memory",
+                     "mmrec-output-gate-fast-full-decay-swiglu-gate-memory-block1"),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.

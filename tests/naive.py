@@ -205,7 +205,8 @@ def naive_block(block, config, x, attention_mask, position_ids):
                                 state_gate=(P["state_gate.W_g.weight"], P["state_gate.W_g.bias"]))
     H = config.num_attention_heads
     r = naive_rms_norm(h.unflatten(-1, (H, -1)), 1.0, eps).flatten(-2) * P["readout_norm.weight"]
-    if config.output_gate:
+    gated = getattr(config, "gate_memory", False)
+    if config.output_gate and not gated:
         r = r * proj["og"] * torch.sigmoid(proj["og"])  # silu
     if memory:
         m, _ = naive_memory_attention(
@@ -213,6 +214,8 @@ def naive_block(block, config, x, attention_mask, position_ids):
             config.memory_segment_length, config.memory_decay, H, attention_mask, position_ids, config.memory_levels,
         )
         r = r + m
+    if config.output_gate and gated:  # the gate over the state readout and the memory read together
+        r = r * proj["og"] * torch.sigmoid(proj["og"])
     x = x + r @ P["W_o.weight"].T
     u = naive_rms_norm(x, P["norm2.weight"], eps)
     act = {"gelu": naive_gelu, "silu": lambda a: a * torch.sigmoid(a)}[config.hidden_act]

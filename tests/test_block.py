@@ -16,6 +16,7 @@ OPTIONS = [  # the quality study's options (docs/ARCHITECTURE.md sections 1 and 
     {"output_gate": True, "recurrence_gate": "state", "memory_levels": "blocks"},
     {"ffn_gate": True, "hidden_act": "silu"}, {"ffn_gate": True, "memory_block_size": 1},
     {"pe_dim": 32, "decay_init_max": 0.5},
+    {"output_gate": True, "gate_memory": True}, {"output_gate": True, "gate_memory": True, "memory_block_size": 1},
 ]
 
 

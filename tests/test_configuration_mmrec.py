@@ -32,10 +32,16 @@ from common import VOCAB
     ("decay_init_max", "0.5", "decay_init_max"),
     ("decay_init_min", 0.5, "decay_init_min"),  # above decay_init_max 0.1
     ("ffn_gate", 1, "ffn_gate"),
+    ("gate_memory", True, "output_gate=True"),  # no output gate to extend
 ])
 def test_config_rejects_bad_values(field, value, named, tiny_config):
     with pytest.raises(ValueError, match=named):
         tiny_config(**{field: value})
+
+
+def test_gate_memory_needs_a_memory(tiny_config):
+    with pytest.raises(ValueError, match="memory_levels"):
+        tiny_config(output_gate=True, gate_memory=True, memory_levels="none")
 
 
 def test_config_seed_aliases_and_round_trip(tmp_path):

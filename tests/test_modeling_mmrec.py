@@ -60,6 +60,7 @@ def test_parallel_equals_chunked_equals_token_by_token(gate, use_hem, tiny_model
     {"output_gate": True}, {"output_gate": True, "recurrence_gate": "state"},
     {"memory_block_size": 1}, {"memory_block_size": 1, "output_gate": True},
     {"ffn_gate": True, "hidden_act": "silu", "pe_dim": 32, "decay_init_max": 0.5, "output_gate": True},
+    {"output_gate": True, "gate_memory": True, "memory_block_size": 1},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_quality_options_keep_parallel_chunked_and_token_by_token_equal(options, tiny_model):
     """The options of the quality study keep the exactness invariant, left-padded rows included."""

