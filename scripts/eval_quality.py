@@ -120,8 +120,11 @@ def _main(argv) -> int:
     out = output_folder(args)
     command = "python scripts/eval_quality.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.report_only:
-        for path in quality.write_reports(out):
+        written = quality.write_reports(out)
+        for path in written:
             print(f"wrote {path}")
+        if not written:
+            print(f"no finished runs in {out / quality.RUNS}: nothing to report (tables left as they are)")
         return 0
     mqar, lm = protocols(args)
     models = args.models or (("mmrec", "llama") if args.smoke else quality.FAMILIES)

@@ -254,6 +254,11 @@ def test_other_seeds_measure_spread_and_do_not_choose_the_learning_rate(tmp_path
     assert "**2.0000**" in row and "0: 2.0000, 1: 2.3000" in row and f"| {(2.0 + 2.3) / 2:.4f} (2 seeds) |" in row
 
 
+def test_report_only_without_runs_says_so_and_writes_nothing(tmp_path, capsys):
+    assert eval_quality.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert "no finished runs" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("flags,named", [
     (["--steps", "0"], "--steps"), (["--study", "nope"], "--study"), (["--variants", "mmrec-nope"], "mmrec-nope"),
     (["--models", "rwkv"], "rwkv"), (["--settings", "100x40"], "100x40"), (["--extra-variant", "x={"], "--extra-variant"),
