@@ -57,6 +57,8 @@ IGNORE_INDEX = -100
 
 # ----------------------------------------------------------------------------- models and variants
 
+# The second round's choices (output gate, fast and full-width decay, SwiGLU); "hidden_size" stands for the width.
+_CHOICES = {"output_gate": True, "decay_init_max": 0.5, "pe_dim": "hidden_size", "ffn_gate": True, "hidden_act": "silu"}
 MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-input": {"recurrence_gate": "input"},
     "mmrec-state": {"recurrence_gate": "state"},
@@ -72,17 +74,10 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-output-gate-fast-decay": {"output_gate": True, "decay_init_max": 0.5},
     "mmrec-output-gate-full-decay": {"output_gate": True, "pe_dim": "hidden_size"},
     "mmrec-output-gate-fast-full-decay": {"output_gate": True, "decay_init_max": 0.5, "pe_dim": "hidden_size"},
-    "mmrec-output-gate-fast-full-decay-swiglu": {"output_gate": True, "decay_init_max": 0.5, "pe_dim": "hidden_size",
-                                                 "ffn_gate": True, "hidden_act": "silu"},
-    "mmrec-output-gate-fast-full-decay-swiglu-block1": {"output_gate": True, "decay_init_max": 0.5,
-                                                        "pe_dim": "hidden_size", "ffn_gate": True,
-                                                        "hidden_act": "silu", "memory_block_size": 1},
-    "mmrec-output-gate-fast-full-decay-swiglu-gate-memory": {"output_gate": True, "decay_init_max": 0.5,
-                                                             "pe_dim": "hidden_size", "ffn_gate": True,
-                                                             "hidden_act": "silu", "gate_memory": True},
-    "mmrec-output-gate-fast-full-decay-swiglu-gate-memory-block1": {"output_gate": True, "decay_init_max": 0.5,
-                                                                    "pe_dim": "hidden_size", "ffn_gate": True,
-                                                                    "hidden_act": "silu", "gate_memory": True,
+    "mmrec-output-gate-fast-full-decay-swiglu": _CHOICES,
+    "mmrec-output-gate-fast-full-decay-swiglu-block1": {**_CHOICES, "memory_block_size": 1},
+    "mmrec-output-gate-fast-full-decay-swiglu-gate-memory": {**_CHOICES, "gate_memory": True},
+    "mmrec-output-gate-fast-full-decay-swiglu-gate-memory-block1": {**_CHOICES, "gate_memory": True,
                                                                     "memory_block_size": 1},
 }
 VARIANT_GROUPS = {
@@ -1054,9 +1049,10 @@ def best_runs(records: Iterable[dict]) -> Dict[str, Dict[Tuple[str, str], List[d
     return grouped
 
 
-def repeats(records: Iterable[dict], best: dict) -> List[dict]:
-    """Every seed's run of ``best``'s cell, learning rate and protocol, by seed (``best`` included)."""
-    same = [r for r in latest_per_run(records)
+def repeats(latest: Iterable[dict], best: dict) -> List[dict]:
+    """Every seed's run of ``best``'s cell, learning rate and protocol among ``latest`` (the output of
+    ``latest_per_run``), by seed (``best`` included)."""
+    same = [r for r in latest
             if (r["study"], r["setting"], r["model"], r["lr"], protocol_label(r))
             == (best["study"], best["setting"], best["model"], best["lr"], protocol_label(best))]
     return sorted(same, key=seed_of)
@@ -1122,9 +1118,9 @@ def _slug(label: str) -> str:
     return f"{head}-{hashlib.sha1(label.encode()).hexdigest()[:6]}"
 
 
-def _seed_cells(records: Sequence[dict], best: dict) -> str:
+def _seed_cells(latest: Sequence[dict], best: dict) -> str:
     """'seed: bits per byte, ...' and their mean, for the table's last two columns ('-' for one seed)."""
-    runs = repeats(records, best)
+    runs = repeats(latest, best)
     if len(runs) < 2:
         return "- | -"
     values = [r["final"].get("bits_per_byte", float("nan")) for r in runs]
@@ -1144,7 +1140,8 @@ def write_lm_report(out: Path) -> Optional[Path]:
              "result and their mean.",
              "Bits per byte = total held-out nats / ln 2 / UTF-8 bytes of the predicted tokens; every held-out row "
              "is read from a fresh state.", ""]
-    for label, section in sorted(best_runs(records).items()):
+    latest = latest_per_run(records)
+    for label, section in sorted(best_runs(latest).items()):
         tokenization = label.split(":")[0]
         lines += [f"## {label}", "", "| model | parameters (non-embedding) | best lr | held-out loss | bits per byte | "
                   "bits per byte at each lr | steps/s | minutes (all lrs) | best lr, each seed | mean over seeds |",
@@ -1159,7 +1156,7 @@ def write_lm_report(out: Path) -> Optional[Path]:
             lines.append(f"| {model} | {best['parameters'] / 1e6:.2f}M ({best['non_embedding_parameters'] / 1e6:.2f}M) | "
                          f"{best['lr']:g} | {best['final'].get('loss', float('nan')):.4f} | "
                          f"**{best['final'].get('bits_per_byte', float('nan')):.4f}** | {sweep} | {speed:.1f} | "
-                         f"{sum(r['seconds']['total'] for r in runs) / 60:.1f} | {_seed_cells(records, best)} |")
+                         f"{sum(r['seconds']['total'] for r in runs) / 60:.1f} | {_seed_cells(latest, best)} |")
             curve = [c for c in best["curve"] if "bits_per_byte" in c]
             series[f"{model} (lr {best['lr']:g})"] = ([c["step"] for c in curve], [c["bits_per_byte"] for c in curve])
         png = f"lm-{_slug(label)}.png"
