@@ -79,20 +79,25 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-output-gate-fast-full-decay-swiglu-gate-memory": {**_CHOICES, "gate_memory": True},
     "mmrec-output-gate-fast-full-decay-swiglu-gate-memory-block1": {**_CHOICES, "gate_memory": True,
                                                                     "memory_block_size": 1},
+    # the choices without the memory attention (its q, k, v parameters go to the FFN), and with the seed's state gate
+    "mmrec-output-gate-fast-full-decay-swiglu-no-memory": {**_CHOICES, "memory_levels": "none"},
+    "mmrec-output-gate-fast-full-decay-swiglu-state-block1": {**_CHOICES, "recurrence_gate": "state",
+                                                              "memory_block_size": 1},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
     "ablations": ("mmrec-no-memory", "mmrec-slots-only", "mmrec-blocks-only", "mmrec-block16", "mmrec-block64",
-                  "mmrec-block4", "mmrec-block1"),
+                  "mmrec-block4", "mmrec-block1", "mmrec-output-gate-fast-full-decay-swiglu-no-memory"),
     "improvements": ("mmrec-output-gate", "mmrec-output-gate-block1", "mmrec-output-gate-fast-decay",
                      "mmrec-output-gate-full-decay", "mmrec-output-gate-fast-full-decay",
                      "mmrec-output-gate-fast-full-decay-swiglu", "mmrec-output-gate-fast-full-decay-swiglu-block1",
                      "mmrec-output-gate-fast-full-decay-swiglu-gate-memory",
-                     "mmrec-output-gate-fast-full-decay-swiglu-gate-memory-block1"),
+                     "mmrec-output-gate-fast-full-decay-swiglu-gate-memory-block1",
+                     "mmrec-output-gate-fast-full-decay-swiglu-state-block1"),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.
-SINGLE_LR_VARIANTS = {"mmrec-state"}
+SINGLE_LR_VARIANTS = {"mmrec-state", "mmrec-output-gate-fast-full-decay-swiglu-state-block1"}
 FAMILIES = ("mmrec", "hgrn", "llama")
 FLA_MISSING = "hgrn: fla is not installed (pip install flash-linear-attention); hgrn runs skipped"
 
