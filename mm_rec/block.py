@@ -4,7 +4,9 @@
     h = recurrence(z, gate, gamma);  r = GroupRMSNorm_H(h);  m = MultiMemoryAttention(q, k, v)
     x' = x + Dropout(W_o (r + m));  y = x' + Dropout(FFN(RMSNorm2(x')))
 
-with output_gate, r * silu(o) in place of r, or (r + m) * silu(o) in place of r + m with gate_memory.
+with output_gate, r * silu(o) in place of r, or (r + m) * silu(o) in place of r + m with gate_memory;
+with short_conv_size K, HEM(ShortConv(u)) in place of HEM(u): c_t = sum_{j<K} w_j * u_(t-j) over the
+current and previous K - 1 real tokens of the document (conv.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import LayerState
+from .conv import ShortConv
 from .hem import HEMProjection
 from .memory import MemoryState, MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
@@ -56,6 +59,7 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.blocks_per_segment = config.blocks_per_segment
         self.scan_backend = config.scan_backend
         self.norm1 = RMSNorm(d, config.rms_norm_eps)
+        self.short_conv = ShortConv(d, config.short_conv_size) if config.short_conv_size else None
         self.hem = HEMProjection(config)
         self.mdi = MDIDecay(config)
         self.state_gate = StateGate(d) if config.recurrence_gate == "state" else None
@@ -69,20 +73,28 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout)
 
     def fresh_state(self, batch_size: int) -> LayerState:
-        """The layer's state before any token: h = 0 and the memory's fresh state."""
+        """The layer's state before any token: h = 0, an empty conv window (zeros) and the memory's
+        fresh state."""
         device = self.norm1.weight.device
         h = torch.zeros(batch_size, self.hidden_size, dtype=torch.float32, device=device)
+        window = self.short_conv.kernel_size - 1 if self.short_conv is not None else 0
+        conv = torch.zeros(batch_size, window, self.hidden_size, dtype=torch.float32, device=device)
         if self.memory is None:  # memory_levels="none": the cache keeps the state's shape, untouched
-            return LayerState(h=h, memory=MemoryState.zeros(
-                batch_size, self.hidden_size, self.blocks_per_segment, self.num_memory_slots, device))
-        return LayerState(h=h, memory=self.memory.fresh_state(batch_size))
+            memory = MemoryState.zeros(batch_size, self.hidden_size, self.blocks_per_segment, self.num_memory_slots,
+                                       device)
+        else:
+            memory = self.memory.fresh_state(batch_size)
+        return LayerState(h=h, conv=conv, memory=memory)
 
     def forward(self, x: Tensor, layout: TokenLayout, state: Optional[LayerState] = None) -> Tuple[Tensor, LayerState]:
         """x: [B, T, d]; state: the layer's carried state (None: the start of a stream).
         Returns (y [B, T, d], the state after the last token)."""
         if state is None:
             state = self.fresh_state(x.shape[0])
-        proj = self.hem(self.norm1(x))
+        u, conv = self.norm1(x), state.conv
+        if self.short_conv is not None:
+            u, conv = self.short_conv(u, layout, conv)
+        proj = self.hem(u)
         h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
                                self.state_gate, self.scan_backend)
         r = self.readout_norm(h).to(x.dtype)
@@ -96,4 +108,4 @@ class MMRecBlock(GradientCheckpointingLayer):
         if gate is not None and self.gate_memory:  # the gate covers the memory read too
             r = r * gate
         x = x + self.dropout(self.W_o(r))
-        return x + self.dropout(self.ffn(self.norm2(x))), LayerState(h=h_last, memory=memory)
+        return x + self.dropout(self.ffn(self.norm2(x))), LayerState(h=h_last, conv=conv, memory=memory)

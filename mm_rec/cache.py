@@ -1,8 +1,9 @@
 """MMRecCache: the whole recurrent state of a stream (docs/ARCHITECTURE.md section 3).
 
-Per layer (``LayerState``): the fp32 state h (the recurrence's) and the ``MemoryState`` (the
-memory attention's: the open block's sums and count, the completed block summaries of the
-current segment, the long-term slots).
+Per layer (``LayerState``): the fp32 state h (the recurrence's), the short convolution's window
+of the last K - 1 real inputs (conv.py; empty without it) and the ``MemoryState`` (the memory
+attention's: the open block's sums and count, the completed block summaries of the current
+segment, the long-term slots).
 Per row: the position of the next real token. Nothing grows with the context: decoding a
 token reads only this.
 """
@@ -22,37 +23,43 @@ from safetensors.torch import load_file, save_file
 
 from .memory import MemoryState
 
-CACHE_FORMAT_VERSION = 1
+# 2 added each layer's ``conv``; version-1 files (no conv) still load for models without one.
+CACHE_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CACHE_FILE_FORMAT = "mmrec-cache"
 
 
 @dataclass
 class LayerState:
     """One layer's state for B rows: the level-0 state ``h`` [B, d] (float32), owned by the
-    recurrence (recurrence.py), and the hierarchical ``memory`` (``MemoryState``), owned by the
-    memory attention (memory.py). On disk and in a CUDA graph it is the flat tensors of
-    ``tensors()``, in the order of ``LayerState.shapes``."""
+    recurrence (recurrence.py); ``conv`` [B, K-1, d] (float32), the short convolution's last
+    K - 1 real inputs, oldest first (conv.py; [B, 0, d] with ``short_conv_size`` 0); and the
+    hierarchical ``memory`` (``MemoryState``), owned by the memory attention (memory.py). On disk
+    and in a CUDA graph it is the flat tensors of ``tensors()``, in the order of ``LayerState.shapes``."""
 
     h: Tensor
+    conv: Tensor
     memory: MemoryState
 
     @staticmethod
-    def shapes(batch_size: int, hidden_size: int, blocks_per_segment: int, num_slots: int) -> Dict[str, tuple]:
+    def shapes(batch_size: int, hidden_size: int, blocks_per_segment: int, num_slots: int,
+               short_conv_size: int = 0) -> Dict[str, tuple]:
         """The shape of every tensor, by name: the one statement of the state's shape contract."""
-        return {"h": (batch_size, hidden_size),
+        return {"h": (batch_size, hidden_size), "conv": (batch_size, max(short_conv_size - 1, 0), hidden_size),
                 **MemoryState.shapes(batch_size, hidden_size, blocks_per_segment, num_slots)}
 
     @staticmethod
     def names() -> List[str]:
         """The tensors' names, in the order of ``shapes`` and ``tensors()``."""
-        return ["h", *(f.name for f in fields(MemoryState))]
+        return ["h", "conv", *(f.name for f in fields(MemoryState))]
 
     def tensors(self) -> Dict[str, Tensor]:
-        return {"h": self.h, **self.memory.tensors()}
+        return {"h": self.h, "conv": self.conv, **self.memory.tensors()}
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor]) -> "LayerState":
-        return cls(h=tensors["h"], memory=MemoryState(**{f.name: tensors[f.name] for f in fields(MemoryState)}))
+        return cls(h=tensors["h"], conv=tensors["conv"],
+                   memory=MemoryState(**{f.name: tensors[f.name] for f in fields(MemoryState)}))
 
     def map(self, fn) -> "LayerState":
         return LayerState.from_tensors({name: fn(t) for name, t in self.tensors().items()})
@@ -138,20 +145,31 @@ class MMRecCache:
         if meta.get("format") != CACHE_FILE_FORMAT:
             raise ValueError(f"{path!r} is not an MMRecCache file (metadata {meta})")
         version = _int_field(meta, "version", where)
-        if version != CACHE_FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             newer = " (written by a newer mm_rec)" if version > CACHE_FORMAT_VERSION else ""
-            raise ValueError(f"{where} has format version {version}{newer}; this mm_rec reads version {CACHE_FORMAT_VERSION}")
+            raise ValueError(f"{where} has format version {version}{newer}; this mm_rec reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
         num_layers = _int_field(meta, "num_layers", where)
         if num_layers < 1:
             raise ValueError(f"{where}: num_layers must be at least 1, got {num_layers}")
         names = LayerState.names()
+        if version == 1:  # before the short convolution: its window is empty
+            if config is not None and getattr(config, "short_conv_size", 0) > 0:
+                raise ValueError(f"{where} has format version 1, written before the short convolution: it holds no "
+                                 f"conv state, but the model has short_conv_size={config.short_conv_size}")
+            names = [n for n in names if n != "conv"]
         expected = {"position"} | {f"layers.{i}.{n}" for i in range(num_layers) for n in names}
         missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
         if missing:
             raise ValueError(f"{where} (num_layers={num_layers}) is missing tensors {missing}")
         if extra:
             raise ValueError(f"{where} (num_layers={num_layers}) has unexpected tensors {extra}")
-        layers = [LayerState.from_tensors({n: tensors[f"layers.{i}.{n}"] for n in names}) for i in range(num_layers)]
+        layers = []
+        for i in range(num_layers):
+            flat = {n: tensors[f"layers.{i}.{n}"] for n in names}
+            if version == 1:
+                flat["conv"] = _empty_conv(flat["h"])
+            layers.append(LayerState.from_tensors(flat))
         cache = cls(layers, tensors["position"])
         cache.check_consistent(where)
         if config is not None:
@@ -166,12 +184,13 @@ class MMRecCache:
             raise ValueError(f"{where}: position must be a [B] int64 tensor with B >= 1, got {position.dtype} {tuple(position.shape)}")
         if not self.layers:
             raise ValueError(f"{where}: the cache has no layers")
-        h, memory = self.layers[0].h, self.layers[0].memory
-        if h.dim() != 2 or memory.block_keys.dim() != 3 or memory.slot_keys.dim() != 3:
-            raise ValueError(f"{where} layer 0: h, block_keys, slot_keys must be [B, d], [B, C, d], [B, S, d], got "
-                             f"{tuple(h.shape)}, {tuple(memory.block_keys.shape)}, {tuple(memory.slot_keys.shape)}")
+        h, conv, memory = self.layers[0].h, self.layers[0].conv, self.layers[0].memory
+        if h.dim() != 2 or conv.dim() != 3 or memory.block_keys.dim() != 3 or memory.slot_keys.dim() != 3:
+            raise ValueError(f"{where} layer 0: h, conv, block_keys, slot_keys must be [B, d], [B, K-1, d], [B, C, d], "
+                             f"[B, S, d], got {tuple(h.shape)}, {tuple(conv.shape)}, {tuple(memory.block_keys.shape)}, "
+                             f"{tuple(memory.slot_keys.shape)}")
         B, d, C, S = position.shape[0], h.shape[1], memory.block_keys.shape[1], memory.slot_keys.shape[1]
-        self._check_layers(where, LayerState.shapes(B, d, C, S))
+        self._check_layers(where, LayerState.shapes(B, d, C, S, conv.shape[1] + 1))
         if bool((position < 0).any()) or any(bool((layer.memory.open_count < 0).any() | (layer.memory.block_count < 0).any())
                                               for layer in self.layers):
             raise ValueError(f"{where}: position, open_count and block_count must not be negative")
@@ -183,7 +202,7 @@ class MMRecCache:
         if self.batch_size != batch_size:
             raise ValueError(f"cache holds {self.batch_size} rows but the input has batch size {batch_size}")
         self._check_layers("cache", LayerState.shapes(batch_size, config.hidden_size, config.blocks_per_segment,
-                                                      config.num_memory_slots))
+                                                      config.num_memory_slots, getattr(config, "short_conv_size", 0)))
 
     def _check_layers(self, where: str, expected: Dict[str, tuple]) -> None:
         for i, layer in enumerate(self.layers):
@@ -193,6 +212,12 @@ class MMRecCache:
                 want = torch.long if name.endswith("count") else torch.float32
                 if t.dtype != want:
                     raise ValueError(f"{where} layer {i} {name} has dtype {t.dtype}, expected {want}")
+
+
+def _empty_conv(h: Tensor) -> Tensor:
+    """The empty conv window [B, 0, d] of a version-1 file's layer, shaped after its h [B, d]
+    (a malformed h is reported by ``check_consistent``)."""
+    return h.new_zeros(h.shape[0], 0, h.shape[1]) if h.dim() == 2 else h.new_zeros(0, 0, 0)
 
 
 def _int_field(meta: Dict[str, str], name: str, where: str) -> int:

@@ -48,6 +48,10 @@ class MMRecConfig(PretrainedConfig):
             slice of the HEM projection.
         gate_memory: with ``output_gate``, the gate covers the memory read too:
             (GroupRMSNorm(h) + m) * silu(o) instead of GroupRMSNorm(h) * silu(o) + m.
+        short_conv_size: K, the width of a causal depthwise convolution over the previous K - 1
+            real tokens of the same document and the current one, applied to the block's normed
+            input before the fused projection (mm_rec/conv.py); initialised to the identity. 0 (the
+            default) leaves it out; 1 is refused (a per-channel scale that the projection already has).
         use_hem: one fused projection GEMM (True) or separate seed-named linears (False).
         scan_backend: "auto", "triton" or "torch".
         dropout: residual dropout.
@@ -85,6 +89,7 @@ class MMRecConfig(PretrainedConfig):
         memory_levels: str = "slots+blocks",
         output_gate: bool = False,
         gate_memory: bool = False,
+        short_conv_size: int = 0,
         use_hem: bool = True,
         scan_backend: str = "auto",
         dropout: float = 0.0,
@@ -129,6 +134,7 @@ class MMRecConfig(PretrainedConfig):
         self.memory_levels = memory_levels
         self.output_gate = output_gate
         self.gate_memory = gate_memory
+        self.short_conv_size = short_conv_size
         self.use_hem = use_hem
         self.scan_backend = scan_backend
         self.dropout = dropout
@@ -188,6 +194,11 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError("MMRecConfig.gate_memory=True gates the memory read with the output gate: it needs "
                              f"output_gate=True and a memory (memory_levels != 'none'), got output_gate="
                              f"{self.output_gate!r}, memory_levels={self.memory_levels!r}")
+        conv = self.short_conv_size
+        if isinstance(conv, bool) or not isinstance(conv, int) or conv < 0 or conv == 1:
+            raise ValueError(f"MMRecConfig.short_conv_size must be an integer, 0 (no convolution) or at least 2 "
+                             f"(1 would only scale each channel, which the projection after it already does), "
+                             f"got {conv!r}")
         chunk = self.inference_chunk_size
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
             raise ValueError(f"MMRecConfig.inference_chunk_size must be a positive integer or None, got {chunk!r}")

@@ -11,13 +11,14 @@ from typing import Dict, List, Mapping, Optional
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Config fields that set a tensor dimension, in the order they are named when sizes clash.
-_WIDTH_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "pe_dim", "num_memory_slots")
+_WIDTH_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "pe_dim", "num_memory_slots", "short_conv_size")
 
 
 def check_loading_info(model, path, loading_info: Mapping, ignore_mismatched_sizes: bool) -> None:
     """Raise ValueError when the checkpoint at ``path`` does not fit ``model``'s config, naming the
     config field: a different number of layers (``num_hidden_layers``), a different layer layout
-    (``use_hem`` / ``recurrence_gate``), or (unless ``ignore_mismatched_sizes``) other widths.
+    (``use_hem`` / ``recurrence_gate`` / ``memory_levels`` / ``short_conv_size``), or (unless
+    ``ignore_mismatched_sizes``) other widths.
 
     A tensor the checkpoint lacks inside layers that it has is not an error: transformers has
     initialised it as ``__init__`` would and lists it in ``loading_info["missing_keys"]``
@@ -46,7 +47,8 @@ def check_loading_info(model, path, loading_info: Mapping, ignore_mismatched_siz
     in_layers = [key for key in unexpected if layer_of(key) is not None]
     if in_layers:
         fields = [name for name, marker in (("use_hem", "hem.W_"), ("recurrence_gate", "state_gate."),
-                                                   ("memory_levels", "memory.slot_")) if
+                                                   ("memory_levels", "memory.slot_"),
+                                                   ("short_conv_size", "short_conv.")) if
                   any(marker in key for key in in_layers + sorted(missing))]
         raise ValueError(f"{where}: the checkpoint's layers hold tensors this config has no place for: {in_layers}"
                          + (f"; check {' and '.join(fields)}" if fields else ""))

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .block import FeedForward, MMRecBlock
 from .cache import MMRecCache, is_mmrec_cache
 from .configuration_mmrec import MMRecConfig
+from .conv import ShortConv, identity_kernel
 from .graph_decode import GraphDecoder
 from .hem import HEMProjection, xavier_uniform_rows
 from .hub import write_model_card
@@ -180,6 +181,8 @@ class MMRecPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MultiMemoryAttention):  # on the scale of the keys of a unit-RMS input
             init.normal_(module.slot_keys, 0.0, 1.0)
             init.normal_(module.slot_values, 0.0, 1.0)
+        elif isinstance(module, ShortConv):  # the identity: a fresh block computes what it would without it
+            init.copy_(module.weight, identity_kernel(*module.weight.shape))
 
     def _linear_inits(self) -> Dict[nn.Linear, Callable[[nn.Linear], None]]:
         """The linears whose init is not N(0, initializer_range), by owner: HEM's stacked projections
@@ -284,11 +287,14 @@ class MMRecModel(MMRecPreTrainedModel):
 
         if cache is not None:
             cache.check_compatible(self.config, B)
+        mask_given = attention_mask is not None
         attention_mask = self._check_mask(attention_mask, B, T, hidden.device)
         if position_ids is not None and tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
         offset = cache.position if cache is not None else torch.zeros(B, dtype=torch.long, device=hidden.device)
-        layout = token_layout(attention_mask, position_ids, offset, fresh=cache is None)
+        # Every token real: the short conv needs no gathers. Asked of the device in eager mode only.
+        dense = self.config.short_conv_size > 0 and (not mask_given or (_eager() and bool(attention_mask.all())))
+        layout = token_layout(attention_mask, position_ids, offset, fresh=cache is None, dense=dense)
 
         all_hidden = [hidden] if output_hidden_states else None
         new_states = []

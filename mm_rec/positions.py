@@ -25,6 +25,7 @@ class TokenLayout:
     offset: Tensor  # [B] long; real tokens the row's stream saw before this call (the cache's count)
     has_resets: bool = False  # position_ids were given, so ``reset`` may hold True anywhere
     fresh: bool = False  # no cache: every row starts at position 0 (offset is all zeros)
+    dense: bool = False  # every token is real and none starts a document (the short conv needs no index)
     memo: dict = field(default_factory=dict, repr=False)  # per-forward values shared by all layers
 
     def next_position(self, offset: Tensor) -> Tensor:
@@ -37,14 +38,15 @@ class TokenLayout:
 
 
 def token_layout(
-    attention_mask: Tensor, position_ids: Optional[Tensor], offset: Tensor, fresh: bool = False
+    attention_mask: Tensor, position_ids: Optional[Tensor], offset: Tensor, fresh: bool = False, dense: bool = False
 ) -> TokenLayout:
     """attention_mask: [B, T] (1 = real token); position_ids: [B, T] or None; offset: [B] long.
 
     Without position_ids, positions continue from ``offset`` (the cache's count). With them,
     they are taken as given and every real token at position 0 starts a new document.
     ``fresh``: the caller knows that ``offset`` is all zeros (no cache), which lets the memory
-    size its layout without asking the device.
+    size its layout without asking the device. ``dense``: the caller knows that every token is
+    real; it holds only without position_ids.
     """
     real = attention_mask.bool()
     if position_ids is None:
@@ -55,4 +57,4 @@ def token_layout(
         reset = real & (position == 0)
     position = position.masked_fill(~real, 0)
     return TokenLayout(position=position, real=real, reset=reset, offset=offset, has_resets=position_ids is not None,
-                       fresh=fresh)
+                       fresh=fresh, dense=dense and position_ids is None)

@@ -83,6 +83,9 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-output-gate-fast-full-decay-swiglu-no-memory": {**_CHOICES, "memory_levels": "none"},
     "mmrec-output-gate-fast-full-decay-swiglu-state-block1": {**_CHOICES, "recurrence_gate": "state",
                                                               "memory_block_size": 1},
+    # the choices with a short convolution (width 4) before the fused projection
+    "mmrec-output-gate-fast-full-decay-swiglu-conv4": {**_CHOICES, "short_conv_size": 4},
+    "mmrec-output-gate-fast-full-decay-swiglu-conv4-block1": {**_CHOICES, "short_conv_size": 4, "memory_block_size": 1},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
@@ -93,7 +96,9 @@ VARIANT_GROUPS = {
                      "mmrec-output-gate-fast-full-decay-swiglu", "mmrec-output-gate-fast-full-decay-swiglu-block1",
                      "mmrec-output-gate-fast-full-decay-swiglu-gate-memory",
                      "mmrec-output-gate-fast-full-decay-swiglu-gate-memory-block1",
-                     "mmrec-output-gate-fast-full-decay-swiglu-state-block1"),
+                     "mmrec-output-gate-fast-full-decay-swiglu-state-block1",
+                     "mmrec-output-gate-fast-full-decay-swiglu-conv4",
+                     "mmrec-output-gate-fast-full-decay-swiglu-conv4-block1"),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.
@@ -446,11 +451,18 @@ def warmup_cosine(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies: to matrices (embedding included), not to vectors (norms,
+    biases) nor to the short convolution's [d, K] kernel, which starts at the identity and, like
+    a norm's weight, is a per-channel scale that decay would pull off it."""
+    return param.ndim >= 2 and not name.endswith("short_conv.weight")
+
+
 def optimizer_for(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, weight decay on matrices (embedding included) only, fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    """AdamW, weight decay where ``decays`` says (matrices), fused on CUDA."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 

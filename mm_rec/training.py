@@ -531,6 +531,11 @@ def _trainer_class():
         eval_bytes_per_token: Optional[float] = None
         _saving = False
 
+        def get_decay_parameter_names(self, model):
+            # Trainer picks what decays by name; the short convolution's [d, K] kernel starts at the
+            # identity and is a per-channel scale like a norm's weight: no decay towards zero.
+            return [n for n in super().get_decay_parameter_names(model) if not n.endswith("short_conv.weight")]
+
         def _get_output_dir(self, trial):
             folder = super()._get_output_dir(trial)
             return os.path.join(folder, STAGING) if self._saving else folder

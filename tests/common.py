@@ -31,14 +31,38 @@ def tiny_config(**overrides) -> MMRecConfig:
 
 def tiny_model(seed: int = 0, **overrides) -> MMRecForCausalLM:
     """``MMRecForCausalLM(tiny_config(**overrides))`` in eval mode, its weights drawn after
-    ``torch.manual_seed(seed)`` (two calls with one seed give the same weights)."""
+    ``torch.manual_seed(seed)`` (two calls with one seed give the same weights); a short
+    convolution's kernel is drawn too (``randomize_short_conv_``)."""
     torch.manual_seed(seed)
-    return MMRecForCausalLM(tiny_config(**overrides)).eval()
+    return randomize_short_conv_(MMRecForCausalLM(tiny_config(**overrides)).eval())
+
+
+def randomize_short_conv_(model: MMRecForCausalLM) -> MMRecForCausalLM:
+    """Draw every short convolution kernel N(0, 1): its init, the identity, would let a test pass
+    that reads padding or another document into the window."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("short_conv.weight"):
+                param.normal_()
+    return model
 
 
 def random_ids(shape, seed: int = 0, vocab_size: int = VOCAB) -> torch.Tensor:
     """Token ids in [2, vocab_size): 0 and 1 are tiny_config's pad and eos."""
     return torch.randint(2, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def document_positions(starts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """position_ids [B, T] of packed rows with padding: each document (``starts`` [B, T] bool marks
+    its first column) counts its real tokens (``mask``) from 0; a padded position gets its previous
+    real token's position (never read)."""
+    document = starts.long().cumsum(1)
+    count = mask.long().cumsum(1)
+    before = torch.zeros_like(count)  # real tokens before each column's document
+    for b in range(starts.shape[0]):
+        for t in starts[b].nonzero()[:, 0].tolist():
+            before[b, document[b] == document[b, t]] = count[b, t] - mask[b, t]
+    return (count - before - 1).clamp(min=0)
 
 
 def random_log_gamma(shape, generator=None, dtype=torch.float64) -> torch.Tensor:

@@ -111,6 +111,30 @@ def naive_recurrence(z, log_gamma, attention_mask=None, reset=None, h0=None, gat
     return out, h
 
 
+def naive_short_conv(u, weight, attention_mask=None, position_ids=None, state=None):
+    """c_t = sum_j w[:, j] * u_(t-j) over the current and previous K - 1 real tokens of t's document,
+    one token at a time, in float64 (docs/ARCHITECTURE.md section 1). u: [B, T, d]; weight: [d, K];
+    state: [B, K-1, d], the K - 1 real u's before this call (oldest first; default zeros).
+    Returns (c [B, T, d] (zeros at padding), the state after the call [B, K-1, d])."""
+    B, T, d = u.shape
+    K = weight.shape[1]
+    u, weight = u.double(), weight.double()
+    state = torch.zeros(B, K - 1, d, dtype=torch.float64) if state is None else state.double()
+    out, finals = torch.zeros(B, T, d, dtype=torch.float64), []
+    for b, tokens in enumerate(naive_positions(torch.ones(B, T) if attention_mask is None else attention_mask,
+                                               position_ids)):
+        previous = list(state[b])  # the document's real u's so far, oldest first
+        for t, _, starts_document in tokens:
+            if starts_document:
+                previous = []
+            previous.append(u[b, t])
+            for j in range(min(K, len(previous))):
+                out[b, t] += weight[:, j] * previous[-1 - j]
+        window = [torch.zeros(d, dtype=torch.float64)] * (K - 1) + previous
+        finals.append(torch.stack(window[len(window) - (K - 1):]) if K > 1 else torch.zeros(0, d, dtype=torch.float64))
+    return out, torch.stack(finals)
+
+
 def naive_route(slot_keys_at_start, block_key):
     """argmax_j <K_j, k>, ties to the lowest j (a strict > in a loop)."""
     best, best_score = 0, None
@@ -184,6 +208,8 @@ def naive_block(block, config, x, attention_mask, position_ids):
     d, eps = config.hidden_size, config.rms_norm_eps
     x = x.double()
     u = naive_rms_norm(x, P["norm1.weight"], eps)
+    if getattr(config, "short_conv_size", 0):
+        u, _ = naive_short_conv(u, P["short_conv.weight"], attention_mask, position_ids)
     memory = config.memory_levels != "none"
     names = (["q", "k", "v"] if memory else []) + ["z"] + (["g"] if config.recurrence_gate == "input" else [])
     names += (["og"] if config.output_gate else []) + ["p"]

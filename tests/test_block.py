@@ -7,6 +7,7 @@ import torch
 from mm_rec import MMRecForCausalLM
 from mm_rec.positions import token_layout
 
+from common import document_positions
 from naive import naive_block
 
 
@@ -17,7 +18,9 @@ OPTIONS = [  # the quality study's options (docs/ARCHITECTURE.md sections 1 and 
     {"ffn_gate": True, "hidden_act": "silu"}, {"ffn_gate": True, "memory_block_size": 1},
     {"pe_dim": 32, "decay_init_max": 0.5},
     {"output_gate": True, "gate_memory": True}, {"output_gate": True, "gate_memory": True, "memory_block_size": 1},
+    {"short_conv_size": 4}, {"short_conv_size": 4, "output_gate": True, "memory_block_size": 1},
 ]
+CONV_OPTIONS = [{"short_conv_size": 4}, {"short_conv_size": 2, "recurrence_gate": "state", "use_hem": False}]
 
 
 @pytest.mark.parametrize("recurrence_gate", ["input", "state"])
@@ -33,6 +36,13 @@ def test_block_options_match_naive_reference(options, rows, tiny_config):
     check_block_against_naive(tiny_config(memory_decay=0.8, **options), rows)
 
 
+@pytest.mark.parametrize("options", CONV_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("rows", ["plain", "holes", "packed_holes"])
+def test_block_with_short_conv_matches_naive_reference(options, rows, tiny_config):
+    """The convolution's window skips padding anywhere in a row and stops at a document start."""
+    check_block_against_naive(tiny_config(memory_decay=0.8, **options), rows)
+
+
 def check_block_against_naive(config, rows):
     torch.manual_seed(8)
     block = MMRecForCausalLM(config).model.layers[0]
@@ -45,9 +55,14 @@ def check_block_against_naive(config, rows):
     position_ids = None
     if rows == "left_padded":
         mask[1, :7] = 0
-    if rows == "packed":
+    if rows in ("packed", "packed_holes"):
         position_ids = torch.cat([torch.arange(21), torch.arange(3), torch.arange(16)])[None].repeat(B, 1)
         position_ids[1] = torch.cat([torch.arange(5), torch.arange(35)])
+    if rows in ("holes", "packed_holes"):  # padding inside rows; positions count the real tokens
+        mask[0, [2, 3, 10, 22, 39]] = 0
+        mask[1, [0, 6, 7, 8, 30]] = 0
+        if position_ids is not None:
+            position_ids = document_positions(position_ids == 0, mask)
     layout = token_layout(mask, position_ids, torch.zeros(B, dtype=torch.long))
     seen = []
     block.readout_norm.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))

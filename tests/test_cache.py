@@ -17,21 +17,26 @@ from mm_rec.cache import CACHE_FORMAT_VERSION
 from common import VOCAB, fresh_process, random_ids
 
 
-def test_layer_state_flat_tensors_round_trip(tiny_model):
-    """LayerState.tensors() is the flat {name: tensor} of LayerState.shapes (h, then the memory's
-    fields); from_tensors inverts it; map applies a function to every tensor."""
-    model = tiny_model()
+@pytest.mark.parametrize("conv", [0, 4])
+def test_layer_state_flat_tensors_round_trip(conv, tiny_model):
+    """LayerState.tensors() is the flat {name: tensor} of LayerState.shapes (h, the conv window
+    ([B, 0, d] without the conv), then the memory's fields); from_tensors inverts it; map applies a
+    function to every tensor."""
+    model = tiny_model(short_conv_size=conv)
     with torch.no_grad():
         cache = model(random_ids((3, 23), seed=18), use_cache=True).cache
     config = model.config
-    shapes = LayerState.shapes(3, config.hidden_size, config.blocks_per_segment, config.num_memory_slots)
+    shapes = LayerState.shapes(3, config.hidden_size, config.blocks_per_segment, config.num_memory_slots, conv)
+    assert shapes["conv"] == (3, max(conv - 1, 0), config.hidden_size)
     for layer in cache.layers:
         flat = layer.tensors()
         assert list(flat) == list(shapes) and list(flat)[0] == "h"
         assert {name: tuple(t.shape) for name, t in flat.items()} == shapes
-        assert flat["h"] is layer.h and all(flat[n] is t for n, t in layer.memory.tensors().items())
+        assert flat["h"] is layer.h and flat["conv"] is layer.conv
+        assert all(flat[n] is t for n, t in layer.memory.tensors().items())
         again = LayerState.from_tensors(flat)
-        assert again.h is layer.h and all(again.memory.tensors()[n] is t for n, t in layer.memory.tensors().items())
+        assert again.h is layer.h and again.conv is layer.conv
+        assert all(again.memory.tensors()[n] is t for n, t in layer.memory.tensors().items())
         doubled = layer.map(lambda t: t * 2)
         assert isinstance(doubled, LayerState)
         for name, t in flat.items():
@@ -74,7 +79,11 @@ def _drop(name):
 
 BAD_CACHE_FILES = {
     "no version": (lambda t, m: m.pop("version"), "no 'version'"),
-    "newer version": (lambda t, m: m.update(version="2"), "format version 2 \\(written by a newer mm_rec\\)"),
+    "newer version": (lambda t, m: m.update(version="3"), "format version 3 \\(written by a newer mm_rec\\)"),
+    "version 0": (lambda t, m: m.update(version="0"), "format version 0; this mm_rec reads versions 1, 2"),
+    "missing conv": (_drop("layers.0.conv"), "missing tensors \\['layers.0.conv'\\]"),
+    "conv of another width": (lambda t, m: t.update({"layers.1.conv": torch.zeros(2, 3, 32)}),
+                              "layer 1 conv has shape \\(2, 3, 32\\), expected \\(2, 0, 32\\)"),
     "version not an integer": (lambda t, m: m.update(version="one"), "version must be an integer, got 'one'"),
     "no num_layers": (lambda t, m: m.pop("num_layers"), "no 'num_layers'"),
     "num_layers not an integer": (lambda t, m: m.update(num_layers="2.5"), "num_layers must be an integer, got '2.5'"),
@@ -115,6 +124,56 @@ def test_cache_file_of_another_model_is_refused(cache_file, tiny_config):
         MMRecCache.load(path, config=tiny_config(num_hidden_layers=3))
     with pytest.raises(ValueError, match="slot_keys has shape"):
         MMRecCache.load(path, config=tiny_config(num_memory_slots=5))
+    with pytest.raises(ValueError, match="conv has shape \\(2, 0, 32\\), expected \\(2, 3, 32\\)"):
+        MMRecCache.load(path, config=tiny_config(short_conv_size=4))
+
+
+def _as_version_1(path):
+    """Rewrite a cache file as version 1 wrote it: no conv tensors."""
+    tensors, meta = load_file(path), {"format": "mmrec-cache", "version": "1", "num_layers": "2"}
+    _rewrite(path, {k: v for k, v in tensors.items() if not k.endswith(".conv")}, meta)
+
+
+def test_version_1_cache_file_loads_without_a_conv_and_is_refused_with_one(tmp_path, tiny_model):
+    """A version-1 file (written before the short convolution) continues a stream of a model without
+    the conv exactly; for a model with one it raises, naming the file."""
+    model = tiny_model()
+    ids = random_ids((2, 30), seed=3)
+    path = tmp_path / "old.safetensors"
+    with torch.no_grad():
+        full = model(ids).logits
+        model(ids[:, :17], use_cache=True).cache.save(path)
+        _as_version_1(path)
+        for config in (None, model.config):
+            cache = MMRecCache.load(path, config=config)
+            assert all(tuple(layer.conv.shape) == (2, 0, 32) and layer.conv.dtype == torch.float32
+                       for layer in cache.layers)
+            assert (model(ids[:, 17:], cache=cache).logits - full[:, 17:]).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match=f"{path.name}.*version 1.*short_conv_size=4"):
+        MMRecCache.load(path, config=tiny_model(short_conv_size=4).config)
+
+
+def test_cache_with_conv_save_load_continues_identically(tmp_path, tiny_model):
+    """The conv window goes to disk and back bit for bit, with left-padded rows, and the stream
+    continues as if never interrupted."""
+    model = tiny_model(short_conv_size=4)
+    ids = random_ids((2, 33), seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    mask[0, [19, 20]] = 0  # padding at the end of the saved part
+    path = tmp_path / "conv.safetensors"
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = model(ids[:, :21], attention_mask=mask[:, :21], use_cache=True).cache
+        cache.save(path)
+        restored = MMRecCache.load(path, config=model.config)
+        for saved, loaded in zip(cache.layers, restored.layers):
+            assert tuple(loaded.conv.shape) == (2, 3, 32) and loaded.conv.any()
+            for name, t in saved.tensors().items():
+                assert torch.equal(loaded.tensors()[name], t), name
+        tail = model(ids[:, 21:], attention_mask=mask[:, 21:], cache=restored).logits
+    real = mask[:, 21:].bool()
+    assert (tail - full[:, 21:])[real].abs().max() <= 1e-4
 
 
 def test_truncated_cache_file_is_refused(cache_file):

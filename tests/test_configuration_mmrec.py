@@ -33,6 +33,12 @@ from common import VOCAB
     ("decay_init_min", 0.5, "decay_init_min"),  # above decay_init_max 0.1
     ("ffn_gate", 1, "ffn_gate"),
     ("gate_memory", True, "output_gate=True"),  # no output gate to extend
+    ("short_conv_size", 1, "short_conv_size must be an integer, 0 .* or at least 2"),
+    ("short_conv_size", -2, "short_conv_size"),
+    ("short_conv_size", 4.0, "short_conv_size"),
+    ("short_conv_size", "4", "short_conv_size"),
+    ("short_conv_size", True, "short_conv_size"),
+    ("short_conv_size", None, "short_conv_size"),
 ])
 def test_config_rejects_bad_values(field, value, named, tiny_config):
     with pytest.raises(ValueError, match=named):
@@ -48,7 +54,7 @@ def test_config_seed_aliases_and_round_trip(tmp_path):
     config = MMRecConfig(vocab_size=VOCAB, num_hidden_layers=2, memory_block_size=4, memory_segment_length=16,
                          num_memory_slots=3, model_dim=24, num_heads=3, ffn_dim=40, recurrence_gate="state",
                          use_hem=False, memory_decay=0.9, pe_dim=5, decay_init_min=0.01, decay_init_max=0.5,
-                         ffn_gate=True)
+                         ffn_gate=True, short_conv_size=3)
     assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (24, 3, 40)
     with pytest.raises(ValueError, match="model_dim"):
         MMRecConfig(hidden_size=32, model_dim=24)
@@ -60,6 +66,7 @@ def test_config_seed_aliases_and_round_trip(tmp_path):
     fields = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "pe_dim", "hidden_act", "rms_norm_eps", "memory_block_size", "memory_segment_length",
               "num_memory_slots", "memory_decay", "recurrence_gate", "use_hem", "scan_backend", "dropout",
-              "initializer_range", "tie_word_embeddings", "decay_init_min", "decay_init_max", "ffn_gate"]
+              "initializer_range", "tie_word_embeddings", "decay_init_min", "decay_init_max", "ffn_gate",
+              "short_conv_size"]
     for field in fields:
         assert getattr(loaded, field) == getattr(config, field), field

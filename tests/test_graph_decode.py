@@ -7,16 +7,18 @@ import torch
 
 from mm_rec import MMRecForCausalLM
 
+from common import randomize_short_conv_
+
 pytestmark = pytest.mark.gpu
 
 
-def gpu_model(tiny_config, dtype=torch.float32):
+def gpu_model(tiny_config, dtype=torch.float32, **overrides):
     """Width 64 and a vocabulary of 97 (ids 2..96 in the prompts); no eos, so every row runs to
     max_new_tokens; the default (auto, so Triton) scan backend."""
     torch.manual_seed(0)
     config = tiny_config(vocab_size=97, hidden_size=64, num_attention_heads=4, num_memory_slots=3, eos_token_id=None,
-                         scan_backend="auto")
-    return MMRecForCausalLM(config).to("cuda", dtype).eval()
+                         scan_backend="auto", **overrides)
+    return randomize_short_conv_(MMRecForCausalLM(config)).to("cuda", dtype).eval()
 
 
 def prompts():
@@ -32,9 +34,10 @@ def run(model, graph, **kwargs):
     return model.generate(**kwargs, return_dict_in_generate=True, output_scores=True)
 
 
+@pytest.mark.parametrize("conv", [0, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_tokens_and_cache_equal_the_eager_steps(dtype, tiny_config):
-    model = gpu_model(tiny_config, dtype)
+def test_greedy_tokens_and_cache_equal_the_eager_steps(dtype, conv, tiny_config):
+    model = gpu_model(tiny_config, dtype, short_conv_size=conv)
     ids, mask = prompts()
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False)  # crosses 2+ folds
     eager = run(model, False, **kwargs)

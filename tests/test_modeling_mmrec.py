@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from mm_rec import MMRecCache, MMRecConfig, MMRecForCausalLM, is_mmrec_cache
 
-from common import VOCAB, random_ids
+from common import VOCAB, random_ids, randomize_short_conv_
 
 
 # ---------------------------------------------------------------------------------------
@@ -61,6 +61,7 @@ def test_parallel_equals_chunked_equals_token_by_token(gate, use_hem, tiny_model
     {"memory_block_size": 1}, {"memory_block_size": 1, "output_gate": True},
     {"ffn_gate": True, "hidden_act": "silu", "pe_dim": 32, "decay_init_max": 0.5, "output_gate": True},
     {"output_gate": True, "gate_memory": True, "memory_block_size": 1},
+    {"short_conv_size": 4}, {"short_conv_size": 4, "output_gate": True, "memory_block_size": 1},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_quality_options_keep_parallel_chunked_and_token_by_token_equal(options, tiny_model):
     """The options of the quality study keep the exactness invariant, left-padded rows included."""
@@ -89,9 +90,9 @@ def test_long_input_over_many_segments_equals_token_by_token(tiny_model):
     assert (token_by_token - full).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("gate,use_hem", MODES)
-def test_left_padded_batch_equals_rows_alone(gate, use_hem, tiny_model):
-    model = tiny_model(recurrence_gate=gate, use_hem=use_hem)
+@pytest.mark.parametrize("gate,use_hem,conv", [*[(*mode, 0) for mode in MODES], ("input", True, 4)])
+def test_left_padded_batch_equals_rows_alone(gate, use_hem, conv, tiny_model):
+    model = tiny_model(recurrence_gate=gate, use_hem=use_hem, short_conv_size=conv)
     lengths = [30, 17, 5]
     T = max(lengths)
     rows = [torch.randint(2, VOCAB, (1, n)) for n in lengths]
@@ -113,9 +114,10 @@ def test_left_padded_batch_equals_rows_alone(gate, use_hem, tiny_model):
     assert cache.position.tolist() == lengths
 
 
-def test_padding_in_the_middle_of_a_stream_is_skipped(tiny_model):
+@pytest.mark.parametrize("conv", [0, 4])
+def test_padding_in_the_middle_of_a_stream_is_skipped(conv, tiny_model):
     """A padded step between two chunks leaves the state untouched."""
-    model = tiny_model()
+    model = tiny_model(short_conv_size=conv)
     ids = torch.randint(2, VOCAB, (1, 20))
     with torch.no_grad():
         full = model(ids).logits
@@ -125,9 +127,9 @@ def test_padding_in_the_middle_of_a_stream_is_skipped(tiny_model):
     assert (rest - full[:, 9:]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("gate", ["input", "state"])
-def test_packed_rows_equal_documents_run_separately(gate, tiny_model):
-    model = tiny_model(recurrence_gate=gate)
+@pytest.mark.parametrize("gate,conv", [("input", 0), ("state", 0), ("input", 4)])
+def test_packed_rows_equal_documents_run_separately(gate, conv, tiny_model):
+    model = tiny_model(recurrence_gate=gate, short_conv_size=conv)
     docs = [torch.randint(2, VOCAB, (1, n)) for n in (14, 5, 23)]
     packed = torch.cat(docs, 1)
     position_ids = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
@@ -294,12 +296,13 @@ def test_a_cache_under_another_keyword_is_refused(keyword, tiny_model):
 # Causality and gradients
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recurrence_gate, use_hem", MODES)
+@pytest.mark.parametrize("recurrence_gate, use_hem, conv", [*[(*mode, 0) for mode in MODES], ("input", True, 4)])
 @pytest.mark.parametrize("left_pad", [0, 5])
-def test_future_tokens_never_change_past_logits(recurrence_gate, use_hem, left_pad, tiny_config):
+def test_future_tokens_never_change_past_logits(recurrence_gate, use_hem, conv, left_pad, tiny_config):
     """left_pad shifts the memory segments against the positions of the input."""
     torch.manual_seed(0)
-    model = MMRecForCausalLM(tiny_config(recurrence_gate=recurrence_gate, use_hem=use_hem)).eval()
+    model = randomize_short_conv_(MMRecForCausalLM(tiny_config(recurrence_gate=recurrence_gate, use_hem=use_hem,
+                                                                short_conv_size=conv))).eval()
     T = 40  # 10 blocks, 3 memory segments (two folds)
     cut_points = [0, 3, 4, 7, 12, 15, 16, 17, 25, 31, 32, 38]  # block and segment boundaries on both sides
     base = torch.randint(0, VOCAB, (T,))
@@ -317,10 +320,11 @@ def test_future_tokens_never_change_past_logits(recurrence_gate, use_hem, left_p
         assert not torch.allclose(logits[i, t + 1], logits[0, t + 1])  # the change is visible right after t
 
 
-@pytest.mark.parametrize("recurrence_gate, use_hem", MODES)
-def test_gradients_reach_every_parameter(recurrence_gate, use_hem, tiny_config):
+@pytest.mark.parametrize("recurrence_gate, use_hem, conv", [*[(*mode, 0) for mode in MODES], ("input", True, 4)])
+def test_gradients_reach_every_parameter(recurrence_gate, use_hem, conv, tiny_config):
     torch.manual_seed(1)
-    model = MMRecForCausalLM(tiny_config(recurrence_gate=recurrence_gate, use_hem=use_hem)).train()
+    model = randomize_short_conv_(MMRecForCausalLM(tiny_config(recurrence_gate=recurrence_gate, use_hem=use_hem,
+                                                                short_conv_size=conv))).train()
     ids = torch.randint(0, VOCAB, (2, 36))  # crosses two segment boundaries: folds are on the path
     model(ids, labels=ids).loss.backward()
     for name, param in model.named_parameters():
@@ -557,11 +561,12 @@ def _decode_step(model):
 EXPORTS = {"prefill static": _prefill_static, "prefill dynamic seq_len": _prefill_dynamic, "decode step": _decode_step}
 
 
+@pytest.mark.parametrize("conv", [0, 4])
 @pytest.mark.parametrize("case", list(EXPORTS))
-def test_export_of_the_model(case, tiny_model):
+def test_export_of_the_model(case, conv, tiny_model):
     """Prefill (static and dynamic length) and a decode step export, and the program gives the
     eager logits (and cache): no host reads of tensor values anywhere in the forward."""
-    EXPORTS[case](tiny_model())
+    EXPORTS[case](tiny_model(short_conv_size=conv))
 
 # ---------------------------------------------------------------------------------------
 # On a GPU
@@ -572,16 +577,17 @@ GPU_SIZES = dict(vocab_size=512, hidden_size=256, num_attention_heads=4, memory_
 # The quality study's choices on top: output gate, full-width decay input, faster decays, SwiGLU, blocks of 1.
 GPU_QUALITY = dict(output_gate=True, pe_dim=256, decay_init_max=0.5, ffn_gate=True, hidden_act="silu",
                    memory_block_size=1)
+GPU_CONV = dict(GPU_QUALITY, short_conv_size=4)
 
 
 def gpu_model(tiny_config, backend, dtype, seed=0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(scan_backend=backend, **{**GPU_SIZES, **overrides})
-    return MMRecForCausalLM(config).to("cuda", dtype).eval()
+    return randomize_short_conv_(MMRecForCausalLM(config)).to("cuda", dtype).eval()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY], ids=["defaults", "quality"])
+@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV], ids=["defaults", "quality", "conv"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_triton_backend_logits_equal_torch_backend(dtype, tol, overrides, tiny_config):
     ids = torch.randint(0, 512, (4, 600), device="cuda")
@@ -593,7 +599,7 @@ def test_triton_backend_logits_equal_torch_backend(dtype, tol, overrides, tiny_c
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY], ids=["defaults", "quality"])
+@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV], ids=["defaults", "quality", "conv"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_exactness_on_gpu_chunked_and_token_by_token(dtype, tol, overrides, tiny_config):
     model = gpu_model(tiny_config, "triton", dtype, **overrides)
@@ -628,7 +634,7 @@ def test_compiled_training_step_matches_eager(tiny_config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY], ids=["defaults", "quality"])
+@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV], ids=["defaults", "quality", "conv"])
 def test_bf16_training_step_long_sequence_is_finite(overrides, tiny_config):
     model = gpu_model(tiny_config, "triton", torch.bfloat16, **overrides).train()
     ids = torch.randint(0, 512, (2, 4096), device="cuda")
