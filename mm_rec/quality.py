@@ -1191,11 +1191,13 @@ def write_mqar_report(out: Path) -> Optional[Path]:
         return None
     lines = ["# Multi-query associative recall (Zoology's MQAR)", "",
              "Accuracy = answers predicted exactly / answers on a fixed seeded test set, best learning rate per cell "
-             "(in parentheses: that lr, and the steps trained when the run stopped early at the target accuracy). "
+             "(in parentheses: that lr, the steps trained when the run stopped early at the target accuracy, and, "
+             "where the best rate was repeated with other seeds, each seed's accuracy and their mean). "
              "Settings are LENGTHxPAIRS; lengths of 1024 and more spread their queries uniformly, so most queries are "
              "more than one 512-token memory segment away from their keys.", ""]
     by_width = lambda item: (int(item[0].split()[1].rstrip(":")), item[0])  # "width 64: ..." before "width 128: ..."
-    for label, section in sorted(best_runs(records).items(), key=by_width):
+    latest = latest_per_run(records)
+    for label, section in sorted(best_runs(latest).items(), key=by_width):
         settings = sorted({s for s, _ in section}, key=lambda s: (int(s.split("x")[0]), int(s.split("x")[1].split("-")[0])))
         names = [s.rsplit("-d", 1)[0] for s in settings]
         lines += [f"## {label}", "", "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -1210,7 +1212,11 @@ def write_mqar_report(out: Path) -> Optional[Path]:
                 best = runs[0]
                 accuracy = best["final"].get("accuracy", float("nan"))
                 early = f", {best['steps_done']} steps" if best["steps_done"] < best["spec"]["steps"] else ""
-                cells.append(f"{100 * accuracy:.1f}% ({best['lr']:g}{early})")
+                seeds = repeats(latest, best)
+                spread = "" if len(seeds) < 2 else (
+                    "; seeds " + ", ".join(f"{seed_of(r)}: {100 * r['final'].get('accuracy', float('nan')):.1f}" for r in seeds)
+                    + f", mean {100 * sum(r['final'].get('accuracy', float('nan')) for r in seeds) / len(seeds):.1f}")
+                cells.append(f"{100 * accuracy:.1f}% ({best['lr']:g}{early}{spread})")
                 xs.append(name)
                 ys.append(100 * accuracy)
             lines.append(f"| {model} | " + " | ".join(cells) + " |")

@@ -54,7 +54,10 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 # of one: its 512-token rows are one segment, so training never folds. gpu-130m keeps blocks of 32: its rows
 # span two segments, and the fold's routing of 512 blocks a segment is sequential (docs/benchmarks/presets_gpu.md).
 # laptop also lets the output gate cover the memory read (gate_memory): its main job went from 2.389 to 2.352
-# held-out bits per byte; not yet measured on a GPU, so the GPU presets do not take it.
+# held-out bits per byte; at hidden 384 on the GPU it was 0.005-0.012 worse, so the GPU presets do not take it.
+# No preset takes short_conv_size: at hidden 384 it took bytes from 1.947 to 1.929 (two seeds; blocks of one),
+# but did nothing on BPE (1.950 against 1.947), cost MQAR recall and 12-15% of gpu-130m's training speed, and
+# the laptop main job (BPE) went from 2.352 to 2.361.
 QUALITY_CHOICES = dict(output_gate=True, decay_init_max=0.5, ffn_gate=True, hidden_act="silu")
 
 PRESETS: Dict[str, dict] = {

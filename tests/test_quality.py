@@ -254,6 +254,25 @@ def test_other_seeds_measure_spread_and_do_not_choose_the_learning_rate(tmp_path
     assert "**2.0000**" in row and "0: 2.0000, 1: 2.3000" in row and f"| {(2.0 + 2.3) / 2:.4f} (2 seeds) |" in row
 
 
+def _mqar_record(lr: float, seed: int, accuracy: float) -> dict:
+    spec = {"study": "mqar", "setting": "64x4-d16", "seq_len": 64, "num_kv_pairs": 4, "hidden_size": 16, "layers": 2,
+            "vocab_size": 64, "steps": 10, "batch_size": 3, "stop_accuracy": 0.99, "seed": seed, "lr": lr}
+    return {"finished": True, "name": f"mqar-64x4-d16-llama-lr{lr:g}-s{seed}", "study": "mqar", "setting": "64x4-d16",
+            "model": "llama", "lr": lr, "spec": spec, "steps_done": 10, "final": {"accuracy": accuracy},
+            "seconds": {"train_and_eval": 1.0, "total": 1.0}, "curve": [], "device": "cpu", "versions": {"torch": "x"},
+            "ended": f"2026-01-0{1 + seed}T00:00:00"}
+
+
+def test_mqar_cells_give_each_seed_of_the_chosen_rate(tmp_path):
+    runs = tmp_path / quality.RUNS
+    runs.mkdir()
+    for record in (_mqar_record(1e-3, 0, 0.5), _mqar_record(3e-3, 0, 0.4), _mqar_record(1e-3, 1, 0.7),
+                   _mqar_record(3e-3, 1, 0.9)):  # the worse rate's lucky second seed stays out of the cell
+        (runs / f"{record['name']}.json").write_text(json.dumps(record))
+    row = next(line for line in quality.write_mqar_report(tmp_path).read_text().splitlines() if line.startswith("| llama"))
+    assert row == "| llama | 50.0% (0.001; seeds 0: 50.0, 1: 70.0, mean 60.0) |"
+
+
 def test_report_only_without_runs_says_so_and_writes_nothing(tmp_path, capsys):
     assert eval_quality.main(["--report-only", "--out", str(tmp_path)]) == 0
     assert "no finished runs" in capsys.readouterr().out and not list(tmp_path.iterdir())
