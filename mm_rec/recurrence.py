@@ -108,20 +108,58 @@ class StateGate(nn.Module):
         self.W_g = nn.Linear(hidden_size, hidden_size, bias=True)
 
     def forward(self, z: Tensor, log_gamma: Tensor, reset: Tensor, h0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """The recurrence with this gate, a loop over t (research baseline); ``recurrence``'s contract."""
+        """The recurrence with this gate, a loop over t; ``recurrence``'s contract. Float32 throughout
+        (autocast off), like the state."""
         B, T, d = z.shape
-        h = z.new_zeros(B, d, dtype=torch.float32) if h0 is None else h0.float()
-        one_minus_gamma = -torch.expm1(log_gamma)
-        gamma = torch.exp(log_gamma)
+        h0 = z.new_zeros(B, d, dtype=torch.float32) if h0 is None else h0.float()
         keep = (~reset).float()[..., None]
-        weight, bias = self.W_g.weight.float(), self.W_g.bias.float()
-        states = []
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            H = _StateGateLoop.apply(z.float(), log_gamma.float(), keep, self.W_g.weight.float(), self.W_g.bias.float(), h0)
+        return H, H[:, -1].clone()  # its own storage: a cache does not keep H alive
+
+
+class _StateGateLoop(torch.autograd.Function):
+    """h_t = gamma_t h'_t + (1 - gamma_t) sigmoid(W h'_t + b) z_t with h'_t = keep_t h_(t-1), as one
+    autograd node: each step of the loop is three or four kernels and records nothing, and the
+    backward walks t in reverse keeping only the carried gradient; dW, db, dz and d log gamma are
+    then a few batched operations over all t.
+
+    z, log_gamma: [B, T, d] float32; keep: [B, T, 1] (0 where a document starts); weight [d, d],
+    bias [d], h0 [B, d]. Returns H [B, T, d]."""
+
+    @staticmethod
+    def forward(ctx, z, log_gamma, keep, weight, bias, h0):
+        B, T, d = z.shape
+        gamma = torch.exp(log_gamma)
+        zo = -torch.expm1(log_gamma) * z  # (1 - gamma) z
+        H, S, HP = z.new_empty(B, T, d), z.new_empty(B, T, d), z.new_empty(B, T, d)  # HP: h'_t
+        weight_t, h = weight.t(), h0
         for t in range(T):
-            h_prev = h * keep[:, t]
-            gate = torch.sigmoid(F.linear(h_prev, weight, bias))
-            h = gamma[:, t] * h_prev + one_minus_gamma[:, t] * gate * z[:, t].float()
-            states.append(h)
-        return torch.stack(states, dim=1), h
+            hp = torch.mul(h, keep[:, t], out=HP[:, t])
+            s = torch.sigmoid(torch.addmm(bias, hp, weight_t), out=S[:, t])
+            h = torch.addcmul(gamma[:, t] * hp, s, zo[:, t], out=H[:, t])
+        ctx.save_for_backward(z, log_gamma, keep, weight, h0, S, HP)
+        return H
+
+    @staticmethod
+    def backward(ctx, grad_H):
+        z, log_gamma, keep, weight, h0, S, HP = ctx.saved_tensors
+        B, T, d = z.shape
+        gamma = torch.exp(log_gamma)
+        one_minus_gamma = -torch.expm1(log_gamma)
+        da_per_g = S * (1 - S) * one_minus_gamma * z  # d(W h' + b) per unit of dh_t
+        G, DA = torch.empty_like(z), torch.empty_like(z)
+        carry = torch.zeros_like(h0)
+        grad_H = grad_H.float()
+        for t in range(T - 1, -1, -1):
+            g = torch.add(grad_H[:, t], carry, out=G[:, t])
+            da = torch.mul(g, da_per_g[:, t], out=DA[:, t])
+            carry = torch.addmm(g * gamma[:, t], da, weight) * keep[:, t]  # dh_(t-1) = keep_t (gamma_t g + W^T da)
+        GS = G * S
+        grad_z = GS * one_minus_gamma
+        grad_log_gamma = gamma * (G * HP - GS * z)  # d gamma / d log gamma = gamma, d (1 - gamma) = -gamma
+        grad_weight = DA.reshape(-1, d).t() @ HP.reshape(-1, d)
+        return grad_z, grad_log_gamma, None, grad_weight, DA.sum(dim=(0, 1)), carry
 
 
 def recurrence(z: Tensor, gate_logits: Optional[Tensor], decay_logits: Tensor, real: Tensor, reset: Tensor,

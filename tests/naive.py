@@ -93,7 +93,7 @@ def naive_recurrence(z, log_gamma, attention_mask=None, reset=None, h0=None, gat
     h = torch.zeros(B, d, dtype=torch.float64) if h0 is None else h0.double().clone()
     out = torch.zeros(B, T, d, dtype=torch.float64)
     for b in range(B):
-        hb = h[b]
+        hb = h[b].clone()  # not a view of h: autograd can differentiate the loop (h[b] is written below)
         for t in range(T):
             if attention_mask is not None and not bool(attention_mask[b, t]):
                 out[b, t] = hb
