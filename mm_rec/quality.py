@@ -827,17 +827,20 @@ def _same_but_code(record: dict, run: Run) -> bool:
 
 class Study:
     """Runs a plan into ``out``: data and test sets built once per call, each run trained,
-    evaluated and written; finished runs skipped; the budget checked before and during runs."""
+    evaluated and written; finished runs skipped; the budget checked before and during runs
+    (``start_over_budget``: before a run only the running check, for when the estimates are
+    stale, e.g. after a speed change)."""
 
     def __init__(self, out, device: Optional[str] = None, mqar: Optional[MQARProtocol] = None,
                  lm: Optional[LMProtocol] = None, overwrite: bool = False, reuse_older_code: bool = False,
                  max_minutes: Optional[float] = None, progress: bool = True, log: Callable[[str], None] = print,
-                 command: str = ""):
+                 command: str = "", start_over_budget: bool = False):
         self.out = Path(out)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.mqar, self.lm = mqar or MQARProtocol(), lm or LMProtocol()
         self.overwrite, self.reuse_older_code = overwrite, reuse_older_code
         self.max_minutes, self.progress, self.log, self.command = max_minutes, progress, log, command
+        self.start_over_budget = start_over_budget  # start runs whose (possibly stale) estimate exceeds the time left
         self.device_name = device_name(self.device)
         self._lm_data: Dict[str, LMData] = {}
         self._tests: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -892,7 +895,9 @@ class Study:
                 continue
             if deadline is not None:
                 estimate = estimate_seconds(run, self.device.type, factors)
-                if time.time() + estimate > deadline:
+                if time.time() + estimate > deadline and self.start_over_budget:
+                    self.log(f"budget: {run.name} (~{estimate / 60:.1f} min) may not fit the time left; started anyway")
+                elif time.time() + estimate > deadline:
                     outcome["over_budget"].append(run.name)
                     self.log(f"budget: {run.name} (~{estimate / 60:.1f} min) does not fit the time left; not started")
                     continue

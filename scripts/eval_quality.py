@@ -55,6 +55,9 @@ def parse_args(argv):
     parser.add_argument("--bpe-vocab", type=positive_int, help="BPE vocabulary (default 4096)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-minutes", type=positive_float, help="time budget of this call")
+    parser.add_argument("--start-over-budget", action="store_true",
+                        help="start a run even when its estimate exceeds the time left (estimates from older, slower "
+                             "code); a run still going at the limit is stopped and not saved")
     parser.add_argument("--out", help="output folder (default docs/quality; --smoke: a new temporary folder)")
     parser.add_argument("--device", help="cuda or cpu (default cuda when available; --smoke: cpu)")
     parser.add_argument("--overwrite", action="store_true", help="rerun and replace finished runs of the plan")
@@ -132,7 +135,8 @@ def _main(argv) -> int:
     device = args.device or ("cpu" if args.smoke else None)
     runs = quality.plan_runs(args.study, models, variants, extra_variants(args.extra_variant), mqar, lm)
     study = quality.Study(out, device, mqar, lm, overwrite=args.overwrite, reuse_older_code=args.reuse_older_code,
-                          max_minutes=args.max_minutes, progress=not args.no_progress, command=command)
+                          max_minutes=args.max_minutes, progress=not args.no_progress, command=command,
+                          start_over_budget=args.start_over_budget)
     print(f"output: {out}")
     study.print_plan(runs)
     if args.plan:

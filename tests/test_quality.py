@@ -182,6 +182,19 @@ def test_runs_that_do_not_fit_the_budget_are_not_started(tmp_path):
     assert not (tmp_path / quality.RUNS).exists()
 
 
+def test_start_over_budget_starts_a_run_whose_estimate_exceeds_the_time_left(tmp_path, monkeypatch):
+    """The estimate says a day, the run takes seconds: refused by default, run and saved when asked."""
+    monkeypatch.setattr(quality, "estimate_seconds", lambda *args: 86400.0)
+    mqar = quality.MQARProtocol(**quality.SMOKE_MQAR)
+    runs = quality.plan_runs("mqar", ("llama",), (), mqar=mqar)[:1]
+    for start_over_budget, saved in ((False, 0), (True, 1)):
+        study = quality.Study(tmp_path, "cpu", mqar=mqar, max_minutes=10, progress=False, log=lambda _: None,
+                              start_over_budget=start_over_budget)
+        outcome = study.run_all(runs)
+        assert len(outcome["done"]) == saved and len(outcome["over_budget"]) == 1 - saved
+        assert len(quality.load_records(tmp_path)) == saved
+
+
 # ----------------------------------------------------------------------------- the tiny study, end to end
 
 def _tree(folder: Path) -> str:
