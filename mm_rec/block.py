@@ -5,8 +5,12 @@
     x' = x + Dropout(W_o (r + m));  y = x' + Dropout(FFN(RMSNorm2(x')))
 
 with output_gate, r * silu(o) in place of r, or (r + m) * silu(o) in place of r + m with gate_memory;
-with short_conv_size K, HEM(ShortConv(u)) in place of HEM(u): c_t = sum_{j<K} w_j * u_(t-j) over the
-current and previous K - 1 real tokens of the document (conv.py).
+with short_conv_size K, a depthwise causal convolution c_t = sum_{j<K} w_j * a_(t-j) over the current
+and previous K - 1 real tokens of the document (conv.py), on
+  short_conv_inputs="all":        a = u, and HEM(c) in place of HEM(u) (every slice sees the window);
+  short_conv_inputs="recurrence": a = [z, g~, p] (channels concatenated; g~ in the "input" gate mode
+                                  only), split back into the z, g~, p the recurrence and MDI read;
+                                  q, k, v (the memory) and o (the output gate) stay per token.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import LayerState
-from .conv import ShortConv
-from .hem import HEMProjection
+from .conv import ShortConv, conv_channels
+from .hem import HEMProjection, Projections
 from .memory import MemoryState, MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import TokenLayout
@@ -59,7 +63,9 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.blocks_per_segment = config.blocks_per_segment
         self.scan_backend = config.scan_backend
         self.norm1 = RMSNorm(d, config.rms_norm_eps)
-        self.short_conv = ShortConv(d, config.short_conv_size) if config.short_conv_size else None
+        self.conv_channels = conv_channels(config)
+        self.short_conv = ShortConv(self.conv_channels, config.short_conv_size) if config.short_conv_size else None
+        self.conv_recurrence = config.short_conv_inputs == "recurrence"  # else it convolves u (HEM's input)
         self.hem = HEMProjection(config)
         self.mdi = MDIDecay(config)
         self.state_gate = StateGate(d) if config.recurrence_gate == "state" else None
@@ -78,7 +84,7 @@ class MMRecBlock(GradientCheckpointingLayer):
         device = self.norm1.weight.device
         h = torch.zeros(batch_size, self.hidden_size, dtype=torch.float32, device=device)
         window = self.short_conv.kernel_size - 1 if self.short_conv is not None else 0
-        conv = torch.zeros(batch_size, window, self.hidden_size, dtype=torch.float32, device=device)
+        conv = torch.zeros(batch_size, window, self.conv_channels, dtype=torch.float32, device=device)
         if self.memory is None:  # memory_levels="none": the cache keeps the state's shape, untouched
             memory = MemoryState.zeros(batch_size, self.hidden_size, self.blocks_per_segment, self.num_memory_slots,
                                        device)
@@ -92,9 +98,11 @@ class MMRecBlock(GradientCheckpointingLayer):
         if state is None:
             state = self.fresh_state(x.shape[0])
         u, conv = self.norm1(x), state.conv
-        if self.short_conv is not None:
+        if self.short_conv is not None and not self.conv_recurrence:
             u, conv = self.short_conv(u, layout, conv)
         proj = self.hem(u)
+        if self.short_conv is not None and self.conv_recurrence:
+            proj, conv = self._convolve_recurrence_inputs(proj, layout, conv)
         h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
                                self.state_gate, self.scan_backend)
         r = self.readout_norm(h).to(x.dtype)
@@ -109,3 +117,14 @@ class MMRecBlock(GradientCheckpointingLayer):
             r = r * gate
         x = x + self.dropout(self.W_o(r))
         return x + self.dropout(self.ffn(self.norm2(x))), LayerState(h=h_last, conv=conv, memory=memory)
+
+    def _convolve_recurrence_inputs(self, proj: Projections, layout: TokenLayout,
+                                    conv: Tensor) -> Tuple[Projections, Tensor]:
+        """short_conv_inputs="recurrence": convolve [z, g~ (None in "state" mode), p] ([B, T, C],
+        conv.conv_inputs' order) and split it back. Returns (the projections with those slices
+        replaced, the conv state after this call [B, K-1, C])."""
+        parts = [t for t in (proj.z, proj.gate, proj.p) if t is not None]
+        c, conv = self.short_conv(torch.cat(parts, -1), layout, conv)
+        z, *rest = torch.split(c, [t.shape[-1] for t in parts], dim=-1)
+        gate = rest.pop(0) if proj.gate is not None else None
+        return proj._replace(z=z, gate=gate, p=rest[0]), conv

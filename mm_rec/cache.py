@@ -1,7 +1,7 @@
 """MMRecCache: the whole recurrent state of a stream (docs/ARCHITECTURE.md section 3).
 
 Per layer (``LayerState``): the fp32 state h (the recurrence's), the short convolution's window
-of the last K - 1 real inputs (conv.py; empty without it) and the ``MemoryState`` (the memory
+of the last K - 1 real inputs of its C channels (conv.py; empty without it) and the ``MemoryState`` (the memory
 attention's: the open block's sums and count, the completed block summaries of the current
 segment, the long-term slots).
 Per row: the position of the next real token. Nothing grows with the context: decoding a
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, fields
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from safetensors.torch import load_file, save_file
 
+from .conv import conv_channels
 from .memory import MemoryState
 
 # 2 added each layer's ``conv``; version-1 files (no conv) still load for models without one.
@@ -32,8 +33,10 @@ CACHE_FILE_FORMAT = "mmrec-cache"
 @dataclass
 class LayerState:
     """One layer's state for B rows: the level-0 state ``h`` [B, d] (float32), owned by the
-    recurrence (recurrence.py); ``conv`` [B, K-1, d] (float32), the short convolution's last
-    K - 1 real inputs, oldest first (conv.py; [B, 0, d] with ``short_conv_size`` 0); and the
+    recurrence (recurrence.py); ``conv`` [B, K-1, C] (float32), the short convolution's last
+    K - 1 real inputs, oldest first (conv.py; C = ``conv_channels(config)``: d with
+    ``short_conv_inputs="all"``, the widths of z, g~, p with "recurrence"; [B, 0, d] with
+    ``short_conv_size`` 0); and the
     hierarchical ``memory`` (``MemoryState``), owned by the memory attention (memory.py). On disk
     and in a CUDA graph it is the flat tensors of ``tensors()``, in the order of ``LayerState.shapes``."""
 
@@ -43,10 +46,18 @@ class LayerState:
 
     @staticmethod
     def shapes(batch_size: int, hidden_size: int, blocks_per_segment: int, num_slots: int,
-               short_conv_size: int = 0) -> Dict[str, tuple]:
-        """The shape of every tensor, by name: the one statement of the state's shape contract."""
-        return {"h": (batch_size, hidden_size), "conv": (batch_size, max(short_conv_size - 1, 0), hidden_size),
+               short_conv_size: int = 0, conv_channels: Optional[int] = None) -> Dict[str, tuple]:
+        """The shape of every tensor, by name: the one statement of the state's shape contract.
+        conv_channels: C, the conv window's channels (default hidden_size)."""
+        conv = (batch_size, max(short_conv_size - 1, 0), hidden_size if conv_channels is None else conv_channels)
+        return {"h": (batch_size, hidden_size), "conv": conv,
                 **MemoryState.shapes(batch_size, hidden_size, blocks_per_segment, num_slots)}
+
+    @staticmethod
+    def config_shapes(config, batch_size: int) -> Dict[str, tuple]:
+        """``shapes`` for a model of ``config``."""
+        return LayerState.shapes(batch_size, config.hidden_size, config.blocks_per_segment, config.num_memory_slots,
+                                 getattr(config, "short_conv_size", 0), conv_channels(config))
 
     @staticmethod
     def names() -> List[str]:
@@ -186,11 +197,11 @@ class MMRecCache:
             raise ValueError(f"{where}: the cache has no layers")
         h, conv, memory = self.layers[0].h, self.layers[0].conv, self.layers[0].memory
         if h.dim() != 2 or conv.dim() != 3 or memory.block_keys.dim() != 3 or memory.slot_keys.dim() != 3:
-            raise ValueError(f"{where} layer 0: h, conv, block_keys, slot_keys must be [B, d], [B, K-1, d], [B, C, d], "
+            raise ValueError(f"{where} layer 0: h, conv, block_keys, slot_keys must be [B, d], [B, K-1, C'], [B, C, d], "
                              f"[B, S, d], got {tuple(h.shape)}, {tuple(conv.shape)}, {tuple(memory.block_keys.shape)}, "
                              f"{tuple(memory.slot_keys.shape)}")
         B, d, C, S = position.shape[0], h.shape[1], memory.block_keys.shape[1], memory.slot_keys.shape[1]
-        self._check_layers(where, LayerState.shapes(B, d, C, S, conv.shape[1] + 1))
+        self._check_layers(where, LayerState.shapes(B, d, C, S, conv.shape[1] + 1, conv.shape[2]))
         if bool((position < 0).any()) or any(bool((layer.memory.open_count < 0).any() | (layer.memory.block_count < 0).any())
                                               for layer in self.layers):
             raise ValueError(f"{where}: position, open_count and block_count must not be negative")
@@ -201,14 +212,17 @@ class MMRecCache:
             raise ValueError(f"cache has {len(self.layers)} layers, the model has {config.num_hidden_layers}")
         if self.batch_size != batch_size:
             raise ValueError(f"cache holds {self.batch_size} rows but the input has batch size {batch_size}")
-        self._check_layers("cache", LayerState.shapes(batch_size, config.hidden_size, config.blocks_per_segment,
-                                                      config.num_memory_slots, getattr(config, "short_conv_size", 0)))
+        conv_fields = (f" (the model has short_conv_size={getattr(config, 'short_conv_size', 0)}, "
+                       f"short_conv_inputs={getattr(config, 'short_conv_inputs', 'all')!r})")
+        self._check_layers("cache", LayerState.config_shapes(config, batch_size), {"conv": conv_fields})
 
-    def _check_layers(self, where: str, expected: Dict[str, tuple]) -> None:
+    def _check_layers(self, where: str, expected: Dict[str, tuple], hints: Optional[Mapping[str, str]] = None) -> None:
+        """hints: text to add, by tensor name, to a shape error (the config fields that set it)."""
         for i, layer in enumerate(self.layers):
             for name, t in layer.tensors().items():
                 if tuple(t.shape) != expected[name]:
-                    raise ValueError(f"{where} layer {i} {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+                    raise ValueError(f"{where} layer {i} {name} has shape {tuple(t.shape)}, expected {expected[name]}"
+                                     + (hints or {}).get(name, ""))
                 want = torch.long if name.endswith("count") else torch.float32
                 if t.dtype != want:
                     raise ValueError(f"{where} layer {i} {name} has dtype {t.dtype}, expected {want}")

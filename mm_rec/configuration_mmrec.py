@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 RECURRENCE_GATES = ("input", "state")
 MEMORY_LEVELS = ("slots+blocks", "slots", "blocks", "none")
 SCAN_BACKENDS = ("auto", "triton", "torch")
+SHORT_CONV_INPUTS = ("all", "recurrence")
 
 # The seed's names for three of the fields.
 _SEED_ALIASES = {"model_dim": "hidden_size", "num_heads": "num_attention_heads", "ffn_dim": "intermediate_size"}
@@ -52,6 +53,11 @@ class MMRecConfig(PretrainedConfig):
             real tokens of the same document and the current one, applied to the block's normed
             input before the fused projection (mm_rec/conv.py); initialised to the identity. 0 (the
             default) leaves it out; 1 is refused (a per-channel scale that the projection already has).
+        short_conv_inputs: what the short convolution reads (needs ``short_conv_size`` >= 2 unless
+            "all"): "all" (the default), the normed input u, so every HEM slice sees the window;
+            "recurrence", the HEM slices that feed the recurrence only (z, the input gate's g~ and
+            the decay input p, convolved after the projection), leaving the memory's q, k, v and
+            the output gate per token.
         use_hem: one fused projection GEMM (True) or separate seed-named linears (False).
         scan_backend: "auto", "triton" or "torch".
         dropout: residual dropout.
@@ -90,6 +96,7 @@ class MMRecConfig(PretrainedConfig):
         output_gate: bool = False,
         gate_memory: bool = False,
         short_conv_size: int = 0,
+        short_conv_inputs: str = "all",
         use_hem: bool = True,
         scan_backend: str = "auto",
         dropout: float = 0.0,
@@ -135,6 +142,7 @@ class MMRecConfig(PretrainedConfig):
         self.output_gate = output_gate
         self.gate_memory = gate_memory
         self.short_conv_size = short_conv_size
+        self.short_conv_inputs = short_conv_inputs
         self.use_hem = use_hem
         self.scan_backend = scan_backend
         self.dropout = dropout
@@ -199,6 +207,12 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError(f"MMRecConfig.short_conv_size must be an integer, 0 (no convolution) or at least 2 "
                              f"(1 would only scale each channel, which the projection after it already does), "
                              f"got {conv!r}")
+        if self.short_conv_inputs not in SHORT_CONV_INPUTS:
+            raise ValueError(f"MMRecConfig.short_conv_inputs must be one of {SHORT_CONV_INPUTS}, "
+                             f"got {self.short_conv_inputs!r}")
+        if self.short_conv_inputs != "all" and conv == 0:
+            raise ValueError(f"MMRecConfig.short_conv_inputs={self.short_conv_inputs!r} chooses what the short "
+                             f"convolution reads: it needs short_conv_size >= 2, got short_conv_size=0")
         chunk = self.inference_chunk_size
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
             raise ValueError(f"MMRecConfig.inference_chunk_size must be a positive integer or None, got {chunk!r}")

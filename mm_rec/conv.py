@@ -1,14 +1,17 @@
-"""The short convolution before a block's fused projection (docs/ARCHITECTURE.md section 1).
+"""The short convolution of a block (docs/ARCHITECTURE.md section 1).
 
 A per-channel (depthwise) causal convolution of width K = ``config.short_conv_size`` over the
-previous K - 1 real tokens of the same document and the current one:
+previous K - 1 real tokens of the same document and the current one. It reads C channels
+(``conv_inputs``): the block's normed input u before the fused projection (C = d,
+``short_conv_inputs="all"``), or the projections that feed the recurrence, z, g~ and p, after
+it (C = d [+ d] + pe_dim, ``"recurrence"``). With u standing for whatever it reads:
 
     c_t = sum_{j<K} w[:, j] * u_(t-j)        u_(t-j): the j-th previous real token of t's document
                                              (0 where there is none)
 
 Padding is invisible (the window skips it) and a document start (packed rows) empties the
 window, so the result is the same however the stream is split, padded or packed. The carried
-state is the last K - 1 real u's, oldest first ([B, K-1, d], float32; zeros before the
+state is the last K - 1 real u's, oldest first ([B, K-1, C], float32; zeros before the
 stream's or the document's start).
 
 Both paths work on a compacted sequence per row, E = [state, this call's real u's in order]:
@@ -21,27 +24,44 @@ products in the same order, so they agree bit for bit.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .hem import projection_layout
 from .positions import TokenLayout
+
+RECURRENCE_INPUTS = ("z", "g", "p")  # the HEM slices "recurrence" convolves, in channel order
+
+
+def conv_inputs(config) -> List[Tuple[str, int]]:
+    """(name, width) of what the short convolution reads, in channel order: [("u", d)] with
+    ``short_conv_inputs="all"``; with "recurrence" the HEM slices z, g (the "input" gate only)
+    and p. The one statement of the conv's channels (its kernel's rows, its state's last axis)."""
+    if getattr(config, "short_conv_inputs", "all") == "all":
+        return [("u", config.hidden_size)]
+    return [(name, width) for name, width in projection_layout(config) if name in RECURRENCE_INPUTS]
+
+
+def conv_channels(config) -> int:
+    """C: the number of channels the short convolution reads and carries ([B, K-1, C] state)."""
+    return sum(width for _, width in conv_inputs(config))
 
 
 class ShortConv(nn.Module):
-    """Depthwise causal convolution over real tokens. ``weight`` [d, K]: column j weighs the
+    """Depthwise causal convolution over real tokens. ``weight`` [C, K]: column j weighs the
     j-th previous real token; initialised to the identity (w[:, 0] = 1, the rest 0), so a fresh
     block computes what it computes without the convolution."""
 
-    def __init__(self, hidden_size: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int):
         super().__init__()
         self.kernel_size = kernel_size
-        self.weight = nn.Parameter(identity_kernel(hidden_size, kernel_size))
+        self.weight = nn.Parameter(identity_kernel(channels, kernel_size))
 
     def forward(self, u: Tensor, layout: TokenLayout, state: Tensor) -> Tuple[Tensor, Tensor]:
-        """u: [B, T, d]; state: [B, K-1, d] float32, the previous K - 1 real u's (oldest first).
-        Returns (c [B, T, d] in u's dtype, the state after this call [B, K-1, d] float32).
+        """u: [B, T, C]; state: [B, K-1, C] float32, the previous K - 1 real u's (oldest first).
+        Returns (c [B, T, C] in u's dtype, the state after this call [B, K-1, C] float32).
         At padding c is finite and meaningless."""
         K, T = self.kernel_size, u.shape[1]
         dtype = torch.promote_types(u.dtype, torch.float32)
@@ -51,14 +71,14 @@ class ShortConv(nn.Module):
             return _window_sum(E, w, T).to(u.dtype), E[:, T:].float()
         index = _compaction(layout, K)
         order = index["order"][..., None].expand_as(u)
-        E = torch.cat([state.to(dtype), u.to(dtype).gather(1, order)], 1)  # [B, K-1+T, d]
+        E = torch.cat([state.to(dtype), u.to(dtype).gather(1, order)], 1)  # [B, K-1+T, C]
         c = _window_sum(E, w, T, index["keep"]).gather(1, index["rank"][..., None].expand_as(u))  # token order
         new_state = E.gather(1, index["tail"][..., None].expand_as(state)) * index["tail_keep"]
         return c.to(u.dtype), new_state.float()
 
 
 def _window_sum(E: Tensor, w: Tensor, T: int, keep=None) -> Tensor:
-    """sum_j w[:, j] * E[:, r + K-1 - j] (* keep[j]) for r < T: K shifted slices of E [B, K-1+T, d]
+    """sum_j w[:, j] * E[:, r + K-1 - j] (* keep[j]) for r < T: K shifted slices of E [B, K-1+T, C]
     (views: the backward keeps E alone), in the same order in both paths. keep: [K, B, T, 1] or None."""
     K = w.shape[1]
     c = None
@@ -70,9 +90,9 @@ def _window_sum(E: Tensor, w: Tensor, T: int, keep=None) -> Tensor:
     return c
 
 
-def identity_kernel(hidden_size: int, kernel_size: int) -> Tensor:
-    """[d, K]: ones in column 0, zeros elsewhere (c_t = u_t)."""
-    weight = torch.zeros(hidden_size, kernel_size)
+def identity_kernel(channels: int, kernel_size: int) -> Tensor:
+    """[C, K]: ones in column 0, zeros elsewhere (c_t = u_t)."""
+    weight = torch.zeros(channels, kernel_size)
     weight[:, 0] = 1.0
     return weight
 

@@ -18,7 +18,8 @@ def check_loading_info(model, path, loading_info: Mapping, ignore_mismatched_siz
     """Raise ValueError when the checkpoint at ``path`` does not fit ``model``'s config, naming the
     config field: a different number of layers (``num_hidden_layers``), a different layer layout
     (``use_hem`` / ``recurrence_gate`` / ``memory_levels`` / ``short_conv_size``), or (unless
-    ``ignore_mismatched_sizes``) other widths.
+    ``ignore_mismatched_sizes``) other widths (the short convolution's channels:
+    ``short_conv_inputs``).
 
     A tensor the checkpoint lacks inside layers that it has is not an error: transformers has
     initialised it as ``__init__`` would and lists it in ``loading_info["missing_keys"]``
@@ -58,7 +59,10 @@ def check_loading_info(model, path, loading_info: Mapping, ignore_mismatched_siz
         described = []
         for key, saved, expected in mismatched:
             sizes = {e for s, e in zip(saved, expected) if s != e} if len(saved) == len(expected) else set(expected)
-            fields = [name for name in _WIDTH_FIELDS if getattr(config, name, None) in sizes] or ["a width"]
+            fields = [name for name in _WIDTH_FIELDS if getattr(config, name, None) in sizes]
+            if key.endswith("short_conv.weight") and saved[:1] != expected[:1]:  # its channels: what it reads
+                fields.append("short_conv_inputs")
+            fields = fields or ["a width"]
             described.append(f"{' / '.join(fields)}: {key} (checkpoint {tuple(saved)}, model {tuple(expected)})")
         raise ValueError(
             f"{where}: tensor shapes do not match the config: {'; '.join(described)}; "

@@ -86,6 +86,10 @@ MMREC_VARIANTS: Dict[str, dict] = {
     # the choices with a short convolution (width 4) before the fused projection
     "mmrec-output-gate-fast-full-decay-swiglu-conv4": {**_CHOICES, "short_conv_size": 4},
     "mmrec-output-gate-fast-full-decay-swiglu-conv4-block1": {**_CHOICES, "short_conv_size": 4, "memory_block_size": 1},
+    # ... convolving only the recurrence's inputs (z, g, p): the memory's q, k, v stay per token
+    "mmrec-output-gate-fast-full-decay-swiglu-conv4rec-block1": {**_CHOICES, "short_conv_size": 4,
+                                                                 "short_conv_inputs": "recurrence",
+                                                                 "memory_block_size": 1},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),
@@ -98,7 +102,8 @@ VARIANT_GROUPS = {
                      "mmrec-output-gate-fast-full-decay-swiglu-gate-memory-block1",
                      "mmrec-output-gate-fast-full-decay-swiglu-state-block1",
                      "mmrec-output-gate-fast-full-decay-swiglu-conv4",
-                     "mmrec-output-gate-fast-full-decay-swiglu-conv4-block1"),
+                     "mmrec-output-gate-fast-full-decay-swiglu-conv4-block1",
+                     "mmrec-output-gate-fast-full-decay-swiglu-conv4rec-block1"),
     "all": tuple(MMREC_VARIANTS),
 }
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.

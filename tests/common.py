@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mm_rec import MMRecConfig, MMRecForCausalLM
+from mm_rec.conv import conv_channels
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -38,12 +39,14 @@ def tiny_model(seed: int = 0, **overrides) -> MMRecForCausalLM:
 
 
 def randomize_short_conv_(model: MMRecForCausalLM) -> MMRecForCausalLM:
-    """Draw every short convolution kernel N(0, 1): its init, the identity, would let a test pass
-    that reads padding or another document into the window."""
+    """Draw every short convolution kernel N(0, 1), all C rows (d on u; z, g~ and p's with
+    short_conv_inputs="recurrence"): its init, the identity, would let a test pass that reads
+    padding or another document into the window, or mixes up the channels' order."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("short_conv.weight"):
                 param.normal_()
+                assert param.shape[0] == conv_channels(model.config), name
     return model
 
 

@@ -208,7 +208,8 @@ def naive_block(block, config, x, attention_mask, position_ids):
     d, eps = config.hidden_size, config.rms_norm_eps
     x = x.double()
     u = naive_rms_norm(x, P["norm1.weight"], eps)
-    if getattr(config, "short_conv_size", 0):
+    conv_recurrence = getattr(config, "short_conv_inputs", "all") == "recurrence"
+    if getattr(config, "short_conv_size", 0) and not conv_recurrence:
         u, _ = naive_short_conv(u, P["short_conv.weight"], attention_mask, position_ids)
     memory = config.memory_levels != "none"
     names = (["q", "k", "v"] if memory else []) + ["z"] + (["g"] if config.recurrence_gate == "input" else [])
@@ -221,6 +222,13 @@ def naive_block(block, config, x, attention_mask, position_ids):
         W = {n: P[f"hem.W_{n}.weight"] for n in names}
         bias = {n: P[f"hem.W_{n}.bias"] for n in names}
     proj = {n: u @ W[n].T + bias[n] for n in names}
+    if conv_recurrence:  # the recurrence's inputs z, g~ (input gate), p, each with its own rows of the kernel
+        w, row = P["short_conv.weight"], 0
+        for n in [n for n in ("z", "g", "p") if n in proj]:
+            width = proj[n].shape[-1]
+            proj[n], _ = naive_short_conv(proj[n], w[row:row + width], attention_mask, position_ids)
+            row += width
+        assert row == w.shape[0]
     log_gamma = naive_decay(proj["p"], P["mdi.W_E.weight"], P["mdi.W_E.bias"])
     real = attention_mask.bool()
     reset = real & (position_ids == 0) if position_ids is not None else None

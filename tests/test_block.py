@@ -19,8 +19,13 @@ OPTIONS = [  # the quality study's options (docs/ARCHITECTURE.md sections 1 and 
     {"pe_dim": 32, "decay_init_max": 0.5},
     {"output_gate": True, "gate_memory": True}, {"output_gate": True, "gate_memory": True, "memory_block_size": 1},
     {"short_conv_size": 4}, {"short_conv_size": 4, "output_gate": True, "memory_block_size": 1},
+    *({"short_conv_size": 4, "short_conv_inputs": "recurrence", **extra} for extra in (
+        {}, {"recurrence_gate": "state"}, {"output_gate": True, "memory_block_size": 1},
+        {"output_gate": True, "gate_memory": True, "pe_dim": 12})),
 ]
-CONV_OPTIONS = [{"short_conv_size": 4}, {"short_conv_size": 2, "recurrence_gate": "state", "use_hem": False}]
+CONV_OPTIONS = [{"short_conv_size": 4}, {"short_conv_size": 2, "recurrence_gate": "state", "use_hem": False},
+                {"short_conv_size": 4, "short_conv_inputs": "recurrence", "output_gate": True},
+                {"short_conv_size": 3, "short_conv_inputs": "recurrence", "recurrence_gate": "state", "use_hem": False}]
 
 
 @pytest.mark.parametrize("recurrence_gate", ["input", "state"])

@@ -17,17 +17,20 @@ from mm_rec.cache import CACHE_FORMAT_VERSION
 from common import VOCAB, fresh_process, random_ids
 
 
-@pytest.mark.parametrize("conv", [0, 4])
-def test_layer_state_flat_tensors_round_trip(conv, tiny_model):
+@pytest.mark.parametrize("conv,inputs,channels", [(0, "all", 32), (4, "all", 32), (4, "recurrence", 32 + 32 + 8)])
+def test_layer_state_flat_tensors_round_trip(conv, inputs, channels, tiny_model):
     """LayerState.tensors() is the flat {name: tensor} of LayerState.shapes (h, the conv window
-    ([B, 0, d] without the conv), then the memory's fields); from_tensors inverts it; map applies a
+    ([B, 0, d] without the conv; [B, K-1, C] with C = d, or the widths of z, g~, p when it convolves
+    the recurrence's inputs), then the memory's fields); from_tensors inverts it; map applies a
     function to every tensor."""
-    model = tiny_model(short_conv_size=conv)
+    model = tiny_model(short_conv_size=conv, short_conv_inputs=inputs)
     with torch.no_grad():
         cache = model(random_ids((3, 23), seed=18), use_cache=True).cache
     config = model.config
-    shapes = LayerState.shapes(3, config.hidden_size, config.blocks_per_segment, config.num_memory_slots, conv)
-    assert shapes["conv"] == (3, max(conv - 1, 0), config.hidden_size)
+    shapes = LayerState.config_shapes(config, 3)
+    assert shapes["conv"] == (3, max(conv - 1, 0), channels)
+    assert shapes == LayerState.shapes(3, config.hidden_size, config.blocks_per_segment, config.num_memory_slots, conv,
+                                       channels)
     for layer in cache.layers:
         flat = layer.tensors()
         assert list(flat) == list(shapes) and list(flat)[0] == "h"
@@ -128,6 +131,22 @@ def test_cache_file_of_another_model_is_refused(cache_file, tiny_config):
         MMRecCache.load(path, config=tiny_config(short_conv_size=4))
 
 
+def test_cache_of_the_other_conv_inputs_is_refused(tmp_path, tiny_model):
+    """A cache of a model convolving u ([B, 3, d]) does not fit one convolving z, g~, p ([B, 3, 2d + pe_dim])
+    nor the other way round; the error names both conv fields."""
+    ids = random_ids((2, 9), seed=2)
+    for saved, other in (("all", "recurrence"), ("recurrence", "all")):
+        with torch.no_grad():
+            cache = tiny_model(short_conv_size=4, short_conv_inputs=saved)(ids, use_cache=True).cache
+        cache.save(tmp_path / f"{saved}.safetensors")
+        model = tiny_model(short_conv_size=4, short_conv_inputs=other)
+        message = f"conv has shape .*short_conv_size=4, short_conv_inputs='{other}'"
+        with pytest.raises(ValueError, match=message):
+            MMRecCache.load(tmp_path / f"{saved}.safetensors", config=model.config)
+        with pytest.raises(ValueError, match=message):
+            model(ids, cache=cache)
+
+
 def _as_version_1(path):
     """Rewrite a cache file as version 1 wrote it: no conv tensors."""
     tensors, meta = load_file(path), {"format": "mmrec-cache", "version": "1", "num_layers": "2"}
@@ -153,10 +172,12 @@ def test_version_1_cache_file_loads_without_a_conv_and_is_refused_with_one(tmp_p
         MMRecCache.load(path, config=tiny_model(short_conv_size=4).config)
 
 
-def test_cache_with_conv_save_load_continues_identically(tmp_path, tiny_model):
-    """The conv window goes to disk and back bit for bit, with left-padded rows, and the stream
-    continues as if never interrupted."""
-    model = tiny_model(short_conv_size=4)
+@pytest.mark.parametrize("inputs,gate,channels", [("all", "input", 32), ("recurrence", "input", 32 + 32 + 8),
+                                                  ("recurrence", "state", 32 + 8)])
+def test_cache_with_conv_save_load_continues_identically(inputs, gate, channels, tmp_path, tiny_model):
+    """The conv window ([B, K-1, C]) goes to disk and back bit for bit, with left-padded rows, and
+    the stream continues as if never interrupted."""
+    model = tiny_model(short_conv_size=4, short_conv_inputs=inputs, recurrence_gate=gate)
     ids = random_ids((2, 33), seed=4)
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
@@ -168,7 +189,7 @@ def test_cache_with_conv_save_load_continues_identically(tmp_path, tiny_model):
         cache.save(path)
         restored = MMRecCache.load(path, config=model.config)
         for saved, loaded in zip(cache.layers, restored.layers):
-            assert tuple(loaded.conv.shape) == (2, 3, 32) and loaded.conv.any()
+            assert tuple(loaded.conv.shape) == (2, 3, channels) and loaded.conv.any()
             for name, t in saved.tensors().items():
                 assert torch.equal(loaded.tensors()[name], t), name
         tail = model(ids[:, 21:], attention_mask=mask[:, 21:], cache=restored).logits

@@ -39,6 +39,10 @@ from common import VOCAB
     ("short_conv_size", "4", "short_conv_size"),
     ("short_conv_size", True, "short_conv_size"),
     ("short_conv_size", None, "short_conv_size"),
+    ("short_conv_inputs", "memory", r"short_conv_inputs must be one of \('all', 'recurrence'\)"),
+    ("short_conv_inputs", "Recurrence", "short_conv_inputs"),
+    ("short_conv_inputs", None, "short_conv_inputs"),
+    ("short_conv_inputs", "recurrence", "short_conv_inputs='recurrence'.*short_conv_size >= 2"),  # no conv to place
 ])
 def test_config_rejects_bad_values(field, value, named, tiny_config):
     with pytest.raises(ValueError, match=named):
@@ -54,7 +58,7 @@ def test_config_seed_aliases_and_round_trip(tmp_path):
     config = MMRecConfig(vocab_size=VOCAB, num_hidden_layers=2, memory_block_size=4, memory_segment_length=16,
                          num_memory_slots=3, model_dim=24, num_heads=3, ffn_dim=40, recurrence_gate="state",
                          use_hem=False, memory_decay=0.9, pe_dim=5, decay_init_min=0.01, decay_init_max=0.5,
-                         ffn_gate=True, short_conv_size=3)
+                         ffn_gate=True, short_conv_size=3, short_conv_inputs="recurrence")
     assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (24, 3, 40)
     with pytest.raises(ValueError, match="model_dim"):
         MMRecConfig(hidden_size=32, model_dim=24)
@@ -67,6 +71,6 @@ def test_config_seed_aliases_and_round_trip(tmp_path):
               "pe_dim", "hidden_act", "rms_norm_eps", "memory_block_size", "memory_segment_length",
               "num_memory_slots", "memory_decay", "recurrence_gate", "use_hem", "scan_backend", "dropout",
               "initializer_range", "tie_word_embeddings", "decay_init_min", "decay_init_max", "ffn_gate",
-              "short_conv_size"]
+              "short_conv_size", "short_conv_inputs"]
     for field in fields:
         assert getattr(loaded, field) == getattr(config, field), field

@@ -118,15 +118,16 @@ def test_short_conv_gradients_match_naive_reference(kind):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_identity_init_gives_the_model_without_the_conv(tiny_config, tmp_path):
-    """A fresh model with short_conv_size=4 (its kernel the identity) has the logits of the same
-    weights without the conv; so does a checkpoint without the conv loaded with it (from_pretrained
-    initialises the missing kernels to the identity and reports them)."""
+@pytest.mark.parametrize("inputs,channels", [("all", 32), ("recurrence", 32 + 32 + 8)])
+def test_identity_init_gives_the_model_without_the_conv(inputs, channels, tiny_config, tmp_path):
+    """A fresh model with short_conv_size=4 (its kernel the identity, [C, K]) has the logits of the
+    same weights without the conv; so does a checkpoint without the conv loaded with it
+    (from_pretrained initialises the missing kernels to the identity and reports them)."""
     torch.manual_seed(4)
-    with_conv = MMRecForCausalLM(tiny_config(short_conv_size=4)).eval()
+    with_conv = MMRecForCausalLM(tiny_config(short_conv_size=4, short_conv_inputs=inputs)).eval()
     without = MMRecForCausalLM(tiny_config()).eval()
     kernels = {k: v for k, v in with_conv.state_dict().items() if "short_conv" in k}
-    assert len(kernels) == 2 and all(torch.equal(w[:, 0], torch.ones(32)) and not w[:, 1:].any()
+    assert len(kernels) == 2 and all(torch.equal(w[:, 0], torch.ones(channels)) and not w[:, 1:].any()
                                      for w in kernels.values())
     without.load_state_dict({k: v for k, v in with_conv.state_dict().items() if k not in kernels})
     ids = random_ids((2, 30))
@@ -136,7 +137,8 @@ def test_identity_init_gives_the_model_without_the_conv(tiny_config, tmp_path):
         want = without(ids, attention_mask=mask).logits
         torch.testing.assert_close(with_conv(ids, attention_mask=mask).logits, want, rtol=0, atol=0)
         without.save_pretrained(tmp_path)
-        loaded, info = MMRecForCausalLM.from_pretrained(tmp_path, short_conv_size=4, output_loading_info=True)
+        loaded, info = MMRecForCausalLM.from_pretrained(tmp_path, short_conv_size=4, short_conv_inputs=inputs,
+                                                        output_loading_info=True)
         assert sorted(info["missing_keys"]) == sorted(f"model.{k}" if not k.startswith("model.") else k
                                                       for k in kernels)
         for name, w in loaded.state_dict().items():
@@ -145,12 +147,28 @@ def test_identity_init_gives_the_model_without_the_conv(tiny_config, tmp_path):
         torch.testing.assert_close(loaded.eval()(ids, attention_mask=mask).logits, want, rtol=0, atol=0)
 
 
-def test_checkpoint_with_another_conv_width_is_refused(tiny_model, tmp_path):
-    tiny_model(short_conv_size=4).save_pretrained(tmp_path)
+@pytest.mark.parametrize("inputs", ["all", "recurrence"])
+def test_checkpoint_with_another_conv_width_is_refused(inputs, tiny_model, tmp_path):
+    tiny_model(short_conv_size=4, short_conv_inputs=inputs).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="short_conv_size"):
         MMRecForCausalLM.from_pretrained(tmp_path, short_conv_size=3)
     with pytest.raises(ValueError, match="short_conv_size"):
-        MMRecForCausalLM.from_pretrained(tmp_path, short_conv_size=0)
+        MMRecForCausalLM.from_pretrained(tmp_path, short_conv_size=0, short_conv_inputs="all")
+
+
+@pytest.mark.parametrize("saved,other", [("all", "recurrence"), ("recurrence", "all")])
+def test_checkpoint_of_the_other_conv_inputs_is_refused(saved, other, tiny_model, tmp_path):
+    """The kernel is [d, K] on u and [2d + pe_dim, K] on z, g~, p: a checkpoint of one mode loaded
+    into the other raises naming short_conv_inputs (it would otherwise re-initialise the kernel);
+    the same mode loads."""
+    model = tiny_model(short_conv_size=4, short_conv_inputs=saved)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="short_conv_inputs: .*short_conv.weight"):
+        MMRecForCausalLM.from_pretrained(tmp_path, short_conv_inputs=other)
+    loaded = MMRecForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.short_conv_inputs == saved
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
 
 
 def test_the_conv_kernel_gets_no_weight_decay(tiny_model, tmp_path):
@@ -174,9 +192,12 @@ def test_the_conv_kernel_gets_no_weight_decay(tiny_model, tmp_path):
     assert any(n.endswith("W_fused.weight") for n in names)
 
 
-def test_model_with_conv_streams_packed_holed_rows_token_by_token(tiny_model):
+@pytest.mark.parametrize("options", [{}, {"short_conv_inputs": "recurrence"},
+                                     {"short_conv_inputs": "recurrence", "recurrence_gate": "state"}],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "all")
+def test_model_with_conv_streams_packed_holed_rows_token_by_token(options, tiny_model):
     """Packed documents with padding holes, fed whole, in chunks and token by token, carrying the cache."""
-    model = tiny_model(short_conv_size=4, memory_block_size=1, output_gate=True)
+    model = tiny_model(short_conv_size=4, memory_block_size=1, output_gate=True, **options)
     T = 37
     ids = random_ids((2, T), seed=5)
     starts = torch.zeros(2, T, dtype=torch.bool)

@@ -34,10 +34,13 @@ def run(model, graph, **kwargs):
     return model.generate(**kwargs, return_dict_in_generate=True, output_scores=True)
 
 
-@pytest.mark.parametrize("conv", [0, 4])
+CONV = {0: {}, 4: {"short_conv_size": 4}, "4rec": {"short_conv_size": 4, "short_conv_inputs": "recurrence"}}
+
+
+@pytest.mark.parametrize("conv", list(CONV))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_tokens_and_cache_equal_the_eager_steps(dtype, conv, tiny_config):
-    model = gpu_model(tiny_config, dtype, short_conv_size=conv)
+    model = gpu_model(tiny_config, dtype, **CONV[conv])
     ids, mask = prompts()
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False)  # crosses 2+ folds
     eager = run(model, False, **kwargs)

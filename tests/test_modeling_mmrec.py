@@ -37,6 +37,8 @@ def random_cuts(T, rng):
 
 
 MODES = [("input", True), ("input", False), ("state", True)]
+# The short convolution's settings of the tests' ``conv`` parameter: off, on u (before HEM), on the recurrence's inputs.
+CONV = {0: {}, 4: {"short_conv_size": 4}, "4rec": {"short_conv_size": 4, "short_conv_inputs": "recurrence"}}
 
 
 @pytest.mark.parametrize("gate,use_hem", MODES)
@@ -62,6 +64,9 @@ def test_parallel_equals_chunked_equals_token_by_token(gate, use_hem, tiny_model
     {"ffn_gate": True, "hidden_act": "silu", "pe_dim": 32, "decay_init_max": 0.5, "output_gate": True},
     {"output_gate": True, "gate_memory": True, "memory_block_size": 1},
     {"short_conv_size": 4}, {"short_conv_size": 4, "output_gate": True, "memory_block_size": 1},
+    {"short_conv_size": 4, "short_conv_inputs": "recurrence"},
+    {"short_conv_size": 4, "short_conv_inputs": "recurrence", "recurrence_gate": "state"},
+    {"short_conv_size": 4, "short_conv_inputs": "recurrence", "output_gate": True, "memory_block_size": 1},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_quality_options_keep_parallel_chunked_and_token_by_token_equal(options, tiny_model):
     """The options of the quality study keep the exactness invariant, left-padded rows included."""
@@ -90,9 +95,10 @@ def test_long_input_over_many_segments_equals_token_by_token(tiny_model):
     assert (token_by_token - full).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("gate,use_hem,conv", [*[(*mode, 0) for mode in MODES], ("input", True, 4)])
+@pytest.mark.parametrize("gate,use_hem,conv", [*[(*mode, 0) for mode in MODES], ("input", True, 4),
+                                               ("input", True, "4rec")])
 def test_left_padded_batch_equals_rows_alone(gate, use_hem, conv, tiny_model):
-    model = tiny_model(recurrence_gate=gate, use_hem=use_hem, short_conv_size=conv)
+    model = tiny_model(recurrence_gate=gate, use_hem=use_hem, **CONV[conv])
     lengths = [30, 17, 5]
     T = max(lengths)
     rows = [torch.randint(2, VOCAB, (1, n)) for n in lengths]
@@ -114,10 +120,10 @@ def test_left_padded_batch_equals_rows_alone(gate, use_hem, conv, tiny_model):
     assert cache.position.tolist() == lengths
 
 
-@pytest.mark.parametrize("conv", [0, 4])
+@pytest.mark.parametrize("conv", list(CONV))
 def test_padding_in_the_middle_of_a_stream_is_skipped(conv, tiny_model):
     """A padded step between two chunks leaves the state untouched."""
-    model = tiny_model(short_conv_size=conv)
+    model = tiny_model(**CONV[conv])
     ids = torch.randint(2, VOCAB, (1, 20))
     with torch.no_grad():
         full = model(ids).logits
@@ -127,9 +133,9 @@ def test_padding_in_the_middle_of_a_stream_is_skipped(conv, tiny_model):
     assert (rest - full[:, 9:]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("gate,conv", [("input", 0), ("state", 0), ("input", 4)])
+@pytest.mark.parametrize("gate,conv", [("input", 0), ("state", 0), ("input", 4), ("input", "4rec"), ("state", "4rec")])
 def test_packed_rows_equal_documents_run_separately(gate, conv, tiny_model):
-    model = tiny_model(recurrence_gate=gate, short_conv_size=conv)
+    model = tiny_model(recurrence_gate=gate, **CONV[conv])
     docs = [torch.randint(2, VOCAB, (1, n)) for n in (14, 5, 23)]
     packed = torch.cat(docs, 1)
     position_ids = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
@@ -296,13 +302,14 @@ def test_a_cache_under_another_keyword_is_refused(keyword, tiny_model):
 # Causality and gradients
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recurrence_gate, use_hem, conv", [*[(*mode, 0) for mode in MODES], ("input", True, 4)])
+@pytest.mark.parametrize("recurrence_gate, use_hem, conv", [*[(*mode, 0) for mode in MODES], ("input", True, 4),
+                                                            ("input", True, "4rec")])
 @pytest.mark.parametrize("left_pad", [0, 5])
 def test_future_tokens_never_change_past_logits(recurrence_gate, use_hem, conv, left_pad, tiny_config):
     """left_pad shifts the memory segments against the positions of the input."""
     torch.manual_seed(0)
     model = randomize_short_conv_(MMRecForCausalLM(tiny_config(recurrence_gate=recurrence_gate, use_hem=use_hem,
-                                                                short_conv_size=conv))).eval()
+                                                                **CONV[conv]))).eval()
     T = 40  # 10 blocks, 3 memory segments (two folds)
     cut_points = [0, 3, 4, 7, 12, 15, 16, 17, 25, 31, 32, 38]  # block and segment boundaries on both sides
     base = torch.randint(0, VOCAB, (T,))
@@ -320,11 +327,12 @@ def test_future_tokens_never_change_past_logits(recurrence_gate, use_hem, conv, 
         assert not torch.allclose(logits[i, t + 1], logits[0, t + 1])  # the change is visible right after t
 
 
-@pytest.mark.parametrize("recurrence_gate, use_hem, conv", [*[(*mode, 0) for mode in MODES], ("input", True, 4)])
+@pytest.mark.parametrize("recurrence_gate, use_hem, conv", [*[(*mode, 0) for mode in MODES], ("input", True, 4),
+                                                            ("input", True, "4rec"), ("state", False, "4rec")])
 def test_gradients_reach_every_parameter(recurrence_gate, use_hem, conv, tiny_config):
     torch.manual_seed(1)
     model = randomize_short_conv_(MMRecForCausalLM(tiny_config(recurrence_gate=recurrence_gate, use_hem=use_hem,
-                                                                short_conv_size=conv))).train()
+                                                                **CONV[conv]))).train()
     ids = torch.randint(0, VOCAB, (2, 36))  # crosses two segment boundaries: folds are on the path
     model(ids, labels=ids).loss.backward()
     for name, param in model.named_parameters():
@@ -561,12 +569,12 @@ def _decode_step(model):
 EXPORTS = {"prefill static": _prefill_static, "prefill dynamic seq_len": _prefill_dynamic, "decode step": _decode_step}
 
 
-@pytest.mark.parametrize("conv", [0, 4])
+@pytest.mark.parametrize("conv", list(CONV))
 @pytest.mark.parametrize("case", list(EXPORTS))
 def test_export_of_the_model(case, conv, tiny_model):
     """Prefill (static and dynamic length) and a decode step export, and the program gives the
     eager logits (and cache): no host reads of tensor values anywhere in the forward."""
-    EXPORTS[case](tiny_model(short_conv_size=conv))
+    EXPORTS[case](tiny_model(**CONV[conv]))
 
 # ---------------------------------------------------------------------------------------
 # On a GPU
@@ -578,6 +586,7 @@ GPU_SIZES = dict(vocab_size=512, hidden_size=256, num_attention_heads=4, memory_
 GPU_QUALITY = dict(output_gate=True, pe_dim=256, decay_init_max=0.5, ffn_gate=True, hidden_act="silu",
                    memory_block_size=1)
 GPU_CONV = dict(GPU_QUALITY, short_conv_size=4)
+GPU_CONV_REC = dict(GPU_CONV, short_conv_inputs="recurrence")
 
 
 def gpu_model(tiny_config, backend, dtype, seed=0, **overrides):
@@ -587,7 +596,8 @@ def gpu_model(tiny_config, backend, dtype, seed=0, **overrides):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV], ids=["defaults", "quality", "conv"])
+@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV, GPU_CONV_REC],
+                         ids=["defaults", "quality", "conv", "conv-recurrence"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_triton_backend_logits_equal_torch_backend(dtype, tol, overrides, tiny_config):
     ids = torch.randint(0, 512, (4, 600), device="cuda")
@@ -599,7 +609,8 @@ def test_triton_backend_logits_equal_torch_backend(dtype, tol, overrides, tiny_c
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV], ids=["defaults", "quality", "conv"])
+@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV, GPU_CONV_REC],
+                         ids=["defaults", "quality", "conv", "conv-recurrence"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_exactness_on_gpu_chunked_and_token_by_token(dtype, tol, overrides, tiny_config):
     model = gpu_model(tiny_config, "triton", dtype, **overrides)
@@ -634,7 +645,8 @@ def test_compiled_training_step_matches_eager(tiny_config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV], ids=["defaults", "quality", "conv"])
+@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV, GPU_CONV_REC],
+                         ids=["defaults", "quality", "conv", "conv-recurrence"])
 def test_bf16_training_step_long_sequence_is_finite(overrides, tiny_config):
     model = gpu_model(tiny_config, "triton", torch.bfloat16, **overrides).train()
     ids = torch.randint(0, 512, (2, 4096), device="cuda")
