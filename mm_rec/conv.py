@@ -90,6 +90,13 @@ def _window_sum(E: Tensor, w: Tensor, T: int, keep=None) -> Tensor:
     return c
 
 
+def is_conv_kernel(parameter_name: str) -> bool:
+    """Whether a parameter is a short convolution's kernel. Optimisers leave it out of weight decay:
+    it starts at the identity and, like a norm's weight, is a per-channel scale that decay would
+    pull off it."""
+    return parameter_name.endswith("short_conv.weight")
+
+
 def identity_kernel(channels: int, kernel_size: int) -> Tensor:
     """[C, K]: ones in column 0, zeros elsewhere (c_t = u_t)."""
     weight = torch.zeros(channels, kernel_size)

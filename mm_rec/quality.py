@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration_mmrec import MMRecConfig
+from .conv import is_conv_kernel
 
 PROTOCOL_VERSION = 1
 PACKAGE = Path(__file__).resolve().parent
@@ -458,9 +459,8 @@ def warmup_cosine(step: int, steps: int, warmup: int) -> float:
 
 def decays(name: str, param: torch.Tensor) -> bool:
     """Whether weight decay applies: to matrices (embedding included), not to vectors (norms,
-    biases) nor to the short convolution's [d, K] kernel, which starts at the identity and, like
-    a norm's weight, is a per-channel scale that decay would pull off it."""
-    return param.ndim >= 2 and not name.endswith("short_conv.weight")
+    biases) nor to the short convolution's kernel (``conv.is_conv_kernel``)."""
+    return param.ndim >= 2 and not is_conv_kernel(name)
 
 
 def optimizer_for(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -1145,14 +1145,19 @@ def _slug(label: str) -> str:
     return f"{head}-{hashlib.sha1(label.encode()).hexdigest()[:6]}"
 
 
+def _over_seeds(latest: Sequence[dict], best: dict, metric: str, scale: float = 1.0) -> List[Tuple[int, float]]:
+    """[(seed, metric * scale)] of every seed's run of ``best``'s cell and rate; [] with one seed."""
+    runs = repeats(latest, best)
+    return [] if len(runs) < 2 else [(seed_of(r), scale * r["final"].get(metric, float("nan"))) for r in runs]
+
+
 def _seed_cells(latest: Sequence[dict], best: dict) -> str:
     """'seed: bits per byte, ...' and their mean, for the table's last two columns ('-' for one seed)."""
-    runs = repeats(latest, best)
-    if len(runs) < 2:
+    values = _over_seeds(latest, best, "bits_per_byte")
+    if not values:
         return "- | -"
-    values = [r["final"].get("bits_per_byte", float("nan")) for r in runs]
-    return (", ".join(f"{seed_of(r)}: {v:.4f}" for r, v in zip(runs, values))
-            + f" | {sum(values) / len(values):.4f} ({len(values)} seeds)")
+    return (", ".join(f"{seed}: {v:.4f}" for seed, v in values)
+            + f" | {sum(v for _, v in values) / len(values):.4f} ({len(values)} seeds)")
 
 
 def write_lm_report(out: Path) -> Optional[Path]:
@@ -1222,10 +1227,9 @@ def write_mqar_report(out: Path) -> Optional[Path]:
                 best = runs[0]
                 accuracy = best["final"].get("accuracy", float("nan"))
                 early = f", {best['steps_done']} steps" if best["steps_done"] < best["spec"]["steps"] else ""
-                seeds = repeats(latest, best)
-                spread = "" if len(seeds) < 2 else (
-                    "; seeds " + ", ".join(f"{seed_of(r)}: {100 * r['final'].get('accuracy', float('nan')):.1f}" for r in seeds)
-                    + f", mean {100 * sum(r['final'].get('accuracy', float('nan')) for r in seeds) / len(seeds):.1f}")
+                values = _over_seeds(latest, best, "accuracy", 100.0)
+                spread = "" if not values else ("; seeds " + ", ".join(f"{seed}: {v:.1f}" for seed, v in values)
+                                                + f", mean {sum(v for _, v in values) / len(values):.1f}")
                 cells.append(f"{100 * accuracy:.1f}% ({best['lr']:g}{early}{spread})")
                 xs.append(name)
                 ys.append(100 * accuracy)

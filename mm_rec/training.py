@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, NoReturn, Optional, 
 
 import torch
 
+from .conv import is_conv_kernel
 from .data import load_shakespeare, split_works, token_blocks, train_tokenizer
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -535,9 +536,8 @@ def _trainer_class():
         _saving = False
 
         def get_decay_parameter_names(self, model):
-            # Trainer picks what decays by name; the short convolution's [d, K] kernel starts at the
-            # identity and is a per-channel scale like a norm's weight: no decay towards zero.
-            return [n for n in super().get_decay_parameter_names(model) if not n.endswith("short_conv.weight")]
+            # Trainer picks what decays by name; the short convolution's kernel does not (conv.is_conv_kernel).
+            return [n for n in super().get_decay_parameter_names(model) if not is_conv_kernel(n)]
 
         def _get_output_dir(self, trial):
             folder = super()._get_output_dir(trial)
