@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration_mmrec import MMRecConfig
-from .conv import is_conv_kernel
+from .training import decays
 
 PROTOCOL_VERSION = 1
 PACKAGE = Path(__file__).resolve().parent
@@ -455,12 +455,6 @@ def warmup_cosine(step: int, steps: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether weight decay applies: to matrices (embedding included), not to vectors (norms,
-    biases) nor to the short convolution's kernel (``conv.is_conv_kernel``)."""
-    return param.ndim >= 2 and not is_conv_kernel(name)
 
 
 def optimizer_for(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:

@@ -45,6 +45,14 @@ STAGING = ".staging"  # checkpoints are written here, then renamed into place
 KEEP_CHECKPOINTS = 2
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies, for the Trainer and the quality study alike: to matrices
+    (embedding included), not to vectors (norms, biases) nor to the short convolution's kernel
+    (``conv.is_conv_kernel``)."""
+    return param.ndim >= 2 and not is_conv_kernel(name)
+
+
 # model: MMRecConfig fields; vocab_size: BPE size when the tokenizer is trained here; eval_blocks: held-out
 # rows of each periodic evaluation (the final one reads all of them).
 # QUALITY_CHOICES: the quality study's choices (docs/quality/): an output gate, initial decays down to
@@ -536,8 +544,9 @@ def _trainer_class():
         _saving = False
 
         def get_decay_parameter_names(self, model):
-            # Trainer picks what decays by name; the short convolution's kernel does not (conv.is_conv_kernel).
-            return [n for n in super().get_decay_parameter_names(model) if not is_conv_kernel(n)]
+            # The quality study's rule, not Trainer's name patterns (which decayed the blocks' norm1/norm2
+            # weights but not the final norm): matrices decay; norms, biases and the conv kernel do not.
+            return [n for n, p in model.named_parameters() if decays(n, p)]
 
         def _get_output_dir(self, trial):
             folder = super()._get_output_dir(trial)

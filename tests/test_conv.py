@@ -173,7 +173,8 @@ def test_checkpoint_of_the_other_conv_inputs_is_refused(saved, other, tiny_model
 
 def test_the_conv_kernel_gets_no_weight_decay(tiny_model, tmp_path):
     """Neither the quality study's AdamW nor the Trainer of mm_rec.training decays the [d, K]
-    kernel (a per-channel scale started at the identity, like a norm's weight)."""
+    kernel (a per-channel scale started at the identity, like a norm's weight), and both decay
+    the same parameters: the matrices, not norms' weights nor biases."""
     from mm_rec.quality import optimizer_for
     from mm_rec.training import _trainer_class
     from transformers import TrainingArguments
@@ -187,9 +188,13 @@ def test_the_conv_kernel_gets_no_weight_decay(tiny_model, tmp_path):
     assert model.model.embed_tokens.weight in [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", weight_decay=0.1)
     trainer = _trainer_class()(model=model, args=args)
-    names = trainer.get_decay_parameter_names(model)
+    names = set(trainer.get_decay_parameter_names(model))
     assert names and not any("short_conv" in n for n in names)
     assert any(n.endswith("W_fused.weight") for n in names)
+    # one rule for both: every matrix but the kernels decays, no vector does (every norm's weight alike)
+    matrices = {n for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith("short_conv.weight")}
+    assert names == matrices
+    assert decayed == {id(p) for n, p in model.named_parameters() if n in matrices}
 
 
 @pytest.mark.parametrize("options", [{}, {"short_conv_inputs": "recurrence"},
