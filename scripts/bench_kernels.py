@@ -16,6 +16,11 @@ h and log_gamma read and d_x, d_log_gamma written. The copy moves the forward's 
 A second table gives the host's CPU time per call at a tiny shape (the launch overhead),
 for the eager path that scan() takes, the torch.library custom op that torch.compile
 traces, and fla.
+
+    python scripts/bench_kernels.py --state-gate [--batch 32 --seq-len 512 --dim 384]
+
+times instead recurrence_gate="state"'s walk over t (float32, as the model runs it): the Triton
+kernels against the PyTorch loop, forward and forward+backward, eager medians.
 """
 
 import argparse
@@ -94,7 +99,11 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--skip-torch", action="store_true", help="skip the (slow) PyTorch reference")
     parser.add_argument("--out", help="also write the tables as markdown to this path")
+    parser.add_argument("--state-gate", action="store_true",
+                        help="time the state gate's walk over t (Triton kernels against the PyTorch loop) instead")
     args = parser.parse_args()
+    if args.state_gate:
+        return state_gate_main(args)
 
     dtype = getattr(torch, args.dtype)
     B, T, D = args.batch, args.seq_len, args.dim
@@ -141,6 +150,40 @@ def main():
     print_table(f"B={B} T={T} D={D} {args.dtype} on {torch.cuda.get_device_name()}", header, rows, out_lines)
     print_table("Host CPU time per call, B=1 T=64 D=64 (launch overhead; the GPU is idle)",
                 ["path", "fwd us", "fwd+bwd us"], host_overhead_rows(dtype), out_lines)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(out_lines) + "\n")
+
+
+def state_gate_main(args):
+    from mm_rec.recurrence import StateGate
+
+    B, T, D = args.batch, args.seq_len, args.dim
+    z = torch.randn(B, T, D, device="cuda", requires_grad=True)
+    log_gamma = torch.nn.functional.logsigmoid(2.0 + torch.randn(B, T, D, device="cuda")).requires_grad_()
+    reset = torch.zeros(B, T, dtype=torch.bool, device="cuda")
+    gate = StateGate(D).cuda()
+    grad_h = torch.randn(B, T, D, device="cuda")
+
+    def fwd(backend):
+        def run():
+            with torch.no_grad():
+                gate(z, log_gamma, reset, None, backend=backend)
+        return run
+
+    def fwd_bwd(backend):
+        def run():
+            h, _ = gate(z, log_gamma, reset, None, backend=backend)
+            torch.autograd.grad(h, (z, log_gamma, gate.W_g.weight), grad_h)
+        return run
+
+    times = {(backend, kind): cuda_median_ms(fn(backend), rep_ms=1000)
+             for backend in ("triton", "torch") for kind, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd))}
+    rows = [[kind, f"{times['triton', kind]:.2f}", f"{times['torch', kind]:.2f}",
+             f"{times['torch', kind] / times['triton', kind]:.1f}x"] for kind in ("fwd", "fwd+bwd")]
+    out_lines = []
+    print_table(f"state gate, B={B} T={T} d={D} float32 on {torch.cuda.get_device_name()} (eager medians)",
+                ["pass", "Triton ms", "PyTorch loop ms", "speed-up"], rows, out_lines)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(out_lines) + "\n")
