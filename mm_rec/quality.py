@@ -894,12 +894,12 @@ class Study:
                 continue
             if deadline is not None:
                 estimate = estimate_seconds(run, self.device.type, factors)
-                if time.time() + estimate > deadline and self.start_over_budget:
+                if time.time() + estimate > deadline:
+                    if not self.start_over_budget:
+                        outcome["over_budget"].append(run.name)
+                        self.log(f"budget: {run.name} (~{estimate / 60:.1f} min) does not fit the time left; not started")
+                        continue
                     self.log(f"budget: {run.name} (~{estimate / 60:.1f} min) may not fit the time left; started anyway")
-                elif time.time() + estimate > deadline:
-                    outcome["over_budget"].append(run.name)
-                    self.log(f"budget: {run.name} (~{estimate / 60:.1f} min) does not fit the time left; not started")
-                    continue
             try:
                 record = self.train(run, deadline)
             except BudgetExhausted as err:

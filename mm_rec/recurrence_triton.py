@@ -190,8 +190,10 @@ if AVAILABLE:
             tl.debug_barrier()  # carry whole before the previous step reads it
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def _state_gate_tiles(D: int) -> dict:
+    """The kernels' padded width and tiles for d = D, and their launch options."""
+    DP = triton.next_power_of_2(D)
+    return dict(DP=DP, BJ=min(STATE_BJ, DP), BK=min(STATE_BK, DP), num_warps=STATE_WARPS, num_stages=1)
 
 
 def state_gate_fwd(gamma: Tensor, zo: Tensor, keep: Tensor, weight: Tensor, bias: Tensor,
@@ -200,10 +202,8 @@ def state_gate_fwd(gamma: Tensor, zo: Tensor, keep: Tensor, weight: Tensor, bias
     fp32. Returns (H, S) [B, T, d] fp32: the states and the gate values."""
     B, T, D = gamma.shape
     H, S = torch.empty_like(gamma), torch.empty_like(gamma)
-    DP = _pow2(D)
     _state_gate_fwd_kernel[(B,)](gamma.contiguous(), zo.contiguous(), keep.contiguous(), weight.contiguous(),
-                                 bias.contiguous(), h0.contiguous(), H, S, T, D, DP, BJ=min(STATE_BJ, DP),
-                                 BK=min(STATE_BK, DP), num_warps=STATE_WARPS, num_stages=1)
+                                 bias.contiguous(), h0.contiguous(), H, S, T, D, **_state_gate_tiles(D))
     return H, S
 
 
@@ -214,8 +214,6 @@ def state_gate_bwd(grad_H: Tensor, da_per_g: Tensor, gamma: Tensor, keep: Tensor
     B, T, D = gamma.shape
     G, DA = torch.empty_like(gamma), torch.empty_like(gamma)
     carry = gamma.new_zeros(B, D)
-    DP = _pow2(D)
     _state_gate_bwd_kernel[(B,)](grad_H.contiguous(), da_per_g.contiguous(), gamma.contiguous(), keep.contiguous(),
-                                 weight.contiguous(), G, DA, carry, T, D, DP, BJ=min(STATE_BJ, DP),
-                                 BK=min(STATE_BK, DP), num_warps=STATE_WARPS, num_stages=1)
+                                 weight.contiguous(), G, DA, carry, T, D, **_state_gate_tiles(D))
     return G, DA, carry
