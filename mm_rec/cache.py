@@ -17,9 +17,8 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.utils._pytree as pytree
-from torch import Tensor
-
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from .conv import conv_channels
 from .memory import MemoryState
@@ -192,7 +191,8 @@ class MMRecCache:
         (one B, d, C, S across layers) and the positions and counts are not negative."""
         position = self.position
         if position.dim() != 1 or position.shape[0] < 1 or position.dtype != torch.long:
-            raise ValueError(f"{where}: position must be a [B] int64 tensor with B >= 1, got {position.dtype} {tuple(position.shape)}")
+            raise ValueError(f"{where}: position must be a [B] int64 tensor with B >= 1, "
+                             f"got {position.dtype} {tuple(position.shape)}")
         if not self.layers:
             raise ValueError(f"{where}: the cache has no layers")
         h, conv, memory = self.layers[0].h, self.layers[0].conv, self.layers[0].memory

@@ -101,7 +101,8 @@ def convert_hem_state_dict(state_dict: Dict[str, Tensor], config, to_fused: bool
     for (prefix, kind), parts in groups.items():
         missing = [name for name, _ in layout if name not in parts]
         if missing:
-            raise ValueError(f"cannot fuse {prefix}hem: missing W_{missing} {kind} for recurrence_gate={config.recurrence_gate!r}")
+            raise ValueError(f"cannot fuse {prefix}hem: missing W_{missing} {kind} "
+                             f"for recurrence_gate={config.recurrence_gate!r}")
         for name, width in layout:
             if parts[name].shape[0] != width:
                 raise ValueError(f"{prefix}hem.W_{name}.{kind} has {parts[name].shape[0]} rows, expected {width}")

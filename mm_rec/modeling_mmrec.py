@@ -154,7 +154,8 @@ class MMRecPreTrainedModel(PreTrainedModel):
                 pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
             )
         except SafetensorError as err:
-            raise ValueError(f"cannot load {cls.__name__} from {pretrained_model_name_or_path!r}: a weights file is corrupt or truncated ({err})") from err
+            raise ValueError(f"cannot load {cls.__name__} from {pretrained_model_name_or_path!r}: "
+                             f"a weights file is corrupt or truncated ({err})") from err
         check_loading_info(model, pretrained_model_name_or_path, loading_info, ignore_mismatched_sizes)
         return (model, loading_info) if output_loading_info else model
 
@@ -252,7 +253,8 @@ class MMRecModel(MMRecPreTrainedModel):
             if input_ids.numel() and _eager():
                 lo, hi = int(input_ids.min()), int(input_ids.max())
                 if lo < 0 or hi >= self.config.vocab_size:
-                    raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]")
+                    raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                                     f"got values in [{lo}, {hi}]")
             hidden = self.embed_tokens(input_ids)
         if hidden.shape[0] == 0:
             raise ValueError(f"the input has an empty batch (batch size 0, shape {tuple(hidden.shape[:2])})")

@@ -201,7 +201,7 @@ _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerScan(torch.autograd.Function):
     """The same forward and backward without the custom-op dispatch, for eager mode, where the
-    dispatch costs host time on every call (scripts/bench_kernels.py prints both paths' host
+    dispatch costs host time on every call (research/bench_kernels.py prints both paths' host
     time). torch.compile sees the custom ops."""
 
     @staticmethod
@@ -227,7 +227,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     triton_runs = TRITON_AVAILABLE and (device.type == "cuda" or interpreted)
     if backend == "triton" and not triton_runs:
-        why = "triton is not importable" if not TRITON_AVAILABLE else f"tensors are on {device.type}, not CUDA (set TRITON_INTERPRET=1 to interpret on CPU)"
+        why = ("triton is not importable" if not TRITON_AVAILABLE
+               else f"tensors are on {device.type}, not CUDA (set TRITON_INTERPRET=1 to interpret on CPU)")
         raise ValueError(f"backend='triton' cannot run: {why}; use backend='torch' or 'auto'")
     if backend == "auto":
         if device.type == "cuda" and TRITON_AVAILABLE:

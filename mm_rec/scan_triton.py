@@ -48,7 +48,7 @@ except ImportError:  # CPU-only machines load the model without Triton
 
 def _block_sizes(device: torch.device, backward: bool = False) -> Tuple[int, int, int]:
     """(BT steps, BD channels, num_warps) of one tile: the fastest of a sweep of tile shapes on
-    an H100 (B=8, T=4096, D=2048, bf16; scripts/bench_kernels.py) for the forward and for the
+    an H100 (B=8, T=4096, D=2048, bf16; research/bench_kernels.py) for the forward and for the
     backward. The interpreter runs associative_scan's combine once per element in Python, so tiles
     stay small there."""
     if device.type != "cuda":

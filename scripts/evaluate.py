@@ -16,14 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-from mm_rec import training
-from mm_rec.training import ArgumentParser, positive_int
+from mm_rec_train import cli, data, evaluation, runs
+from mm_rec_train.cli import ArgumentParser, positive_int
 
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a folder saved by scripts/train.py or save_pretrained (with its tokenizer)")
-    parser.add_argument("--data", nargs="+", help="text files, folders, .jsonl, a saved or named dataset (default: the run's held-out split)")
+    parser.add_argument("--data", nargs="+",
+                        help="text files, folders, .jsonl, a saved or named dataset (default: the run's held-out split)")
     parser.add_argument("--text-field", default="text", help="the text field of .jsonl records and datasets")
     parser.add_argument("--block-size", type=positive_int, help="tokens per block (default: the run's)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
@@ -33,28 +34,28 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    return training.run_main(lambda: _main(argv))
+    return cli.run_main(lambda: _main(argv))
 
 
 def _main(argv) -> int:
     args = parse_args(argv)
-    folder = training.check_model_folder(args.model)
-    run = training.RunConfig.load(folder) if (folder / training.RUN_CONFIG).is_file() else None
+    folder = cli.check_model_folder(args.model)
+    run = runs.RunConfig.load(folder) if (folder / runs.RUN_CONFIG).is_file() else None
     if args.data:
-        texts = training.load_corpus(args.data, args.text_field).documents
+        texts = data.load_corpus(args.data, args.text_field).documents
         source = " ".join(args.data)
     elif run is not None:
-        _, held_out = training.split_corpus(training.load_corpus(run.data, run.text_field, run.max_works),
+        _, held_out = data.split_corpus(data.load_corpus(run.data, run.text_field, run.max_works),
                                             run.validation_fraction)
         texts, source = held_out, f"the run's held-out split ({len(held_out)} documents)"
     else:
-        raise ValueError(f"{args.model} has no {training.RUN_CONFIG} (not written by train.py): pass --data")
+        raise ValueError(f"{args.model} has no {runs.RUN_CONFIG} (not written by train.py): pass --data")
     block_size = args.block_size or (run.block_size if run is not None else None)
     if block_size is None:
         raise ValueError("pass --block-size (the folder has no run configuration to take it from)")
 
-    model, tokenizer = training.load_model_folder(folder)
-    metrics = training.evaluate_texts(model, tokenizer, texts.values(), block_size, args.batch_size, args.max_blocks)
+    model, tokenizer = cli.load_model_folder(folder)
+    metrics = evaluation.evaluate_texts(model, tokenizer, texts.values(), block_size, args.batch_size, args.max_blocks)
     result = {"model": str(folder), "data": source, "block_size": block_size, **metrics}
     text = json.dumps(result, indent=2)
     print(text)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mm_rec import training
-from mm_rec.training import ArgumentParser, positive_float, positive_int, probability
+from mm_rec_train import cli, generation
+from mm_rec_train.cli import ArgumentParser, positive_float, positive_int, probability
 
 
 def parse_args(argv):
@@ -44,27 +44,27 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    return training.run_main(lambda: _main(argv))
+    return cli.run_main(lambda: _main(argv))
 
 
 def _main(argv) -> int:
     from transformers import TextStreamer
 
     args = parse_args(argv)
-    folder = training.check_model_folder(args.model)
+    folder = cli.check_model_folder(args.model)
     state = Path(args.state) if args.state else None
     if state is not None and not state.parent.is_dir():
         raise ValueError(f"--state {args.state}: the folder {state.parent} does not exist")
-    model, tokenizer = training.load_model_folder(folder)
+    model, tokenizer = cli.load_model_folder(folder)
 
-    cache = training.load_state(model, state) if state is not None and state.exists() else None
+    cache = generation.load_state(model, state) if state is not None and state.exists() else None
     if cache is not None and not args.prompt:
         raise ValueError("--prompt is empty: continuing a saved --state needs new text to read")
-    ids = training.prompt_ids(tokenizer, args.prompt, continuing=cache is not None)
+    ids = generation.prompt_ids(tokenizer, args.prompt, continuing=cache is not None)
 
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     print(args.prompt, end="", flush=True)
-    new, cache = training.generate_tokens(
+    new, cache = generation.generate_tokens(
         model, ids, cache=cache, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
         generator=torch.Generator().manual_seed(args.seed), on_token=lambda t: streamer.put(torch.tensor([t])),

@@ -25,8 +25,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from mm_rec import training
-from mm_rec.training import PRESETS, ArgumentParser, positive_float, positive_int
+from mm_rec_train import cli, runs, trainer
+from mm_rec_train.cli import ArgumentParser, positive_float, positive_int
+from mm_rec_train.runs import PRESETS
 
 
 def parse_args(argv):
@@ -45,7 +46,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=positive_int, help="rows per optimizer step, over all processes")
     parser.add_argument("--learning-rate", type=positive_float, help="peak learning rate (cosine schedule)")
     parser.add_argument("--eval-steps", type=positive_int, help="evaluate on held-out text every N steps")
-    parser.add_argument("--eval-blocks", type=positive_int, help="held-out rows per periodic evaluation (the final one reads all)")
+    parser.add_argument("--eval-blocks", type=positive_int,
+                        help="held-out rows per periodic evaluation (the final one reads all)")
     parser.add_argument("--save-steps", type=positive_int, help="write a checkpoint every N steps (default: --eval-steps)")
     parser.add_argument("--logging-steps", type=positive_int, help="log the training loss every N steps (default: 10, "
                         "or --eval-steps if fewer)")
@@ -53,13 +55,14 @@ def parse_args(argv):
                         help="bf16 autocast (CPU or GPU; default: on for GPU presets where the GPU supports it)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--prompt", help="prompt of the sample printed at the end ('' starts a new document)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last complete checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output-dir from its last complete checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start again")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    return training.run_main(lambda: _main(argv))
+    return cli.run_main(lambda: _main(argv))
 
 
 def _main(argv) -> int:
@@ -70,18 +73,18 @@ def _main(argv) -> int:
         "preset", "data", "text_field", "max_works", "validation_fraction", "tokenizer", "vocab_size", "block_size",
         "max_steps", "batch_size", "learning_rate", "eval_steps", "eval_blocks", "save_steps", "logging_steps", "bf16", "seed",
         "prompt")}
-    output_dir = training.check_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    output_dir = runs.check_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
-        run = training.RunConfig.load(output_dir).resumed_with(flags)
+        run = runs.RunConfig.load(output_dir).resumed_with(flags)
     else:
-        run = training.RunConfig.from_preset(flags.pop("preset") or "laptop", **flags)
+        run = runs.RunConfig.from_preset(flags.pop("preset") or "laptop", **flags)
     command = shlex.join([os.path.relpath(__file__), "--output-dir", args.output_dir, "--resume"])
     launched = "LOCAL_RANK" in os.environ  # by torchrun, which accelerate launch runs for DDP and FSDP
     resume = f"accelerate launch <the same launch options> {command}" if launched else f"{Path(sys.executable).name} {command}"
     try:
-        summary = training.train(run, output_dir, resume=args.resume, overwrite=args.overwrite, resume_command=resume)
-    except training.TrainingInterrupted as stop:
-        if training.is_main_process():
+        summary = trainer.train(run, output_dir, resume=args.resume, overwrite=args.overwrite, resume_command=resume)
+    except trainer.TrainingInterrupted as stop:
+        if cli.is_main_process():
             print(f"\n{stop}", file=sys.stderr)
         return 130
     if summary is None:  # not the main process of a distributed run

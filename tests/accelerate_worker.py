@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
-
 from common import corpus_blocks, cpu_trainer, step_losses, tiny_model, tokenizer_fields
-from mm_rec.data import byte_level_tokenizer
+
+from mm_rec_train.data import byte_level_tokenizer
 
 
 def main() -> None:

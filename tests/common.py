@@ -94,7 +94,7 @@ def tokenizer_fields(tokenizer) -> dict:
 
 def corpus_blocks(tokenizer=None, block_size: int = 64, rows: int = 256):
     """The first ``rows`` blocks of the first two works, byte-level tokenized by default."""
-    from mm_rec.data import byte_level_tokenizer, load_shakespeare, token_blocks
+    from mm_rec_train.data import byte_level_tokenizer, load_shakespeare, token_blocks
 
     tokenizer = tokenizer or byte_level_tokenizer()
     texts = load_shakespeare(max_works=2).values()

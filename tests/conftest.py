@@ -5,8 +5,10 @@ and a saved checkpoint of that model (``tiny_checkpoint``)."""
 import os
 import random
 import shutil
+import sys
 import tempfile
 import zlib
+from pathlib import Path
 
 # Must happen before anything imports triton: without a GPU the kernels run interpreted.
 if shutil.which("nvidia-smi") is None:
@@ -15,12 +17,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="mmrec-hf-home-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The research harness is a folder of scripts, not an installed package: its scripts import their
+# siblings (quality, timing) by name, and so do its tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "research"))
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import common  # noqa: E402
 
 
 def pytest_configure(config):

@@ -3,13 +3,11 @@ section 1), in both gate modes, fused or not, on plain, left-padded and packed r
 
 import pytest
 import torch
-
-from mm_rec import MMRecForCausalLM
-from mm_rec.positions import token_layout
-
 from common import document_positions
 from naive import naive_block
 
+from mm_rec import MMRecForCausalLM
+from mm_rec.positions import token_layout
 
 OPTIONS = [  # the quality study's options (docs/ARCHITECTURE.md sections 1 and 2), one or two at a time
     {"memory_levels": "slots"}, {"memory_levels": "blocks"}, {"memory_levels": "none"},

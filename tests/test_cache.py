@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from common import VOCAB, fresh_process, random_ids
 from safetensors.torch import load_file, save_file
 
 import mm_rec
 from mm_rec import LayerState, MMRecCache
 from mm_rec.cache import CACHE_FORMAT_VERSION
-
-from common import VOCAB, fresh_process, random_ids
 
 
 @pytest.mark.parametrize("conv,inputs,channels", [(0, "all", 32), (4, "all", 32), (4, "recurrence", 32 + 32 + 8)])

@@ -2,10 +2,9 @@
 aliases, and the round trip through config.json."""
 
 import pytest
+from common import VOCAB
 
 from mm_rec import MMRecConfig
-
-from common import VOCAB
 
 
 @pytest.mark.parametrize("field, value, named", [

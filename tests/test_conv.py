@@ -5,13 +5,12 @@ the missing kernel in); its gradients; and no weight decay on its kernel."""
 
 import pytest
 import torch
+from common import document_positions, random_ids
+from naive import naive_short_conv
 
 from mm_rec import MMRecForCausalLM
 from mm_rec.conv import ShortConv
 from mm_rec.positions import token_layout
-
-from common import document_positions, random_ids
-from naive import naive_short_conv
 
 B, T, D = 3, 23, 8
 
@@ -172,12 +171,13 @@ def test_checkpoint_of_the_other_conv_inputs_is_refused(saved, other, tiny_model
 
 
 def test_the_conv_kernel_gets_no_weight_decay(tiny_model, tmp_path):
-    """Neither the quality study's AdamW nor the Trainer of mm_rec.training decays the [d, K]
+    """Neither the quality study's AdamW nor the main job's Trainer decays the [d, K]
     kernel (a per-channel scale started at the identity, like a norm's weight), and both decay
     the same parameters: the matrices, not norms' weights nor biases."""
-    from mm_rec.quality import optimizer_for
-    from mm_rec.training import _trainer_class
+    from quality import optimizer_for
     from transformers import TrainingArguments
+
+    from mm_rec_train.trainer import _trainer_class
 
     model = tiny_model(short_conv_size=4)
     kernels = {id(p) for n, p in model.named_parameters() if n.endswith("short_conv.weight")}

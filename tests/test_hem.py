@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
+from common import random_ids
 
 from mm_rec import MMRecForCausalLM
 from mm_rec.hem import convert_hem_state_dict
-
-from common import random_ids
 
 
 @pytest.mark.parametrize("recurrence_gate, width", [("input", 5), ("state", 4)])

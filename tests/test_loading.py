@@ -8,12 +8,11 @@ import shutil
 
 import pytest
 import torch
+from common import VOCAB
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from mm_rec import MMRecForCausalLM, MMRecModel
-
-from common import VOCAB
 
 WEIGHTS = "model.safetensors"
 

@@ -5,11 +5,10 @@ training path (no logits) and the evaluation path."""
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mm_rec.loss import causal_lm_loss
-
 from common import VOCAB, random_ids
 from naive import naive_causal_lm_loss
+
+from mm_rec.loss import causal_lm_loss
 
 
 def inputs(seed, B=3, T=17, d=8, V=50):

@@ -4,14 +4,12 @@ torch.library ops under opcheck, and its float32 state under autocast."""
 
 import pytest
 import torch
+from common import random_ids
+from naive import naive_fold, naive_memory_attention
 
 from mm_rec import MMRecForCausalLM
 from mm_rec.memory import MultiMemoryAttention, fold_into_slots
 from mm_rec.positions import token_layout
-
-from common import random_ids
-from naive import naive_fold, naive_memory_attention
-
 
 # ---------------------------------------------------------------------------------------
 # Memory visibility and attention

@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from mm_rec.memory_triton import AVAILABLE
 from mm_rec.memory import route_segments_torch
+from mm_rec.memory_triton import AVAILABLE
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="triton is not installed")
 

@@ -9,12 +9,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from common import VOCAB, random_ids, randomize_short_conv_
 from torch.func import functional_call
 
 from mm_rec import MMRecCache, MMRecConfig, MMRecForCausalLM, is_mmrec_cache
-
-from common import VOCAB, random_ids, randomize_short_conv_
-
 
 # ---------------------------------------------------------------------------------------
 # Exactness: parallel == chunked == token by token == padded == packed

@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from common import fresh_process, random_ids, tokenizer_fields
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from transformers.dynamic_module_utils import get_relative_import_files
 
 import mm_rec.modeling_mmrec
 from mm_rec import MMRecForCausalLM, MMRecModel
-from mm_rec.data import byte_level_tokenizer
 from mm_rec.hub import is_our_card
-
-from common import fresh_process, random_ids, tokenizer_fields
+from mm_rec_train.data import byte_level_tokenizer
 
 TEXT = "Now is the winter of our discontent made glorious summer"
 WEIGHTS = "model.safetensors"
@@ -84,7 +83,8 @@ def test_save_pretrained_writes_a_self_contained_folder(saved):
     generation = json.loads((path / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 0 and generation["pad_token_id"] == 1
     card = (path / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- custom_code\n- mm-rec\n---\n")
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+                           "tags:\n- custom_code\n- mm-rec\n---\n")
     assert "trust_remote_code=True" in card and is_our_card(path / "README.md")
 
 
@@ -288,7 +288,7 @@ def test_tokenizer_of_a_checkpoint_loads_without_asking(tiny_checkpoint, tmp_pat
     AutoTokenizer reads the folder's config.json first (transformers 5.x); with mm_rec imported the
     config class is registered locally, so nothing is asked; a process without mm_rec must say
     trust_remote_code (True, as the model card does, or False: the tokenizer needs no remote code)."""
-    from mm_rec.data import byte_level_tokenizer
+    from mm_rec_train.data import byte_level_tokenizer
 
     folder = tmp_path / "with_tokenizer"
     shutil.copytree(tiny_checkpoint, folder)

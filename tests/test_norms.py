@@ -3,10 +3,9 @@
 
 import pytest
 import torch
+from naive import naive_rms_norm
 
 from mm_rec.norms import GroupRMSNorm, RMSNorm
-
-from naive import naive_rms_norm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

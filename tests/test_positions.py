@@ -3,10 +3,9 @@ tests/naive.py's per-row count (docs/ARCHITECTURE.md section 5), continuing a ca
 
 import pytest
 import torch
+from naive import naive_positions
 
 from mm_rec.positions import token_layout
-
-from naive import naive_positions
 
 
 @pytest.mark.parametrize("packed", [False, True])

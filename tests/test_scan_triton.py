@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from naive import naive_scan, naive_scan_grads
 
 from mm_rec import scan_triton
 from mm_rec.scan import scan
-from naive import naive_scan, naive_scan_grads
 
 pytestmark = pytest.mark.skipif(not scan_triton.AVAILABLE, reason="triton is not installed")
 

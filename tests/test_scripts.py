@@ -18,12 +18,17 @@ import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from mm_rec.data import load_shakespeare  # noqa: E402
-from mm_rec.training import REPOSITORY, evaluate_texts, load_corpus, split_corpus  # noqa: E402
+from mm_rec_train.data import (  # noqa: E402
+    load_corpus,
+    load_shakespeare,  # noqa: E402
+    split_corpus,
+)
+from mm_rec_train.evaluation import evaluate_texts  # noqa: E402
+from mm_rec_train.runs import REPOSITORY  # noqa: E402
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"mmrec_script_{name}", REPOSITORY / "scripts" / f"{name}.py")
+def _script(name, folder="scripts"):
+    spec = importlib.util.spec_from_file_location(f"mmrec_script_{name}", REPOSITORY / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -92,7 +97,8 @@ def test_evaluate_beats_the_untrained_model_and_counts_bytes(trained, data_dir, 
     results = json.loads((trained / "results.json").read_text())
     assert printed["loss"] == pytest.approx(results["held-out loss"], rel=1e-4)
     assert printed["perplexity"] == pytest.approx(math.exp(printed["loss"]), rel=1e-9)
-    assert printed["bits_per_byte"] == pytest.approx(printed["loss"] * printed["tokens"] / math.log(2) / printed["bytes"], rel=1e-9)
+    expected = printed["loss"] * printed["tokens"] / math.log(2) / printed["bytes"]
+    assert printed["bits_per_byte"] == pytest.approx(expected, rel=1e-9)
 
     _, held_out = split_corpus(load_corpus([str(data_dir)]), 0.05)
     text_bytes = sum(len(t.encode("utf-8")) for t in held_out.values())
@@ -196,7 +202,8 @@ def test_a_used_output_dir_is_refused_and_left_unchanged(trained, tmp_path, caps
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("not a run")
-    assert_one_line_error(capsys, train_script.main([*QUICK, "--output-dir", str(mine), "--overwrite"]), "not written by train.py")
+    status = train_script.main([*QUICK, "--output-dir", str(mine), "--overwrite"])
+    assert_one_line_error(capsys, status, "not written by train.py")
     assert_one_line_error(capsys, train_script.main([*QUICK, "--output-dir", str(mine), "--resume"]), "no run to resume")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
@@ -250,7 +257,8 @@ def test_generate_and_evaluate_bad_flags_are_one_line_errors(trained, bad_data, 
     corrupt.write_bytes(b"\x00" * 64)
     generate_cases = [
         (["--max-new-tokens", "0"], "--max-new-tokens"), (["--temperature", "0"], "--temperature"),
-        (["--top-p", "1.5"], "--top-p"), (["--top-k", "-1"], "--top-k"), (["--state", str(corrupt), "--prompt", "x"], "cannot read an MMRecCache"),
+        (["--top-p", "1.5"], "--top-p"), (["--top-k", "-1"], "--top-k"),
+        (["--state", str(corrupt), "--prompt", "x"], "cannot read an MMRecCache"),
         (["--state", str(tmp_path / "no" / "dir.st")], "--state"),
     ]
     for flags, named in generate_cases:
@@ -285,7 +293,7 @@ def test_gpu_preset_trains_in_bf16(data_dir, tmp_path, capsys):
                                               ('{"memory_blok_size": 1}', "memory_blok_size"),
                                               ('{"memory_block_size": 0}', "memory_block_size")])
 def test_benchmark_bad_mmrec_overrides_are_one_line_errors(overrides, named, tmp_path, capsys):
-    benchmark_script = _script("benchmark")
+    benchmark_script = _script("benchmark", "research")
     with pytest.raises(SystemExit) as exit_info:
         benchmark_script.main(["--device", "cpu", "--out", str(tmp_path / "out"), "--mmrec-overrides", overrides])
     assert exit_info.value.code == 2
@@ -297,9 +305,9 @@ def test_benchmark_bad_mmrec_overrides_are_one_line_errors(overrides, named, tmp
 def test_benchmark_mmrec_config_scales_the_preset_and_applies_overrides():
     """The benchmark's MM-Rec at another width keeps the preset's ratios (pe_dim / hidden,
     intermediate / hidden) and takes the overrides on top."""
-    from mm_rec.training import PRESETS
+    from mm_rec_train.runs import PRESETS
 
-    benchmark_script = _script("benchmark")
+    benchmark_script = _script("benchmark", "research")
     preset = PRESETS["gpu-130m"]["model"]
     config = benchmark_script.mmrec_config(384, 2, 6, 1000, {"memory_block_size": 4})
     assert config.hidden_size == 384 and config.num_hidden_layers == 2 and config.vocab_size == 1000

@@ -1,4 +1,4 @@
-"""mm_rec/training.py: the corpus from text, JSON-lines files and saved datasets, the held-out
+"""mm_rec_train/data.py: the corpus from text, JSON-lines files and saved datasets, the held-out
 split, and the presets' model sizes."""
 
 import json
@@ -10,7 +10,8 @@ pytest.importorskip("datasets", reason="load_corpus reads saved datasets.Dataset
 import torch  # noqa: E402
 
 from mm_rec import MMRecConfig, MMRecForCausalLM  # noqa: E402
-from mm_rec.training import PRESETS, load_corpus, split_corpus  # noqa: E402
+from mm_rec_train.data import load_corpus, split_corpus  # noqa: E402
+from mm_rec_train.runs import PRESETS  # noqa: E402
 
 
 def test_corpus_from_jsonl_and_a_saved_dataset(tmp_path):
@@ -35,7 +36,8 @@ def test_corpus_from_jsonl_and_a_saved_dataset(tmp_path):
     assert list(held_out.values()) == ["\nline three\nline four"]  # the last line break before 70%
 
 
-@pytest.mark.parametrize("preset, low, high", [("tiny", 0.01, 0.1), ("laptop", 1.0, 1.5), ("gpu-small", 15, 25), ("gpu-130m", 100, 135)])
+@pytest.mark.parametrize("preset, low, high",
+                         [("tiny", 0.01, 0.1), ("laptop", 1.0, 1.5), ("gpu-small", 15, 25), ("gpu-130m", 100, 135)])
 def test_preset_sizes(preset, low, high):
     config = MMRecConfig(vocab_size=PRESETS[preset]["vocab_size"], **PRESETS[preset]["model"])
     with torch.device("meta"):

@@ -1,5 +1,5 @@
 """Timing helpers behind the benchmark scripts: whole-model training and generation
-(scripts/benchmark.py), one decoded token (scripts/bench_decode.py), the kernels."""
+(research/benchmark.py), one decoded token (research/bench_decode.py), the kernels."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 def mmrec_config(hidden: int, layers: int, heads: int, vocab: int, overrides: Optional[dict] = None):
     """The gpu-130m preset's MM-Rec at this size: its widths that scale with the hidden size
     (pe_dim, intermediate_size) scaled, then ``overrides`` (MMRecConfig fields) on top."""
-    from .configuration_mmrec import MMRecConfig
-    from .training import PRESETS
+    from mm_rec import MMRecConfig
+    from mm_rec_train.runs import PRESETS
 
     preset = PRESETS["gpu-130m"]["model"]
     scaled = {k: preset[k] * hidden // preset["hidden_size"] for k in ("pe_dim", "intermediate_size") if k in preset}
@@ -91,8 +91,8 @@ def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.
     under each SDPA backend that can run the masked attention on CUDA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .block import MMRecBlock
-    from .positions import token_layout
+    from mm_rec.block import MMRecBlock
+    from mm_rec.positions import token_layout
 
     block = MMRecBlock(config, 0).to("cuda", dtype)
     torch.nn.init.normal_(block.memory.slot_keys)
@@ -124,7 +124,7 @@ def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.
 
 
 # ---------------------------------------------------------------------------------------
-# Whole-model benchmarks (scripts/benchmark.py): any causal LM of transformers' interface
+# Whole-model benchmarks (research/benchmark.py): any causal LM of transformers' interface
 # ---------------------------------------------------------------------------------------
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, by GPU name

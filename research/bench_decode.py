@@ -1,15 +1,15 @@
 """Per-token decode time vs. context length on this machine (default: CPU, small model).
 
-    python scripts/bench_decode.py --contexts 1024 16384
-    python scripts/bench_decode.py --device cuda --dtype bfloat16 --no-recompute
+    python research/bench_decode.py --contexts 1024 16384
+    python research/bench_decode.py --device cuda --dtype bfloat16 --no-recompute
 """
 
 import argparse
 
 import torch
+from timing import decode_latency
 
 from mm_rec import MMRecConfig, MMRecForCausalLM
-from mm_rec.benchmark import decode_latency
 
 
 def main():

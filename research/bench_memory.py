@@ -1,15 +1,15 @@
 """GPU timing of the multi-memory attention: the masked SDPA path under its kernels.
 
-    python scripts/bench_memory.py --batch 8 --seq-len 4096 --hidden-size 2048 --heads 16
+    python research/bench_memory.py --batch 8 --seq-len 4096 --hidden-size 2048 --heads 16
 """
 
 import argparse
 import sys
 
 import torch
+from timing import memory_attention_timings
 
 from mm_rec import MMRecConfig
-from mm_rec.benchmark import memory_attention_timings
 
 
 def main():

@@ -1,6 +1,6 @@
 """Time the scan kernels against a device-to-device copy and flash-linear-attention's HGRN.
 
-    python scripts/bench_kernels.py [--batch 8 --seq-len 4096 --dim 2048 --dtype bfloat16]
+    python research/bench_kernels.py [--batch 8 --seq-len 4096 --dim 2048 --dtype bfloat16]
                                     [--skip-torch] [--out bench.md]
 
 Every case is timed twice, in one run, as medians of CUDA-event timings:
@@ -17,7 +17,7 @@ A second table gives the host's CPU time per call at a tiny shape (the launch ov
 for the eager path that scan() takes, the torch.library custom op that torch.compile
 traces, and fla.
 
-    python scripts/bench_kernels.py --state-gate [--batch 32 --seq-len 512 --dim 384]
+    python research/bench_kernels.py --state-gate [--batch 32 --seq-len 512 --dim 384]
 
 times instead recurrence_gate="state"'s walk over t (float32, as the model runs it): the Triton
 kernels against the PyTorch loop, forward and forward+backward, eager medians.
@@ -26,8 +26,8 @@ kernels against the PyTorch loop, forward and forward+backward, eager medians.
 import argparse
 
 import torch
+from timing import cuda_graph_median_ms, cuda_median_ms, host_us_per_call
 
-from mm_rec.benchmark import cuda_graph_median_ms, cuda_median_ms, host_us_per_call
 from mm_rec import scan
 
 try:
@@ -142,7 +142,8 @@ def main():
         ms = gpu[name] or eager[name]
         gbs = (fwd_bytes if kind == "fwd" else fwd_bwd_bytes) / ms / 1e6
         fla = f"fla chunk_hgrn {kind}"
-        ratio = lambda table, mine: f"{table[fla] / mine:.2f}x" if table.get(fla) and mine and name != "copy (roofline)" else ""
+        def ratio(table, mine):
+            return f"{table[fla] / mine:.2f}x" if table.get(fla) and mine and name != "copy (roofline)" else ""
         rows.append([name, f"{eager[name]:.3f}", "n/a" if gpu[name] is None else f"{gpu[name]:.3f}", f"{gbs:.0f}",
                      f"{100 * gbs / copy_gbs:.0f}%", ratio(gpu, gpu[name]), ratio(eager, eager[name])])
 

@@ -1,7 +1,7 @@
 """GPU timing of a prompt's forward (the prefill) with the cache on, for several memory block sizes:
-the model of scripts/benchmark.py (the gpu-130m preset at hidden 768, 12 layers, vocab 32000), bf16 weights.
+the model of research/benchmark.py (the gpu-130m preset at hidden 768, 12 layers, vocab 32000), bf16 weights.
 
-    python scripts/bench_prefill.py --block-sizes 1 32 --tokens 2048 --batch 1
+    python research/bench_prefill.py --block-sizes 1 32 --tokens 2048 --batch 1
 """
 
 import argparse
@@ -9,9 +9,9 @@ import sys
 import time
 
 import torch
+from timing import mmrec_config
 
 from mm_rec import MMRecForCausalLM
-from mm_rec.benchmark import mmrec_config
 
 
 def main(argv=None):

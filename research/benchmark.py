@@ -1,8 +1,8 @@
 """Whole-model benchmark: MM-Rec beside fla's HGRN and transformers' Llama, in one run.
 
-    python scripts/benchmark.py --device cuda                      # training + generation, ~130M models
-    python scripts/benchmark.py --device cuda --only train
-    python scripts/benchmark.py --device cpu                        # small models, training
+    python research/benchmark.py --device cuda                      # training + generation, ~130M models
+    python research/benchmark.py --device cuda --only train
+    python research/benchmark.py --device cpu                        # small models, training
 
 Training: full steps (bf16 autocast on CUDA, AdamW), tokens/s, step time, peak memory and MFU
 (6 * parameters * tokens/s over the GPU's dense bf16 peak) at seq 2048 x batch 16, 8192 x 4
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 import transformers
+from timing import generate_throughput, mmrec_config, peak_bf16_tflops, training_throughput
 
 from mm_rec import MMRecConfig, MMRecForCausalLM
-from mm_rec.benchmark import generate_throughput, mmrec_config, peak_bf16_tflops, training_throughput
 
 GPU_TRAIN_SHAPES = [(2048, 16), (8192, 4), (32768, 1)]
 CPU_TRAIN_SHAPES = [(512, 8), (2048, 2)]
@@ -149,7 +149,8 @@ def train_table(rows):
                          f"{r['note']} | | | |")
             continue
         lines.append(f"| {r['model']} | {r['params_m']:.1f}M | {r['seq']} x {r['batch']} | {r['tokens_per_s'] / 1e3:.1f}k | "
-                     f"{1e3 * r['step_s']:.1f} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} |")
+                     f"{1e3 * r['step_s']:.1f} | {fmt(r['peak_gib'], '.1f')} | "
+                     f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} |")
     return lines
 
 
@@ -219,7 +220,7 @@ def main(argv=None):
     if "generate" in studies and device.type != "cuda":
         parser.error("the generation study runs on CUDA")
     models = [m for m in args.models if device.type == "cuda" or m != "hgrn"]  # fla's kernels need CUDA
-    command = "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python research/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [f"Command: `{command.strip()}`", "", f"Device: {device_name(device)}; {versions()}", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if device.type == "cuda" else "cpu"

@@ -46,11 +46,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .configuration_mmrec import MMRecConfig
-from .training import decays
+import mm_rec
+from mm_rec import MMRecConfig
+from mm_rec_train.trainer import decays
 
 PROTOCOL_VERSION = 1
-PACKAGE = Path(__file__).resolve().parent
+MODEL_PACKAGE = Path(mm_rec.__file__).resolve().parent
 RUNS = "runs"
 CACHE = "cache"
 INVOCATIONS = "invocations.jsonl"
@@ -166,7 +167,7 @@ def build_model(family: str, vocab_size: int, hidden_size: int, num_layers: int,
     fields), "llama" (SDPA attention) or "hgrn" (fla; ``intermediate_size`` ignored, HGRN is the
     size reference). Builds on the current default device (``torch.device("meta")`` to count)."""
     if family == "mmrec":
-        from .modeling_mmrec import MMRecForCausalLM
+        from mm_rec import MMRecForCausalLM
 
         config = MMRecConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                              num_attention_heads=heads_for(hidden_size), intermediate_size=intermediate_size,
@@ -273,7 +274,8 @@ class MQARSetting:
         if vocab_size is not None and vocab_size <= self.seq_len:
             raise ValueError(f"MQAR setting {self.name}: the vocabulary ({vocab_size}) must exceed the length")
         if vocab_size is not None and vocab_size // 2 - 1 < self.num_kv_pairs:
-            raise ValueError(f"MQAR setting {self.name}: {vocab_size // 2 - 1} key tokens cannot give {self.num_kv_pairs} distinct keys")
+            raise ValueError(f"MQAR setting {self.name}: {vocab_size // 2 - 1} key tokens cannot give "
+                             f"{self.num_kv_pairs} distinct keys")
 
 
 def mqar_batch(setting: MQARSetting, batch_size: int, vocab_size: int, generator: torch.Generator,
@@ -327,7 +329,7 @@ def mqar_test_set(setting: MQARSetting, size: int, vocab_size: int, seed: int,
 # ----------------------------------------------------------------------------- LM data
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
-    """[vocab] UTF-8 bytes of each token of a byte-level tokenizer (mm_rec.data's): every
+    """[vocab] UTF-8 bytes of each token of a byte-level tokenizer (mm_rec_train.data's): every
     character of a ByteLevel token stands for one byte; special tokens are 0 bytes."""
     special = set(tokenizer.all_special_ids)
     lengths = torch.zeros(len(tokenizer), dtype=torch.long)
@@ -353,7 +355,7 @@ def lm_data(tokenization: str, seq_len: int, bpe_vocab: int = 4096, validation_f
     """The Shakespeare corpus in rows of ``seq_len`` tokens, whole works held out (``split_works``;
     0.05 holds out three plays). tokenization: "bytes" (256 bytes + 2 special tokens) or "bpe"
     (``train_tokenizer`` on the training works, ``bpe_vocab`` tokens). Cached in ``cache_dir``."""
-    from .data import byte_level_tokenizer, load_shakespeare, split_works, token_rows, train_tokenizer
+    from mm_rec_train.data import byte_level_tokenizer, load_shakespeare, split_works, token_rows, train_tokenizer
 
     if tokenization not in ("bytes", "bpe"):
         raise ValueError(f"tokenization must be 'bytes' or 'bpe', got {tokenization!r}")
@@ -568,13 +570,12 @@ SMOKE_LM = dict(hidden_size=32, layers=2, seq_len=64, batch_size=4, steps=4, eva
 
 
 def code_fingerprint() -> str:
-    """Hash of the model's source (every mm_rec/*.py a checkpoint carries, not the training, data,
-    benchmark or study code): MM-Rec runs of changed model code are new runs."""
+    """Hash of the model's source (every mm_rec/*.py, what a checkpoint carries): MM-Rec runs of
+    changed model code are new runs."""
     digest = hashlib.sha1()
-    for path in sorted(PACKAGE.glob("*.py")):
-        if path.name not in (Path(__file__).name, "training.py", "data.py", "benchmark.py"):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    for path in sorted(MODEL_PACKAGE.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
 
 
@@ -789,8 +790,11 @@ def versions() -> Dict[str, str]:
 
 def git_commit() -> Optional[str]:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PACKAGE, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=PACKAGE, capture_output=True, text=True, timeout=10)
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=MODEL_PACKAGE, capture_output=True, text=True, timeout=10)
+
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode != 0:
@@ -862,7 +866,7 @@ class Study:
         factors = calibration(load_records(self.out), self.device_name)
         todo, total = 0, 0.0
         self.log(f"planned runs: {len(runs)} on {self.device_name}"
-                 f"{' (estimates calibrated on ' + str(len(load_records(self.out))) + ' finished runs)' if factors else ' (prior estimates)'}")
+                 + (f" (estimates calibrated on {len(load_records(self.out))} finished runs)" if factors else " (prior estimates)"))
         for line in describe_sizes(runs):
             self.log(line)
         for refusal in sorted({r.refused for r in runs if r.refused}):
@@ -1204,7 +1208,9 @@ def write_mqar_report(out: Path) -> Optional[Path]:
              "where the best rate was repeated with other seeds, each seed's accuracy and their mean). "
              "Settings are LENGTHxPAIRS; lengths of 1024 and more spread their queries uniformly, so most queries are "
              "more than one 512-token memory segment away from their keys.", ""]
-    by_width = lambda item: (int(item[0].split()[1].rstrip(":")), item[0])  # "width 64: ..." before "width 128: ..."
+    def by_width(item):  # "width 64: ..." before "width 128: ..."
+        return int(item[0].split()[1].rstrip(":")), item[0]
+
     latest = latest_per_run(records)
     for label, section in sorted(best_runs(latest).items(), key=by_width):
         settings = sorted({s for s, _ in section}, key=lambda s: (int(s.split("x")[0]), int(s.split("x")[1].split("-")[0])))

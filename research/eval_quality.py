@@ -1,11 +1,11 @@
 """Model-quality study: MM-Rec beside HF Llama and fla HGRN at equal parameter count (issue 15).
 
-    python scripts/eval_quality.py --smoke                              # tiny, CPU, seconds
-    python scripts/eval_quality.py --plan                               # the runs and time estimates, no training
-    python scripts/eval_quality.py --study lm --tokenizations bytes --max-minutes 9
-    python scripts/eval_quality.py --study mqar --settings 256x64 4096x16 --widths 128 --max-minutes 9
-    python scripts/eval_quality.py --study lm --variants ablations --models mmrec --lrs 2e-3
-    python scripts/eval_quality.py --report-only                        # rebuild lm.md / mqar.md / PNGs
+    python research/eval_quality.py --smoke                              # tiny, CPU, seconds
+    python research/eval_quality.py --plan                               # the runs and time estimates, no training
+    python research/eval_quality.py --study lm --tokenizations bytes --max-minutes 9
+    python research/eval_quality.py --study mqar --settings 256x64 4096x16 --widths 128 --max-minutes 9
+    python research/eval_quality.py --study lm --variants ablations --models mmrec --lrs 2e-3
+    python research/eval_quality.py --report-only                        # rebuild lm.md / mqar.md / PNGs
 
 Studies: "lm" (Shakespeare, three plays held out, byte-level and BPE; held-out loss and bits per
 byte every --eval-every steps) and "mqar" (Zoology's multi-query associative recall, accuracy per
@@ -18,29 +18,33 @@ and a run still going at the limit is stopped (not saved). Tables: OUT/lm.md, OU
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-from mm_rec import quality, training
-from mm_rec.training import ArgumentParser, positive_float, positive_int
+import quality
+
+from mm_rec_train.cli import ArgumentParser, positive_float, positive_int, run_main
+from mm_rec_train.runs import PACKAGES, REPOSITORY
 
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=("all", "lm", "mqar"), default="all")
-    parser.add_argument("--models", nargs="+", default=None, help=f"families: {' '.join(quality.FAMILIES)} (default all; --smoke: mmrec llama)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help=f"families: {' '.join(quality.FAMILIES)} (default all; --smoke: mmrec llama)")
     parser.add_argument("--variants", nargs="+", default=None,
                         help=f"MM-Rec variants or groups ({', '.join(quality.VARIANT_GROUPS)}); default main")
     parser.add_argument("--extra-variant", action="append", default=[], metavar="NAME=JSON",
                         help="an MM-Rec variant of MMRecConfig overrides, e.g. mmrec-slots8='{\"num_memory_slots\": 8}'")
-    parser.add_argument("--settings", nargs="+", help="MQAR settings LENGTHxPAIRS, most informative first (default: 9 settings, 64x4 .. 4096x16)")
+    parser.add_argument("--settings", nargs="+",
+                        help="MQAR settings LENGTHxPAIRS, most informative first (default: 9 settings, 64x4 .. 4096x16)")
     parser.add_argument("--widths", nargs="+", type=positive_int, help="MQAR model widths (default 128 256 64)")
     parser.add_argument("--tokenizations", nargs="+", choices=("bytes", "bpe"), help="LM tokenizations (default bytes bpe)")
-    parser.add_argument("--lrs", nargs="+", type=positive_float, help="learning rates, the first run first (LM default 2e-3 1e-3 4e-3, MQAR 3e-3 1e-3 3e-4)")
+    parser.add_argument("--lrs", nargs="+", type=positive_float,
+                        help="learning rates, the first run first (LM default 2e-3 1e-3 4e-3, MQAR 3e-3 1e-3 3e-4)")
     parser.add_argument("--steps", type=positive_int, help="training steps per run (LM default 800, MQAR at most 2000)")
     parser.add_argument("--eval-every", type=positive_int, help="evaluate every N steps (LM default 100, MQAR 200)")
     parser.add_argument("--batch-size", type=positive_int, help="LM rows per step (default 32)")
@@ -105,23 +109,24 @@ def protocols(args):
 
 def output_folder(args) -> Path:
     if args.out is None:
-        return Path(tempfile.mkdtemp(prefix="mmrec-quality-smoke-")) if args.smoke else training.REPOSITORY / "docs" / "quality"
+        return Path(tempfile.mkdtemp(prefix="mmrec-quality-smoke-")) if args.smoke else REPOSITORY / "docs" / "quality"
     path = Path(args.out).expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {args.out}: exists and is not a folder")
-    if path == training.PACKAGE or training.PACKAGE in path.parents:
-        raise ValueError(f"--out {args.out}: inside the mm_rec package; choose e.g. docs/quality")
+    for package in PACKAGES:
+        if path == package or package in path.parents:
+            raise ValueError(f"--out {args.out}: inside the {package.name} package; choose e.g. docs/quality")
     return path
 
 
 def main(argv=None) -> int:
-    return training.run_main(lambda: _main(argv))
+    return run_main(lambda: _main(argv))
 
 
 def _main(argv) -> int:
     args = parse_args(argv)
     out = output_folder(args)
-    command = "python scripts/eval_quality.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python research/eval_quality.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.report_only:
         written = quality.write_reports(out)
         for path in written:
