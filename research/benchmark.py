@@ -1,4 +1,4 @@
-"""Whole-model benchmark: MM-Rec beside fla's HGRN and transformers' Llama, in one run.
+"""Whole-model benchmark: MM-Rec beside fla's HGRN and Gated DeltaNet and transformers' Llama, in one run.
 
     python research/benchmark.py --device cuda                      # training + generation, ~130M models
     python research/benchmark.py --device cuda --only train
@@ -33,12 +33,16 @@ from mm_rec import MMRecConfig, MMRecForCausalLM
 GPU_TRAIN_SHAPES = [(2048, 16), (8192, 4), (32768, 1)]
 CPU_TRAIN_SHAPES = [(512, 8), (2048, 2)]
 GPU_CONTEXTS = [2048, 16384, 65536]
+MODELS = ("mmrec", "hgrn", "gdn", "llama")
+FLA_MODELS = ("hgrn", "gdn")  # their kernels need CUDA
 
 
 def build(name, size, device, dtype=None, mmrec_overrides=None):
-    """(model, parameters) for 'mmrec', 'hgrn' or 'llama' at 'gpu' (hidden 768, 12 layers, vocab
-    32000) or 'cpu' size (hidden 128, 4 layers, vocab 2048); MM-Rec as the gpu-130m preset at both
-    sizes (``mmrec_config``); None where fla is not installed."""
+    """(model, parameters) for 'mmrec', 'hgrn', 'gdn' (fla's Gated DeltaNet) or 'llama' at 'gpu'
+    (hidden 768, 12 layers, vocab 32000) or 'cpu' size (hidden 128, 4 layers, vocab 2048); MM-Rec
+    as the gpu-130m preset at both sizes (``mmrec_config``); None where fla is not installed.
+    Gated DeltaNet: heads of 64 channels as the others, values twice as wide (fla's default),
+    tied embeddings as MM-Rec and HGRN, which puts it within 5% of their parameter count."""
     hidden, layers, heads, vocab = (768, 12, 12, 32000) if size == "gpu" else (128, 4, 4, 2048)
     torch.manual_seed(0)
     if name == "mmrec":
@@ -48,12 +52,20 @@ def build(name, size, device, dtype=None, mmrec_overrides=None):
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
             intermediate_size=hidden * 8 // 3 // 256 * 256 or 4 * hidden, max_position_embeddings=1 << 17,
             attn_implementation="sdpa"))
-    else:
+    elif name == "hgrn":
         try:
             from fla.models import HGRNConfig, HGRNForCausalLM
         except ImportError:
             return None
         model = HGRNForCausalLM(HGRNConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers))
+    else:
+        try:
+            from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+        except ImportError:
+            return None
+        model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_heads=heads, head_dim=hidden // heads,
+            tie_word_embeddings=True))
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model, sum(p.numel() for p in model.parameters())
 
@@ -195,7 +207,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", choices=["train", "generate"], help="run one study (default: both on CUDA, train on CPU)")
-    parser.add_argument("--models", nargs="+", default=["mmrec", "hgrn", "llama"], choices=["mmrec", "hgrn", "llama"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per shape (after 3 warm-up steps)")
     parser.add_argument("--contexts", type=int, nargs="+", default=GPU_CONTEXTS)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -219,7 +231,7 @@ def main(argv=None):
     studies = [args.only] if args.only else (["train", "generate"] if device.type == "cuda" else ["train"])
     if "generate" in studies and device.type != "cuda":
         parser.error("the generation study runs on CUDA")
-    models = [m for m in args.models if device.type == "cuda" or m != "hgrn"]  # fla's kernels need CUDA
+    models = [m for m in args.models if device.type == "cuda" or m not in FLA_MODELS]
     command = "python research/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [f"Command: `{command.strip()}`", "", f"Device: {device_name(device)}; {versions()}", ""]
     args.out.mkdir(parents=True, exist_ok=True)
