@@ -865,8 +865,8 @@ class Study:
         """Print the plan (one line per run: status, estimate) and return the estimated seconds to do."""
         factors = calibration(load_records(self.out), self.device_name)
         todo, total = 0, 0.0
-        self.log(f"planned runs: {len(runs)} on {self.device_name}"
-                 + (f" (estimates calibrated on {len(load_records(self.out))} finished runs)" if factors else " (prior estimates)"))
+        calibrated = f" (estimates calibrated on {len(load_records(self.out))} finished runs)"
+        self.log(f"planned runs: {len(runs)} on {self.device_name}" + (calibrated if factors else " (prior estimates)"))
         for line in describe_sizes(runs):
             self.log(line)
         for refusal in sorted({r.refused for r in runs if r.refused}):
