@@ -25,7 +25,6 @@ Dtype policy: accumulation is float32 (float64 for float64 inputs); ``h`` is ret
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Optional, Tuple
@@ -34,8 +33,6 @@ import torch
 from torch import Tensor
 
 from .scan_triton import AVAILABLE as TRITON_AVAILABLE
-
-logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -221,7 +218,9 @@ class _EagerScan(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Pick the backend that will run; raise if a forced one cannot."""
+    """Pick the backend that will run on tensors of ``device``; raise if a forced one cannot. The one
+    rule for every kernel of the model (the scan, the recurrence's inputs, the state gate's walk and
+    the memory's routing), which ``config.kernel_backend`` chooses for all of them at once."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -233,7 +232,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda" and TRITON_AVAILABLE:
             return "triton"
-        logger.debug("scan: using the PyTorch reference (device %s, triton available: %s)", device.type, TRITON_AVAILABLE)
         return "torch"
     return backend
 
