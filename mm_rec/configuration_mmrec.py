@@ -15,9 +15,8 @@ MEMORY_LEVELS = ("slots+blocks", "slots", "blocks", "none")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 SHORT_CONV_INPUTS = ("all", "recurrence")
 
-# Other names a field is accepted under: the seed's names for three of them, and scan_backend,
-# which chose the scan's backend only before kernel_backend chose every kernel's. Config files
-# that carry an alias load as if they carried the field.
+# Other names a field is accepted under (model_dim, num_heads, ffn_dim, and scan_backend for the
+# backend switch): a config file or a caller that uses one gets the field; it is saved under the field's name.
 ALIASES = {"model_dim": "hidden_size", "num_heads": "num_attention_heads", "ffn_dim": "intermediate_size",
            "scan_backend": "kernel_backend"}
 

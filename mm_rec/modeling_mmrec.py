@@ -187,6 +187,9 @@ def _check_labels(labels: Tensor, shape: Tuple[int, int], vocab_size: int) -> No
 
 
 class MMRecPreTrainedModel(PreTrainedModel):
+    """What the MM-Rec models share: their config class, their initialisation (``_init_weights``),
+    a strict ``from_pretrained`` and a ``save_pretrained`` that writes a self-contained folder."""
+
     config_class = MMRecConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -286,6 +289,22 @@ def _xavier_linear_(linear: nn.Linear, sizes) -> None:
 
 
 class MMRecModel(MMRecPreTrainedModel):
+    """The MM-Rec stack without a language-model head: token embeddings, ``num_hidden_layers``
+    blocks (each a recurrence with a memory attention, then a feed-forward network) and a final
+    norm. Use it for the hidden states (features, a head of your own); ``MMRecForCausalLM`` adds
+    the head that predicts the next token.
+
+    Example::
+
+        model = MMRecModel(MMRecConfig(vocab_size=8192))
+        out = model(input_ids, attention_mask=attention_mask)
+        out.last_hidden_state  # [B, T, hidden_size]
+        out.cache              # MMRecCache: pass it back as cache= to continue the stream
+
+    The state it carries from token to token (``MMRecCache``) has a fixed size, so a token costs
+    the same at any context length, and a sequence gives the same outputs fed whole, in chunks
+    with the cache, token by token or left-padded in a batch. See ``forward`` for the inputs."""
+
     def __init__(self, config: MMRecConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -403,6 +422,23 @@ class MMRecModel(MMRecPreTrainedModel):
 
 
 class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
+    """MM-Rec as a causal language model: ``MMRecModel`` plus a head over the vocabulary (tied to
+    the input embeddings by default). It trains with transformers' ``Trainer`` (``labels`` give the
+    loss; the model shifts them itself), generates with ``generate()``, and continues a saved stream
+    with ``continue_stream``.
+
+    Example::
+
+        model = MMRecForCausalLM(MMRecConfig(vocab_size=8192))
+        loss = model(input_ids, labels=input_ids).loss
+        out = model.generate(prompt, max_new_tokens=20, return_dict_in_generate=True)
+        more = model.generate(out.sequences, max_new_tokens=20, cache=out.cache)  # continues exactly
+
+    Its cache (``MMRecCache``) is a fixed-size recurrent state, not a KV cache: it does not grow with
+    the context, and it can be saved (``cache.save``) and loaded to continue a stream later. A folder
+    written by ``save_pretrained`` carries the model's code, so ``AutoModelForCausalLM.from_pretrained(
+    folder, trust_remote_code=True)`` loads it without this package."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MMRecConfig):

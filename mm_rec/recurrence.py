@@ -102,7 +102,7 @@ def recurrence_inputs(a: Tensor, gate_logits: Tensor, z: Tensor, real: Tensor, r
 
 
 class StateGate(nn.Module):
-    """The seed's literal gate sigma(W_g h_{t-1} + b_g); makes the recurrence sequential."""
+    """The state gate sigma(W_g h_{t-1} + b_g) (recurrence_gate="state"); makes the recurrence sequential."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
