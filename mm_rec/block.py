@@ -61,7 +61,7 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.hidden_size = d
         self.blocks_per_segment = config.blocks_per_segment
-        self.scan_backend = config.scan_backend
+        self.kernel_backend = config.kernel_backend
         self.norm1 = RMSNorm(d, config.rms_norm_eps)
         self.conv_channels = conv_channels(config)
         self.short_conv = ShortConv(self.conv_channels, config.short_conv_size) if config.short_conv_size else None
@@ -104,7 +104,7 @@ class MMRecBlock(GradientCheckpointingLayer):
         if self.short_conv is not None and self.conv_recurrence:
             proj, conv = self._convolve_recurrence_inputs(proj, layout, conv)
         h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
-                               self.state_gate, self.scan_backend)
+                               self.state_gate, self.kernel_backend)
         r = self.readout_norm(h).to(x.dtype)
         gate = F.silu(proj.out_gate) if proj.out_gate is not None else None
         if gate is not None and not self.gate_memory:

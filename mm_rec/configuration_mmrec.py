@@ -2,76 +2,136 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 from typing import Optional
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 
 RECURRENCE_GATES = ("input", "state")
 MEMORY_LEVELS = ("slots+blocks", "slots", "blocks", "none")
-SCAN_BACKENDS = ("auto", "triton", "torch")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 SHORT_CONV_INPUTS = ("all", "recurrence")
 
-# The seed's names for three of the fields.
-_SEED_ALIASES = {"model_dim": "hidden_size", "num_heads": "num_attention_heads", "ffn_dim": "intermediate_size"}
+# Other names a field is accepted under (model_dim, num_heads, ffn_dim, and scan_backend for the
+# backend switch): a config file or a caller that uses one gets the field; it is saved under the field's name.
+ALIASES = {"model_dim": "hidden_size", "num_heads": "num_attention_heads", "ffn_dim": "intermediate_size",
+           "scan_backend": "kernel_backend"}
+
+# Fields of transformers' PretrainedConfig on some supported version, or written into config.json
+# by transformers or its integrations, that a config file or a caller may pass to the constructor.
+# (The fields of the installed PretrainedConfig and GenerationConfig are added to these, see
+# ``_transformers_fields``; a name that starts with "_" is transformers' bookkeeping.)
+TRANSFORMERS_FIELDS = frozenset({
+    "transformers_version", "architectures", "auto_map", "model_type", "name_or_path", "dtype", "torch_dtype",
+    "output_hidden_states", "output_attentions", "return_dict", "attn_implementation", "experts_implementation",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+    "tie_encoder_decoder", "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "tokenizer_class",
+    "prefix", "task_specific_params", "sep_token_id", "decoder_start_token_id", "pruned_heads", "torchscript",
+    "use_bfloat16", "tf_legacy_loss", "per_layer_config", "tie_last_hidden_states", "quantization_config",
+    "custom_pipelines", "gradient_checkpointing",
+})
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers_fields() -> frozenset:
+    """The names PretrainedConfig's constructor takes on the installed transformers: its arguments
+    and attributes, the generation parameters it still accepts from old config files, and
+    TRANSFORMERS_FIELDS."""
+    base = PretrainedConfig()
+    names = set(inspect.signature(PretrainedConfig.__init__).parameters) - {"self", "args", "kwargs"}
+    names |= set(vars(base)) | set(base.to_dict()) | set(GenerationConfig().to_dict()) | TRANSFORMERS_FIELDS
+    return frozenset(names)
 
 
 class MMRecConfig(PretrainedConfig):
-    r"""Configuration of an MM-Rec causal language model.
+    r"""Configuration of an MM-Rec causal language model: its size, its memory, and how it runs.
 
-    Args:
-        vocab_size: number of token ids.
-        hidden_size: model width d (the seed's ``model_dim``).
+    Every field has a default; a field the model does not know raises ``ValueError`` naming it,
+    and so does a value out of range. ``MMRecConfig.from_pretrained(folder)`` reads a saved one.
+
+    Size:
+        vocab_size: number of token ids (the tokenizer's vocabulary, special tokens included).
+        hidden_size: width of the model (the residual stream and the recurrent state per layer).
         num_hidden_layers: number of MM-Rec blocks.
-        num_attention_heads: heads H of the state readout norm and the memory attention
-            (the seed's ``num_heads``); must divide ``hidden_size``.
-        intermediate_size: FFN inner width (the seed's ``ffn_dim``); default 4d.
-        pe_dim: width of the MDI decay generator P -> GELU -> E; default d // 4.
-        decay_init_min, decay_init_max: at initialisation, 1 - gamma of the d channels spans
-            [decay_init_min, decay_init_max] log-uniformly (memories of about 1 / rate tokens);
-            default 1e-3 .. 0.1, about 10 to 1000 tokens.
-        hidden_act: FFN activation.
-        ffn_gate: a gated FFN, down(act(gate x) * up x) (SwiGLU with hidden_act="silu"), instead
-            of down(act(up x)).
-        rms_norm_eps: epsilon of every RMS norm.
-        memory_block_size: N, tokens per level-1 block summary. 1 makes level 1 exact
-            attention over the segment's earlier tokens (in-context recall, more compute).
-        memory_segment_length: tokens per memory segment (a multiple of N); at each
-            segment boundary the block summaries fold into the long-term slots.
-        num_memory_slots: S, long-term memory slots per layer.
-        memory_decay: lambda of the slot EMA, in (0, 1).
-        recurrence_gate: "input" (parallel scan) or "state" (the seed's sequential gate).
-        memory_levels: what the memory attention reads: "slots+blocks" (the design), "slots"
-            (the long-term slots only; block summaries still fold into them), "blocks" (the
-            segment's block summaries and the learned slots, which never fold), or "none" (no
-            memory attention: the block is the recurrence and the FFN). For ablations.
-        output_gate: gate the state readout, r = GroupRMSNorm(h) * silu(o), with o one more
-            slice of the HEM projection.
-        gate_memory: with ``output_gate``, the gate covers the memory read too:
-            (GroupRMSNorm(h) + m) * silu(o) instead of GroupRMSNorm(h) * silu(o) + m.
-        short_conv_size: K, the width of a causal depthwise convolution over the previous K - 1
-            real tokens of the same document and the current one, applied to the block's normed
-            input before the fused projection (mm_rec/conv.py); initialised to the identity. 0 (the
-            default) leaves it out; 1 is refused (a per-channel scale that the projection already has).
+        num_attention_heads: heads of the memory attention and of the state's read-out norm; must
+            divide ``hidden_size``.
+        intermediate_size: inner width of each block's feed-forward network; default 4 x ``hidden_size``.
+        hidden_act: the feed-forward network's activation, a name in ``transformers.activations.ACT2FN``
+            ("gelu", "silu", "relu", ...).
+        ffn_gate: a gated feed-forward network, down(act(gate x) * up x) (SwiGLU with
+            ``hidden_act="silu"``), instead of down(act(up x)). Set ``intermediate_size`` about 2/3
+            as large to keep the parameter count.
+        tie_word_embeddings: the output layer shares the input embeddings' weights.
+
+    The recurrence (how long the model remembers):
+        pe_dim: width of the input that sets each token's forgetting rate (the decay); default
+            ``hidden_size // 4``. A wider one (up to ``hidden_size``) gives the model finer control
+            over what it forgets, for more parameters.
+        decay_init_min, decay_init_max: the range of forgetting rates a fresh model starts with,
+            spread over the state's channels: a channel with rate r remembers about 1 / r tokens.
+            The default 1e-3 .. 0.1 spans memories of about 10 to 1000 tokens; training moves them.
+        recurrence_gate: "input" (the default) gates what enters the state by the current token
+            alone, so a sequence is computed in parallel; "state" gates by the previous state too,
+            which runs one token after another (slower; kept for comparison).
+        output_gate: gate what each token reads from the state by the token itself (one more
+            projection); helps language modelling at a small cost.
+        gate_memory: with ``output_gate``, the same gate also covers what the memory attention
+            returns, so a token can shut off the memory's answer.
+        short_conv_size: K, a short causal convolution over each token and the K - 1 real tokens
+            before it in its document, ahead of the block's projections. 0 (the default) leaves
+            it out; 1 is refused (it would only rescale channels).
         short_conv_inputs: what the short convolution reads (needs ``short_conv_size`` >= 2 unless
-            "all"): "all" (the default), the normed input u, so every HEM slice sees the window;
-            "recurrence", the HEM slices that feed the recurrence only (z, the input gate's g~ and
-            the decay input p, convolved after the projection), leaving the memory's q, k, v and
-            the output gate per token.
-        use_hem: one fused projection GEMM (True) or separate seed-named linears (False).
-        scan_backend: "auto", "triton" or "torch".
-        dropout: residual dropout.
-        initializer_range: std of embeddings and FFN weights.
+            "all"): "all" (the default), every projection's input; "recurrence", only the inputs
+            of the recurrence and its decay, leaving the memory's queries, keys and values
+            unconvolved (which keeps in-context recall sharp).
+
+    The memory (what the model can look up):
+        memory_block_size: tokens per block summary the memory attention reads. Smaller blocks
+            recall more precisely for more compute; 1 makes the attention exact over the
+            current segment's earlier tokens.
+        memory_segment_length: tokens per memory segment, a multiple of ``memory_block_size``.
+            At the end of each segment its block summaries fold into the long-term slots.
+        num_memory_slots: long-term memory slots per layer.
+        memory_decay: how slowly a slot forgets, in (0, 1): a block summary folds into the slot
+            whose key is most like its own, and the slot keeps this fraction of what it held,
+            taking the rest from the block.
+        memory_levels: what the memory attention reads: "slots+blocks" (the design), "slots"
+            (the long-term slots only), "blocks" (the current segment's block summaries and the
+            learned slots, which never change), or "none" (no memory attention). For ablations.
+
+    Training:
+        dropout: dropout probability on each block's two residual branches (the mixer's and the
+            feed-forward network's outputs); 0 turns it off.
+        initializer_range: standard deviation of the initial embeddings and feed-forward weights
+            (the projections back into the residual stream start smaller, by 1 / sqrt(2 x layers)).
+        rms_norm_eps: epsilon of every RMS norm.
+        use_hem: compute a block's projections with one fused matrix (True, faster) or with
+            separate ones (False; the same function, other parameter names).
+
+    Running:
+        kernel_backend: which implementation runs the model's sequence kernels (the scan, the
+            recurrence's inputs, the state gate's walk over tokens and the memory's routing):
+            "auto" (the default) Triton on CUDA tensors when Triton is importable, PyTorch
+            otherwise; "triton" Triton always (CUDA, or CPU under ``TRITON_INTERPRET=1``), an
+            error where it cannot run; "torch" the PyTorch reference everywhere. They give the
+            same results within float tolerance. Config files that name ``scan_backend`` (its
+            former name) load with that value here.
         use_cache: whether an evaluation-mode forward returns the ``MMRecCache`` when the call does
             not say (training-mode forwards return none unless asked).
-        decode_cuda_graph: generate() replays its one-token decode steps from a captured CUDA
-            graph on CUDA (same logits as the eager step; False runs every step eagerly).
         inference_chunk_size: in eval mode without labels, ``MMRecForCausalLM`` runs longer inputs
-            in chunks of this many tokens carrying the cache (exact), so a long prompt's peak
-            memory is set by the chunk; None runs every input in one pass.
+            in chunks of this many tokens carrying the cache (the same logits), so a long prompt's
+            peak memory is set by the chunk; None runs every input in one pass.
+        decode_cuda_graph: on CUDA, generate() replays its one-token decode steps from a captured
+            CUDA graph (the same logits as the eager step, less host time); False runs every step
+            eagerly.
+        bos_token_id, eos_token_id, pad_token_id: the tokenizer's special tokens, for generate().
     """
 
     model_type = "mmrec"
+    attribute_map = {"scan_backend": "kernel_backend"}  # code that reads the former name reads the field
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
@@ -98,7 +158,7 @@ class MMRecConfig(PretrainedConfig):
         short_conv_size: int = 0,
         short_conv_inputs: str = "all",
         use_hem: bool = True,
-        scan_backend: str = "auto",
+        kernel_backend: str = "auto",
         dropout: float = 0.0,
         initializer_range: float = 0.02,
         inference_chunk_size: Optional[int] = 4096,
@@ -111,17 +171,24 @@ class MMRecConfig(PretrainedConfig):
         **kwargs,
     ):
         given = {"hidden_size": hidden_size, "num_attention_heads": num_attention_heads,
-                 "intermediate_size": intermediate_size}
-        defaults = {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": None}
-        for seed_name, hf_name in _SEED_ALIASES.items():
-            if seed_name in kwargs:
-                value = kwargs.pop(seed_name)
-                if given[hf_name] != defaults[hf_name] and given[hf_name] != value:
-                    raise ValueError(f"MMRecConfig got {hf_name}={given[hf_name]!r} and its seed alias "
-                                     f"{seed_name}={value!r}: pass one of them")
-                given[hf_name] = value
-        hidden_size, num_attention_heads, intermediate_size = (
-            given["hidden_size"], given["num_attention_heads"], given["intermediate_size"])
+                 "intermediate_size": intermediate_size, "kernel_backend": kernel_backend}
+        for alias, name in ALIASES.items():
+            if alias in kwargs:
+                value = kwargs.pop(alias)
+                default = inspect.signature(MMRecConfig.__init__).parameters[name].default
+                if given[name] != default and given[name] != value:
+                    raise ValueError(f"MMRecConfig got {name}={given[name]!r} and its alias {alias}={value!r}: "
+                                     f"pass one of them")
+                given[name] = value
+        hidden_size, num_attention_heads, intermediate_size, kernel_backend = (
+            given["hidden_size"], given["num_attention_heads"], given["intermediate_size"], given["kernel_backend"])
+        unknown = sorted(name for name in kwargs if not name.startswith("_") and name not in _transformers_fields())
+        if unknown:
+            own = sorted(set(inspect.signature(MMRecConfig.__init__).parameters) - {"self", "kwargs"})
+            hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, own, 1))
+                     else repr(name) for name in unknown]
+            raise ValueError(f"MMRecConfig got unknown field(s) {', '.join(hints)}: neither an MM-Rec field (see "
+                             f"MMRecConfig's docstring) nor one of PretrainedConfig's")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -144,7 +211,7 @@ class MMRecConfig(PretrainedConfig):
         self.short_conv_size = short_conv_size
         self.short_conv_inputs = short_conv_inputs
         self.use_hem = use_hem
-        self.scan_backend = scan_backend
+        self.kernel_backend = kernel_backend
         self.dropout = dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -189,8 +256,10 @@ class MMRecConfig(PretrainedConfig):
             raise ValueError(f"MMRecConfig.recurrence_gate must be one of {RECURRENCE_GATES}, got {self.recurrence_gate!r}")
         if self.memory_levels not in MEMORY_LEVELS:
             raise ValueError(f"MMRecConfig.memory_levels must be one of {MEMORY_LEVELS}, got {self.memory_levels!r}")
-        if self.scan_backend not in SCAN_BACKENDS:
-            raise ValueError(f"MMRecConfig.scan_backend must be one of {SCAN_BACKENDS}, got {self.scan_backend!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"MMRecConfig.kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(f"MMRecConfig.hidden_act must be one of {tuple(sorted(ACT2FN))}, got {self.hidden_act!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"MMRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.rms_norm_eps) > 0.0:
@@ -228,9 +297,9 @@ class MMRecConfig(PretrainedConfig):
 
     @classmethod
     def unknown_fields(cls, fields) -> list:
-        """The names in ``fields`` that are not MMRecConfig arguments, sorted (PretrainedConfig would
-        store a misspelt one as a silent attribute)."""
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        """The names in ``fields`` that are not MMRecConfig's own fields (or their aliases), sorted:
+        for tools that take model fields only (the constructor also accepts PretrainedConfig's)."""
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} | set(ALIASES)
         return sorted(name for name in fields if name not in accepted)
 
     @property

@@ -61,7 +61,8 @@ def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, num_items_in_
                    chunk_rows: Optional[int] = None) -> Tensor:
     """Mean next-token cross-entropy of ``hidden @ weight.T`` against ``labels`` shifted by one,
     as transformers' causal-LM loss computes it (IGNORE_INDEX skipped; divided by
-    ``num_items_in_batch`` when given, for gradient accumulation), without the logits.
+    ``num_items_in_batch`` when given, for gradient accumulation; NaN when no label is scored and
+    ``num_items_in_batch`` is not given, with zero gradients), without the logits.
 
     hidden: [B, T, d]; weight: [V, d]; labels: [B, T] long. Under autocast the product runs
     in the autocast dtype; the loss and its accumulation are fp32.
@@ -75,8 +76,13 @@ def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, num_items_in_
     targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
     total = _LinearCrossEntropy.apply(hidden.reshape(B * T, d), weight, targets, rows)
+    # total / divisor, as transformers' loss: NaN with nothing to score and no num_items_in_batch
+    # (0 / 0). A zero divisor's gradient is taken as zero (transformers' is), not 0 * inf = NaN.
     if num_items_in_batch is None:
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-    if isinstance(num_items_in_batch, Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        divisor = (targets != IGNORE_INDEX).sum()
+    elif isinstance(num_items_in_batch, Tensor):
+        divisor = num_items_in_batch.to(total.device)
+    else:  # a number: no tensor made from it (a copy to the device every step)
+        return total / num_items_in_batch if num_items_in_batch else (total / 0.0).detach() + 0.0 * total
+    empty = divisor == 0
+    return torch.where(empty, (total / divisor).detach(), total / torch.where(empty, 1, divisor))

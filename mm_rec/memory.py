@@ -15,7 +15,7 @@ Because visibility depends only on a token's offset j = p mod L inside its segme
 attention is one batched call over all B * K segments against their own S + C entries,
 with one static [L, S + C] mask. The only sequential step is the fold from one segment to
 the next: its routing (an argmax, no gradient) runs as one small kernel per row
-(``memory_triton.py`` on CUDA, a loop over segments elsewhere), and the slot trajectory it
+(``memory_triton.py`` on CUDA, a loop over segments elsewhere; ``config.kernel_backend`` chooses), and the slot trajectory it
 implies is a diagonal linear recurrence over segments, computed by the scan op, which
 gives its gradients.
 """
@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .memory_triton import AVAILABLE as TRITON_AVAILABLE
 from .positions import TokenLayout
-from .scan import scan
+from .scan import resolve_backend, scan
 
 
 @dataclass
@@ -122,8 +121,8 @@ def route_segments_torch(block_keys: Tensor, slot_keys: Tensor, init_keys: Tenso
 
 
 def _route_segments(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
-                    decay: float) -> Tuple[Tensor, Tensor]:
-    if block_keys.is_cuda and TRITON_AVAILABLE:
+                    decay: float, backend: str) -> Tuple[Tensor, Tensor]:
+    if resolve_backend(backend, block_keys.device) == "triton":
         from .memory_triton import route_segments_triton
 
         return route_segments_triton(block_keys, slot_keys, init_keys, restart, decay)
@@ -134,20 +133,21 @@ _route_segments_op = torch.library.custom_op("mm_rec::route_segments", mutates_a
 
 
 @_route_segments_op.register_fake
-def _(block_keys, slot_keys, init_keys, restart, decay):
+def _(block_keys, slot_keys, init_keys, restart, decay, backend):
     B, K, C, _ = block_keys.shape
     S = slot_keys.shape[1]
     return block_keys.new_empty(B, K - 1, C, S), block_keys.new_empty(B, K - 1, S)
 
 
 def route_segments(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
-                   decay: float) -> Tuple[Tensor, Tensor]:
-    """``route_segments_torch``, as one Triton kernel per row on CUDA. Traced (torch.compile,
+                   decay: float, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """``route_segments_torch``, or one Triton kernel per row where ``backend`` (the scan's choices,
+    ``config.kernel_backend``) resolves to Triton. Traced (torch.compile,
     torch.export), it is the ``torch.library`` op, one opaque call; eager, the function itself
     (a second copy of this code, e.g. a checkpoint's, re-registers the op)."""
     op = _route_segments_op if torch.compiler.is_compiling() else _route_segments
     with torch.no_grad():
-        return op(block_keys.detach(), slot_keys.detach(), init_keys.detach(), restart, float(decay))
+        return op(block_keys.detach(), slot_keys.detach(), init_keys.detach(), restart, float(decay), backend)
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ class MultiMemoryAttention(nn.Module):
         self.segment_length = config.memory_segment_length
         self.blocks_per_segment = config.blocks_per_segment
         self.decay = float(config.memory_decay)
-        self.scan_backend = config.scan_backend
+        self.kernel_backend = config.kernel_backend
         # memory_levels (ablations): "slots" hides the block summaries from the attention, "blocks"
         # never folds (the slots stay the learned ones)
         self.reads_blocks = config.memory_levels in ("slots+blocks", "blocks")
@@ -406,12 +406,13 @@ class MultiMemoryAttention(nn.Module):
         if K == 1 or not self.folds:
             return start[:, None].expand(B, K, S, width)
         learned = self.learned_slots()
-        weight, keep = route_segments(summaries[..., :d], state.slot_keys, learned[0], restart, self.decay)
+        weight, keep = route_segments(summaries[..., :d], state.slot_keys, learned[0], restart, self.decay,
+                                      self.kernel_backend)
         fresh = restart[:, 1:, None, None]
         init = torch.cat(learned, -1)  # [S, 2d]
         inputs = torch.where(fresh, init, torch.einsum("bkcs,bkce->bkse", weight, summaries[:, :-1]))
         log_keep = torch.log(keep)[..., None].masked_fill(fresh, float("-inf")).expand(-1, -1, -1, width)
-        later, _ = scan(inputs.flatten(2), log_keep.flatten(2), start.flatten(1), backend=self.scan_backend)
+        later, _ = scan(inputs.flatten(2), log_keep.flatten(2), start.flatten(1), backend=self.kernel_backend)
         return torch.cat([start[:, None], later.view(B, K - 1, S, width)], 1)
 
     def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: MemoryState):

@@ -25,7 +25,7 @@ from .graph_decode import GraphDecoder
 from .hem import HEMProjection, xavier_uniform_rows
 from .hub import write_model_card
 from .loading import check_loading_info
-from .loss import causal_lm_loss
+from .loss import IGNORE_INDEX, causal_lm_loss
 from .memory import MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import token_layout
@@ -129,7 +129,67 @@ def _unseen_tail(cache: MMRecCache, num_inputs: int, attention_mask: Optional[Te
     return n, fresh[:, -n:].long()
 
 
+def _check_embeds(embeds: Tensor, real: Tensor, mask_given: bool) -> Tensor:
+    """inputs_embeds [B, T, d] with its padded positions (real [B, T] False) set to 0, so that no
+    value there (NaN or inf included) reaches the state; ValueError for a non-finite value at a real
+    token (in eager mode: the check reads the device)."""
+    if mask_given:
+        embeds = torch.where(real[..., None], embeds, torch.zeros((), dtype=embeds.dtype, device=embeds.device))
+    if _eager():
+        bad = ~torch.isfinite(embeds).all(-1) & real
+        if bool(bad.any()):
+            row, column = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"inputs_embeds must be finite at real tokens (attention_mask = 1): row {row}, column "
+                             f"{column} holds NaN or inf")
+    return embeds
+
+
+def _check_position_ids(position_ids: Tensor, real: Tensor, offset: Tensor, B: int, T: int, cached: bool) -> None:
+    """ValueError unless position_ids [B, T] is an integer tensor in which every real token is at 0
+    (the start of a document) or at the position after the previous real token of its row, the
+    row's first real token continuing from ``offset`` [B] (the cache's position; 0 without a cache).
+    Other positions would stand for tokens the model never saw, and the memory's layout, sized by
+    the largest position, would grow with them. Values are checked in eager mode only."""
+    if tuple(position_ids.shape) != (B, T):
+        raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise ValueError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+    if not _eager():
+        return
+    position = position_ids.long().to(real.device)
+    columns = torch.arange(T, device=real.device)
+    last_real = torch.where(real, columns, -1).cummax(1).values  # the last real column at or before t
+    before = torch.cat([last_real.new_full((B, 1), -1), last_real[:, :-1]], 1)  # ... strictly before t
+    expected = torch.where(before >= 0, position.gather(1, before.clamp(min=0)) + 1, offset.to(real.device)[:, None])
+    bad = real & (position != 0) & (position != expected)
+    if bool(bad.any()):
+        row, column = (int(i) for i in bad.nonzero()[0])
+        after = "the cache's position" if cached else "0, as no cache is given"
+        raise ValueError(
+            f"position_ids must count each document's real tokens: a real token is at 0 (it starts a document) or "
+            f"at the previous real token's position + 1, a row's first real token continuing from {after}; row "
+            f"{row}, column {column} holds {int(position[row, column])}, expected 0 or {int(expected[row, column])}")
+
+
+def _check_labels(labels: Tensor, shape: Tuple[int, int], vocab_size: int) -> None:
+    """ValueError unless labels is a [B, T] integer tensor of token ids in [0, vocab_size) or
+    IGNORE_INDEX (-100), in training and evaluation alike (values: in eager mode)."""
+    if tuple(labels.shape) != shape:
+        raise ValueError(f"labels must be [B, T] = {shape}, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor of token ids, got dtype {labels.dtype}")
+    if _eager() and labels.numel():
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+        if bool(bad.any()):
+            row, column = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"labels must be token ids in [0, vocab_size={vocab_size}) or {IGNORE_INDEX} (ignored): "
+                             f"row {row}, column {column} holds {int(labels[row, column])}")
+
+
 class MMRecPreTrainedModel(PreTrainedModel):
+    """What the MM-Rec models share: their config class, their initialisation (``_init_weights``),
+    a strict ``from_pretrained`` and a ``save_pretrained`` that writes a self-contained folder."""
+
     config_class = MMRecConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -161,7 +221,14 @@ class MMRecPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
         """transformers' save_pretrained (weights, config, generation config, and the model code,
-        see mm_rec/hub.py), plus the model card README.md."""
+        see mm_rec/hub.py), plus the model card README.md. config.json's ``auto_map`` names every
+        Auto class the model supports (AutoConfig, AutoModel, AutoModelForCausalLM), whichever of
+        the two models is saved, so each loads the folder with ``trust_remote_code=True`` where
+        ``mm_rec`` is not installed."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for model_class in (MMRecModel, MMRecForCausalLM):
+            auto_map[model_class._auto_class] = f"{model_class.__module__.rsplit('.', 1)[-1]}.{model_class.__name__}"
+        self.config.auto_map = auto_map
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             write_model_card(save_directory, self.config, self.num_parameters())
@@ -222,6 +289,22 @@ def _xavier_linear_(linear: nn.Linear, sizes) -> None:
 
 
 class MMRecModel(MMRecPreTrainedModel):
+    """The MM-Rec stack without a language-model head: token embeddings, ``num_hidden_layers``
+    blocks (each a recurrence with a memory attention, then a feed-forward network) and a final
+    norm. Use it for the hidden states (features, a head of your own); ``MMRecForCausalLM`` adds
+    the head that predicts the next token.
+
+    Example::
+
+        model = MMRecModel(MMRecConfig(vocab_size=8192))
+        out = model(input_ids, attention_mask=attention_mask)
+        out.last_hidden_state  # [B, T, hidden_size]
+        out.cache              # MMRecCache: pass it back as cache= to continue the stream
+
+    The state it carries from token to token (``MMRecCache``) has a fixed size, so a token costs
+    the same at any context length, and a sequence gives the same outputs fed whole, in chunks
+    with the cache, token by token or left-padded in a batch. See ``forward`` for the inputs."""
+
     def __init__(self, config: MMRecConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -275,9 +358,12 @@ class MMRecModel(MMRecPreTrainedModel):
         return_dict: Optional[bool] = None,
         **kwargs,
     ) -> Union[Tuple, BaseModelOutputWithPast]:
-        """input_ids: [B, T]; attention_mask: [B, T] (or [B, T_past + T], HF style), 1 = real token;
-        position_ids: [B, T] for packed rows (a real token at position 0 starts a document);
-        cache / past_key_values: an MMRecCache to continue from (updated in place and returned)."""
+        """input_ids: [B, T]; inputs_embeds: [B, T, d] instead of input_ids, finite at real tokens
+        (a padded position's values are never read); attention_mask: [B, T] (or [B, T_past + T], HF
+        style), 1 = real token; position_ids: [B, T] for packed rows: each real token is at 0 (it starts
+        a document) or at the previous real token's position + 1 (the first continuing from
+        ``cache.position``, or 0 without a cache); cache / past_key_values: an MMRecCache to continue
+        from (updated in place and returned)."""
         _reject_foreign_cache(kwargs)
         hidden = self._embed(input_ids, inputs_embeds)
         B, T = hidden.shape[:2]
@@ -291,9 +377,11 @@ class MMRecModel(MMRecPreTrainedModel):
             cache.check_compatible(self.config, B)
         mask_given = attention_mask is not None
         attention_mask = self._check_mask(attention_mask, B, T, hidden.device)
-        if position_ids is not None and tuple(position_ids.shape) != (B, T):
-            raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
         offset = cache.position if cache is not None else torch.zeros(B, dtype=torch.long, device=hidden.device)
+        if inputs_embeds is not None:
+            hidden = _check_embeds(hidden, attention_mask, mask_given)
+        if position_ids is not None:
+            _check_position_ids(position_ids, attention_mask, offset, B, T, cache is not None)
         # Every token real: the short conv needs no gathers. Asked of the device in eager mode only.
         dense = self.config.short_conv_size > 0 and (not mask_given or (_eager() and bool(attention_mask.all())))
         layout = token_layout(attention_mask, position_ids, offset, fresh=cache is None, dense=dense)
@@ -334,6 +422,23 @@ class MMRecModel(MMRecPreTrainedModel):
 
 
 class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
+    """MM-Rec as a causal language model: ``MMRecModel`` plus a head over the vocabulary (tied to
+    the input embeddings by default). It trains with transformers' ``Trainer`` (``labels`` give the
+    loss; the model shifts them itself), generates with ``generate()``, and continues a saved stream
+    with ``continue_stream``.
+
+    Example::
+
+        model = MMRecForCausalLM(MMRecConfig(vocab_size=8192))
+        loss = model(input_ids, labels=input_ids).loss
+        out = model.generate(prompt, max_new_tokens=20, return_dict_in_generate=True)
+        more = model.generate(out.sequences, max_new_tokens=20, cache=out.cache)  # continues exactly
+
+    Its cache (``MMRecCache``) is a fixed-size recurrent state, not a KV cache: it does not grow with
+    the context, and it can be saved (``cache.save``) and loaded to continue a stream later. A folder
+    written by ``save_pretrained`` carries the model's code, so ``AutoModelForCausalLM.from_pretrained(
+    folder, trust_remote_code=True)`` loads it without this package."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MMRecConfig):
@@ -404,8 +509,8 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         else:
             outputs = self.model(**model_inputs, return_dict=True)
             hidden, out_cache, hidden_states = outputs.last_hidden_state[:, keep], outputs.cache, outputs.hidden_states
-        if labels is not None and labels.shape != hidden.shape[:2]:
-            raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+        if labels is not None:
+            _check_labels(labels, tuple(hidden.shape[:2]), self.config.vocab_size)
         logits = loss = None
         if labels is not None and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # training: the loss and its gradients chunk by chunk, never [B, T, vocab] logits

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from .recurrence_triton import AVAILABLE as TRITON_AVAILABLE
 from .scan import resolve_backend, scan
 
 LOG_GAMMA_MIN = math.log(1e-6)
@@ -87,21 +86,23 @@ class _RecurrenceInputs(torch.autograd.Function):
         return (*recurrence_inputs_bwd(a, g, z, real, reset, d_x, d_carry, LOG_GAMMA_MIN, LOG_GAMMA_MAX), None, None)
 
 
-def recurrence_inputs(a: Tensor, gate_logits: Tensor, z: Tensor, real: Tensor, reset: Tensor) -> Tuple[Tensor, Tensor]:
+def recurrence_inputs(a: Tensor, gate_logits: Tensor, z: Tensor, real: Tensor, reset: Tensor,
+                      backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """The scan's inputs of the "input" mode from the decay logits a = W_E GELU(p).
 
     a, gate_logits, z: [B, T, d]; real, reset: [B, T] bool. Returns (x, carry) [B, T, d] fp32:
     x = (1 - gamma) sigmoid(g~) z and carry = log gamma (0 at padding, -inf at a reset).
-    One fused Triton pass on CUDA (recurrence_triton.py); the same formulas in PyTorch elsewhere.
+    One fused Triton pass (recurrence_triton.py) where ``backend`` (the scan's choices) resolves to
+    Triton; the same formulas in PyTorch otherwise, and under torch.compile, which fuses them itself.
     """
-    if a.is_cuda and TRITON_AVAILABLE and not torch.compiler.is_compiling():
+    if resolve_backend(backend, a.device) == "triton" and not torch.compiler.is_compiling():
         return _RecurrenceInputs.apply(a.contiguous(), gate_logits.contiguous(), z.contiguous(), real, reset)
     log_gamma = log_gamma_from_logits(a).masked_fill(~real[..., None], 0.0)
     return gated_input(log_gamma, gate_logits, z), log_gamma.masked_fill(reset[..., None], float("-inf"))
 
 
 class StateGate(nn.Module):
-    """The seed's literal gate sigma(W_g h_{t-1} + b_g); makes the recurrence sequential."""
+    """The state gate sigma(W_g h_{t-1} + b_g) (recurrence_gate="state"); makes the recurrence sequential."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -185,10 +186,11 @@ def recurrence(z: Tensor, gate_logits: Optional[Tensor], decay_logits: Tensor, r
 
     z: [B, T, d]; gate_logits: [B, T, d] g~ ("input" mode) or None with ``state_gate`` ("state"
     mode); decay_logits: [B, T, d] a = W_E GELU(p); real, reset: [B, T] bool; h0: [B, d] fp32 or
-    None (zeros). Returns (h [B, T, d] fp32, h_T [B, d] fp32).
+    None (zeros); backend: "auto", "triton" or "torch" (``config.kernel_backend``), for every kernel
+    it runs. Returns (h [B, T, d] fp32, h_T [B, d] fp32).
     """
     if state_gate is None:
-        x, carry = recurrence_inputs(decay_logits, gate_logits, z, real, reset)
+        x, carry = recurrence_inputs(decay_logits, gate_logits, z, real, reset, backend)
         return scan(x, carry, h0, output_final_state=True, backend=backend)
     log_gamma = log_gamma_from_logits(decay_logits).masked_fill(~real[..., None], 0.0)
     return state_gate(z, log_gamma, reset, h0, backend)

@@ -15,8 +15,8 @@ Backends:
 Both are registered as ``torch.library`` custom ops (``mm_rec::scan_fwd`` /
 ``mm_rec::scan_bwd``) with fake implementations, so ``torch.compile`` traces the model
 without graph breaks. In eager mode the same forward and backward run under a plain
-``autograd.Function``, which skips the custom-op dispatch (about half the host time of a
-forward+backward). The backward is itself a reverse scan, so only the decays and the
+``autograd.Function``, which skips the custom-op dispatch and its host time
+(docs/ARCHITECTURE.md section 4). The backward is itself a reverse scan, so only the decays and the
 output are saved, never a [T, T] weight matrix.
 
 Dtype policy: accumulation is float32 (float64 for float64 inputs); ``h`` is returned in
@@ -25,7 +25,6 @@ Dtype policy: accumulation is float32 (float64 for float64 inputs); ``h`` is ret
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Optional, Tuple
@@ -34,8 +33,6 @@ import torch
 from torch import Tensor
 
 from .scan_triton import AVAILABLE as TRITON_AVAILABLE
-
-logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -73,8 +70,8 @@ def _chunked_scan_torch(x: Tensor, log_gamma: Tensor, h0: Tensor) -> Tuple[Tenso
 
     Two levels over chunks of about sqrt(T) steps, so the loops are O(sqrt(T)) steps of
     whole-tensor work: every chunk is scanned from a zero state (all chunks at once, one step
-    at a time), the cumulative decay inside each chunk is exp(cumsum(log gamma)) (the seed's
-    associative_scan_exponential), and the carries pass from chunk to chunk. Resets (-inf)
+    at a time), the cumulative decay inside each chunk is exp(cumsum(log gamma))
+    (``associative_scan_exponential``), and the carries pass from chunk to chunk. Resets (-inf)
     need nothing special: exp(-inf) = 0 cuts every product across them.
     """
     acc = h0.dtype
@@ -221,7 +218,9 @@ class _EagerScan(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Pick the backend that will run; raise if a forced one cannot."""
+    """Pick the backend that will run on tensors of ``device``; raise if a forced one cannot. The one
+    rule for every kernel of the model (the scan, the recurrence's inputs, the state gate's walk and
+    the memory's routing), which ``config.kernel_backend`` chooses for all of them at once."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -233,7 +232,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda" and TRITON_AVAILABLE:
             return "triton"
-        logger.debug("scan: using the PyTorch reference (device %s, triton available: %s)", device.type, TRITON_AVAILABLE)
         return "torch"
     return backend
 

@@ -47,9 +47,9 @@ except ImportError:  # CPU-only machines load the model without Triton
 
 
 def _block_sizes(device: torch.device, backward: bool = False) -> Tuple[int, int, int]:
-    """(BT steps, BD channels, num_warps) of one tile: the fastest of a sweep of tile shapes on
-    an H100 (B=8, T=4096, D=2048, bf16; research/bench_kernels.py) for the forward and for the
-    backward. The interpreter runs associative_scan's combine once per element in Python, so tiles
+    """(BT steps, BD channels, num_warps) of one tile, for the forward and for the backward: the
+    winners of research/bench_kernels.py's sweep of tile shapes (docs/ARCHITECTURE.md section 4
+    says where it ran). The interpreter runs associative_scan's combine once per element in Python, so tiles
     stay small there."""
     if device.type != "cuda":
         return 16, 16, 1

@@ -25,8 +25,10 @@ def tiny_config(**overrides) -> MMRecConfig:
     """2 layers of width 32 with 2 heads; memory blocks of 4 tokens and segments of 16 (4 blocks),
     4 slots, so rows of a few dozen tokens cross blocks, segment folds and both."""
     fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, memory_block_size=4,
-                  memory_segment_length=16, num_memory_slots=4, scan_backend="torch", eos_token_id=1, pad_token_id=0)
+                  memory_segment_length=16, num_memory_slots=4, kernel_backend="torch", eos_token_id=1, pad_token_id=0)
     fields.update(overrides)
+    if "scan_backend" in fields:  # the backend switch's former name overrides the pinned "torch"
+        fields["kernel_backend"] = fields.pop("scan_backend")
     return MMRecConfig(**fields)
 
 

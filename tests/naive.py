@@ -201,9 +201,12 @@ def naive_memory_attention(q, k, v, slot_keys, slot_values, block_size, segment_
     return out, finals
 
 
-def naive_block(block, config, x, attention_mask, position_ids):
+def naive_block(block, config, x, attention_mask, position_ids, dropout_masks=None):
     """docs/ARCHITECTURE.md section 1 for one block, written out in float64 from its parameters.
+    dropout_masks: None (evaluation) or the two [B, T, d] multipliers of the residual branches,
+    x' = x + M1 * W_o(r + m) and y = x' + M2 * FFN(RMSNorm(x')) (dropout's kept / (1 - p), or 0).
     Returns (h, y)."""
+    M1, M2 = (1.0, 1.0) if dropout_masks is None else (m.double() for m in dropout_masks)
     P = {name: p.detach().double() for name, p in block.named_parameters()}
     d, eps = config.hidden_size, config.rms_norm_eps
     x = x.double()
@@ -250,11 +253,11 @@ def naive_block(block, config, x, attention_mask, position_ids):
         r = r + m
     if config.output_gate and gated:  # the gate over the state readout and the memory read together
         r = r * proj["og"] * torch.sigmoid(proj["og"])
-    x = x + r @ P["W_o.weight"].T
+    x = x + M1 * (r @ P["W_o.weight"].T)
     u = naive_rms_norm(x, P["norm2.weight"], eps)
     act = {"gelu": naive_gelu, "silu": lambda a: a * torch.sigmoid(a)}[config.hidden_act]
     if config.ffn_gate:  # GLU: act(gate u) * up u
         inner = act(u @ P["ffn.gate.weight"].T) * (u @ P["ffn.up.weight"].T)
     else:
         inner = act(u @ P["ffn.up.weight"].T)
-    return h, x + inner @ P["ffn.down.weight"].T
+    return h, x + M2 * (inner @ P["ffn.down.weight"].T)

@@ -1,10 +1,12 @@
 """mm_rec/block.py: one MM-Rec block against tests/naive.py's float64 block (docs/ARCHITECTURE.md
-section 1), in both gate modes, fused or not, on plain, left-padded and packed rows."""
+section 1), in both gate modes, fused or not, on plain, left-padded and packed rows; dropout on
+the residual branches, never on the residual stream."""
 
 import pytest
 import torch
-from common import document_positions
+from common import document_positions, random_ids
 from naive import naive_block
+from torch import nn
 
 from mm_rec import MMRecForCausalLM
 from mm_rec.positions import token_layout
@@ -98,3 +100,68 @@ def test_fresh_state_is_the_state_before_any_token(tiny_config):
     torch.testing.assert_close(y_given, y_none, rtol=0, atol=0)
     for name, t in after_none.tensors().items():
         torch.testing.assert_close(after_given.tensors()[name], t, rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout: on each residual branch, x' = x + Dropout(W_o(r + m)), y = x' + Dropout(FFN(RMSNorm(x')))
+# ---------------------------------------------------------------------------------------
+
+class FixedMasks(nn.Module):
+    """Stands in for the block's dropout modules: its i-th call multiplies by ``masks[i]``."""
+
+    def __init__(self, masks):
+        super().__init__()
+        self.masks, self.calls = list(masks), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.masks[self.calls - 1].to(x.dtype)
+
+
+def _dropouts(module):
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Dropout)]
+
+
+def test_dropout_multiplies_each_branch_with_its_own_mask(tiny_config):
+    """Dropout's masks (kept / (1 - p), or 0), drawn here, applied where the block applies dropout:
+    the block equals the definition with those masks on the two branches, the residual stream
+    passing unscaled."""
+    config = tiny_config(dropout=0.5, memory_decay=0.8)
+    torch.manual_seed(8)
+    block = MMRecForCausalLM(config).model.layers[0].train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    B, T, d = 2, 21, config.hidden_size
+    x = torch.randn(B, T, d)
+    masks = [torch.bernoulli(torch.full((B, T, d), 0.5)) / 0.5 for _ in range(2)]
+    fixed = FixedMasks(masks)
+    names = [name for name, _ in _dropouts(block)]
+    assert names, "the block has no dropout module"
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, attr, fixed)
+    mask = torch.ones(B, T, dtype=torch.long)
+    y, _ = block(x, token_layout(mask, None, torch.zeros(B, dtype=torch.long)))
+    assert fixed.calls == 2
+    _, y_ref = naive_block(block, config, x, mask, None, dropout_masks=masks)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_of_everything_leaves_the_residual_stream(tiny_config):
+    """With every dropout at p = 1 in training mode, both branches are dropped: a block maps x to
+    x, and the whole model's logits are those of the embeddings under the final norm."""
+    config = tiny_config(dropout=0.1)
+    torch.manual_seed(3)
+    model = MMRecForCausalLM(config).train()
+    for _, dropout in _dropouts(model):
+        dropout.p = 1.0
+    x = torch.randn(2, 21, config.hidden_size)
+    y, _ = model.model.layers[0](x, token_layout(torch.ones(2, 21), None, torch.zeros(2, dtype=torch.long)))
+    torch.testing.assert_close(y, x, rtol=0, atol=0)
+    ids = random_ids((2, 21))
+    logits = model(ids).logits
+    reference = model.lm_head(model.model.norm(model.model.embed_tokens(ids))).float()
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+    model.eval()
+    assert (model(ids).logits - reference).abs().max() > 1e-3  # in evaluation mode the branches are back

@@ -1,17 +1,25 @@
-"""mm_rec/configuration_mmrec.py: every field validated (ValueError naming it), the seed's
-aliases, and the round trip through config.json."""
+"""mm_rec/configuration_mmrec.py: every field validated (ValueError naming it), unknown fields
+refused while transformers' own are kept, the aliases (the seed's names, scan_backend), and the
+round trip through config.json, old files included."""
+
+import json
 
 import pytest
-from common import VOCAB
+import torch
+from common import VOCAB, random_ids
+from transformers import AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 
-from mm_rec import MMRecConfig
+from mm_rec import MMRecConfig, MMRecForCausalLM
 
 
 @pytest.mark.parametrize("field, value, named", [
     ("hidden_size", 33, "hidden_size"),  # not divisible by 2 heads
     ("memory_segment_length", 18, "memory_segment_length"),  # not a multiple of the block size 4
     ("recurrence_gate", "gru", "recurrence_gate"),
-    ("scan_backend", "cuda", "scan_backend"),
+    ("kernel_backend", "cuda", r"kernel_backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
+    ("hidden_act", "nope", r"hidden_act must be one of \(.*'gelu'.*'silu'.*\), got 'nope'"),
+    ("hidden_act", None, "hidden_act must be one of"),
     ("vocab_size", 0, "vocab_size"),
     ("hidden_size", 0, "hidden_size"),
     ("num_hidden_layers", 0, "num_hidden_layers"),
@@ -68,8 +76,100 @@ def test_config_seed_aliases_and_round_trip(tmp_path):
     assert loaded.model_type == "mmrec"
     fields = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "pe_dim", "hidden_act", "rms_norm_eps", "memory_block_size", "memory_segment_length",
-              "num_memory_slots", "memory_decay", "recurrence_gate", "use_hem", "scan_backend", "dropout",
+              "num_memory_slots", "memory_decay", "recurrence_gate", "use_hem", "kernel_backend", "dropout",
               "initializer_range", "tie_word_embeddings", "decay_init_min", "decay_init_max", "ffn_gate",
               "short_conv_size", "short_conv_inputs"]
     for field in fields:
         assert getattr(loaded, field) == getattr(config, field), field
+
+
+def test_every_activation_transformers_knows_is_accepted(tiny_config):
+    for name in ACT2FN:
+        assert tiny_config(hidden_act=name).hidden_act == name
+
+
+@pytest.mark.parametrize("field, close", [("memory_blok_size", "memory_block_size"), ("hiden_size", "hidden_size"),
+                                          ("scan_backends", "kernel_backend"), ("zzz_unrelated", None)])
+def test_unknown_fields_are_refused_at_construction_naming_them(field, close, tiny_config, tmp_path):
+    """PretrainedConfig stores any keyword as an attribute; MMRecConfig refuses a name that is
+    neither its own field nor transformers', at construction and from a config.json."""
+    with pytest.raises(ValueError, match=f"unknown field.*'{field}'" + (f".*did you mean '{close}'" if close else "")):
+        tiny_config(**{field: 3})
+    tiny_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, field: 3}))
+    for load in (MMRecConfig.from_pretrained, AutoConfig.from_pretrained):
+        with pytest.raises(ValueError, match=f"'{field}'"):
+            load(tmp_path)
+
+
+# What transformers' PretrainedConfig takes, on the installed version or an earlier one, and what
+# transformers, its integrations and old config files pass: accepted, and kept where transformers keeps it.
+TRANSFORMERS_KWARGS = dict(
+    transformers_version="5.17.0", architectures=["MMRecForCausalLM"], dtype="bfloat16", torch_dtype="float32",
+    output_hidden_states=True, return_dict=False, chunk_size_feed_forward=0, is_encoder_decoder=False,
+    id2label={"0": "A", "1": "B"}, problem_type="regression", name_or_path="some/where", _name_or_path="some/where",
+    _commit_hash="abc", _attn_implementation_autoset=True, auto_map={"AutoConfig": "configuration_mmrec.MMRecConfig"},
+    tokenizer_class="PreTrainedTokenizerFast", is_decoder=True, max_length=20, do_sample=False, num_beams=1,
+    temperature=1.0, top_k=50, quantization_config={"quant_method": "bitsandbytes"},
+)
+
+
+def test_transformers_fields_are_accepted(tiny_config):
+    config = tiny_config(**TRANSFORMERS_KWARGS)
+    assert config.dtype == torch.bfloat16 and config.output_hidden_states and config.return_dict is False
+    assert config.id2label == {0: "A", 1: "B"} and config.problem_type == "regression"
+    assert config.architectures == ["MMRecForCausalLM"] and config.auto_map["AutoConfig"].endswith("MMRecConfig")
+    assert config.quantization_config == {"quant_method": "bitsandbytes"}
+
+
+def test_every_field_of_the_installed_pretrained_config_is_accepted(tiny_config):
+    """Each name a default PretrainedConfig holds or writes (whatever the installed transformers
+    adds) passes through MMRecConfig's constructor with its default value."""
+    base = PretrainedConfig()
+    for name, value in {**vars(base), **base.to_dict()}.items():
+        if name in ("model_type",):  # a class attribute of MMRecConfig: config.json carries "mmrec"
+            continue
+        tiny_config(**{name: value})
+
+
+OLD_CONFIG = {  # a checkpoint's config.json before kernel_backend (transformers 5.17, two Auto classes)
+    "architectures": ["MMRecForCausalLM"],
+    "auto_map": {"AutoConfig": "configuration_mmrec.MMRecConfig", "AutoModelForCausalLM": "modeling_mmrec.MMRecForCausalLM"},
+    "bos_token_id": None, "decay_init_max": 0.1, "decay_init_min": 0.001, "decode_cuda_graph": True, "dropout": 0.0,
+    "dtype": "float32", "eos_token_id": 1, "ffn_gate": False, "gate_memory": False, "hidden_act": "gelu",
+    "hidden_size": 32, "inference_chunk_size": 4096, "initializer_range": 0.02, "intermediate_size": 128,
+    "memory_block_size": 4, "memory_decay": 0.99, "memory_levels": "slots+blocks", "memory_segment_length": 16,
+    "model_type": "mmrec", "num_attention_heads": 2, "num_hidden_layers": 2, "num_memory_slots": 4,
+    "output_gate": False, "pad_token_id": 0, "pe_dim": 8, "recurrence_gate": "input", "rms_norm_eps": 1e-06,
+    "scan_backend": "torch", "short_conv_inputs": "all", "short_conv_size": 0, "tie_word_embeddings": True,
+    "transformers_version": "5.17.0", "use_cache": True, "use_hem": True, "vocab_size": VOCAB,
+}
+
+
+def test_an_old_config_json_loads_with_the_same_meaning(tmp_path, tiny_model):
+    """scan_backend, the former name of the backend switch, loads as kernel_backend (config.scan_backend
+    still reads it), and the folder saves back without the old name; the model it builds is the
+    one of today's config."""
+    (tmp_path / "config.json").write_text(json.dumps(OLD_CONFIG))
+    config = MMRecConfig.from_pretrained(tmp_path)
+    assert config.kernel_backend == "torch" and config.scan_backend == "torch"
+    for name, value in OLD_CONFIG.items():
+        if name not in ("scan_backend", "transformers_version", "dtype"):
+            assert getattr(config, name) == value, name
+    model = tiny_model(seed=4)
+    torch.manual_seed(4)
+    rebuilt = MMRecForCausalLM(config).eval()
+    ids = random_ids((1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=0)
+    config.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["kernel_backend"] == "torch" and "scan_backend" not in saved
+
+
+def test_scan_backend_and_kernel_backend_must_agree():
+    assert MMRecConfig(scan_backend="triton").kernel_backend == "triton"
+    assert MMRecConfig(scan_backend="torch", kernel_backend="torch").kernel_backend == "torch"
+    with pytest.raises(ValueError, match="kernel_backend='triton' and its alias scan_backend='torch'"):
+        MMRecConfig(kernel_backend="triton", scan_backend="torch")

@@ -1,6 +1,7 @@
 """mm_rec/loss.py: the chunked linear + cross-entropy against the plain definition
 (tests/naive.py), and the model's loss: shifted by one token, -100 ignored, the same through the
-training path (no logits) and the evaluation path."""
+training path (no logits) and the evaluation path, labels that are not token ids refused in both,
+and a batch with nothing to score handled as transformers' own models handle it."""
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def inputs(seed, B=3, T=17, d=8, V=50):
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 51, 1000])
-@pytest.mark.parametrize("num_items", [None, 29])
+@pytest.mark.parametrize("num_items", [None, 29, torch.tensor(29)], ids=["mean", "int", "tensor"])
 def test_loss_and_gradients_equal_the_definition(chunk_rows, num_items):
     hidden, weight, labels = inputs(0)
     grads = []
@@ -88,3 +89,68 @@ def test_loss_is_shifted_cross_entropy_ignoring_minus_100(tiny_model):
     # An independent check that the shift is by exactly one token: labels = ids predicts ids[t + 1].
     unshifted = F.cross_entropy(out.logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
     assert not torch.isclose(out.loss, unshifted)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("bad", [-1, -5, -101, VOCAB, VOCAB + 7])
+def test_labels_that_are_not_token_ids_are_refused_in_both_modes(mode, bad, tiny_model):
+    """Not -100 (ignored) and not in [0, vocab_size): a ValueError naming labels and the value, in
+    training (where the chunked loss would otherwise read -1 as token 0) and in evaluation."""
+    model = getattr(tiny_model(seed=3), mode)()
+    ids = random_ids((2, 9), seed=3)
+    labels = ids.clone()
+    labels[1, 4] = bad
+    with pytest.raises(ValueError, match=rf"labels must be token ids in \[0, vocab_size={VOCAB}\) or -100.*row 1, "
+                                         rf"column 4 holds {bad}"):
+        model(ids, labels=labels)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        model(ids, labels=labels.float())
+
+
+def _llama(vocab_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+NOTHING_TO_SCORE = {"none": None, "int 0": 0, "int 7": 7, "tensor 0": torch.tensor(0), "tensor 7": torch.tensor(7)}
+
+
+@pytest.mark.parametrize("num_items", list(NOTHING_TO_SCORE))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_all_ignored_labels_give_what_transformers_models_give(mode, num_items, tiny_model):
+    """Every label -100: the loss is the definition's (the summed loss, 0, over num_items_in_batch,
+    else over the scored count 0: NaN), in training and evaluation mode alike, as LlamaForCausalLM
+    computes it on the installed transformers; the gradients are zero, as Llama's are."""
+    num_items = NOTHING_TO_SCORE[num_items]
+    ids = random_ids((2, 9), seed=5)
+    labels = torch.full_like(ids, -100)
+    losses = {}
+    for name, model in (("mmrec", tiny_model(seed=3)), ("llama", _llama(VOCAB))):
+        model = getattr(model, mode)()
+        loss = model(ids, labels=labels, num_items_in_batch=num_items).loss
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads), name
+        losses[name] = loss.detach()
+    definition = torch.tensor(0.0) / (0 if num_items is None else num_items)
+    torch.testing.assert_close(losses["mmrec"], definition, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(losses["llama"], definition, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_batch_with_some_labels_ignored_scores_the_rest_in_both_modes(mode, tiny_model):
+    """With num_items_in_batch as the Trainer passes it (a tensor, over the whole accumulated
+    batch), the loss is the summed loss of the scored labels over it, in both modes."""
+    model = getattr(tiny_model(seed=3).double(), mode)()
+    ids = random_ids((2, 11), seed=6)
+    labels = ids.clone()
+    labels[0] = -100
+    labels[1, :5] = -100
+    num_items = torch.tensor(13)
+    loss = model(ids, labels=labels, num_items_in_batch=num_items).loss
+    hidden = model.model(ids).last_hidden_state
+    reference = naive_causal_lm_loss(hidden, model.lm_head.weight, labels, num_items)
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=0)  # logits are float32 in eval mode

@@ -4,6 +4,7 @@ gradients, the forward's keywords and input checks, gradient checkpointing, torc
 the same on a GPU. generate(), checkpoints and Trainer/PEFT: test_modeling_mmrec_{generate,
 checkpoint,trainer}.py."""
 
+import os
 import random
 
 import pytest
@@ -514,6 +515,111 @@ def test_value_checks_still_run_in_eager_mode(tiny_model):
         model(ids, attention_mask=torch.full((1, 6), 2))
 
 # ---------------------------------------------------------------------------------------
+# inputs_embeds and position_ids: what is valid, and what a padded position holds
+# ---------------------------------------------------------------------------------------
+
+def _embeds(model, ids):
+    return model.get_input_embeddings()(ids).detach()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("masked", [False, True])
+def test_non_finite_inputs_embeds_at_a_real_token_are_refused(value, masked, tiny_model):
+    model = tiny_model()
+    embeds = _embeds(model, random_ids((2, 7)))
+    embeds[1, 4, 3] = value
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0  # padding elsewhere in the row does not excuse a real token
+    with pytest.raises(ValueError, match=r"inputs_embeds must be finite at real tokens.*row 1, column 4"):
+        model(inputs_embeds=embeds, attention_mask=mask if masked else None)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("conv", list(CONV))
+def test_padded_positions_of_inputs_embeds_are_never_read(value, conv, tiny_model):
+    """Whatever a padded position holds (NaN, inf, a huge value), every real token's logits are
+    those of its row alone, without the padding: finite, and unchanged before and after it."""
+    model = tiny_model(**CONV[conv])
+    ids = random_ids((2, 23))
+    mask = torch.ones(2, 23, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, 9:12] = 0  # padding in the middle of a row, after a segment boundary's worth of tokens
+    embeds = _embeds(model, ids)
+    embeds[mask == 0] = value
+    with torch.no_grad():
+        logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        for row in range(2):
+            real = mask[row].bool()
+            alone = model(inputs_embeds=embeds[row, real][None]).logits[0]
+            assert torch.isfinite(logits[row, real]).all()
+            assert (logits[row, real] - alone).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("start", [1, 5, 10 ** 8])
+def test_position_ids_of_a_fresh_stream_start_at_zero(start, tiny_model):
+    """Without a cache, a row's first real token is at 0: positions that start later stand for
+    tokens the model never saw, and the memory's layout would grow with them (10**8 at once)."""
+    model = tiny_model()
+    ids = random_ids((2, 6))
+    position_ids = torch.arange(6).repeat(2, 1)
+    position_ids[1] += start
+    with pytest.raises(ValueError, match=rf"position_ids must count.*from 0, as no cache is given; row 1, column 0 "
+                                         rf"holds {start}, expected 0 or 0"):
+        model(ids, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("positions, column, expected", [
+    ([0, 1, 2, 4, 5], 3, 3),  # a gap
+    ([0, 1, 2, 2, 3], 3, 3),  # a repeat
+    ([0, 1, -1, 0, 1], 2, 2),  # negative
+])
+def test_position_ids_count_each_documents_real_tokens(positions, column, expected, tiny_model):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=rf"row 0, column {column} holds {positions[column]}, expected 0 or {expected}"):
+        model(random_ids((1, 5)), position_ids=torch.tensor([positions]))
+    with pytest.raises(ValueError, match="position_ids must be an integer tensor"):
+        model(random_ids((1, 5)), position_ids=torch.tensor([positions], dtype=torch.float32))
+
+
+def test_position_ids_with_a_cache_continue_from_its_position(tiny_model):
+    """With a cache, a row's first real token continues from cache.position (or starts a
+    document at 0); padded positions hold anything."""
+    model = tiny_model()
+    ids = random_ids((2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        cache = model(ids[:, :20], attention_mask=mask[:, :20], use_cache=True).cache
+        seen = cache.position.clone()
+        assert seen.tolist() == [20, 16]
+        good = seen[:, None] + torch.arange(10)
+        reference = model(ids[:, 20:], cache=cache.detach(), use_cache=True).logits
+        torch.testing.assert_close(model(ids[:, 20:], position_ids=good, cache=cache.detach()).logits, reference,
+                                   rtol=0, atol=0)
+        model(ids[:, 20:], position_ids=torch.arange(10).repeat(2, 1), cache=cache.detach())  # new documents
+        with pytest.raises(ValueError, match=r"continuing from the cache's position; row 1, column 0 holds 17, "
+                                             r"expected 0 or 16"):
+            model(ids[:, 20:], position_ids=good + torch.tensor([[0], [1]]), cache=cache.detach())
+        pad_mask = torch.tensor([[1] * 10, [0, 0] + [1] * 8])
+        with_padding = torch.stack([good[0], torch.cat([torch.tensor([10 ** 9, -7]), good[1, :8]])])
+        torch.testing.assert_close(
+            model(ids[:, 20:], attention_mask=pad_mask, position_ids=with_padding, cache=cache.detach()).logits[1, 2:],
+            model(ids[:, 20:], attention_mask=pad_mask, cache=cache.detach()).logits[1, 2:], rtol=0, atol=0)
+
+
+def test_position_ids_counted_from_the_mask_equal_no_position_ids(tiny_model):
+    """Positions as transformers derives them for a left-padded batch (cumsum(mask) - 1, padding
+    at 1) are valid and give the logits of no position_ids."""
+    model = tiny_model()
+    ids = random_ids((2, 25))
+    mask = torch.ones(2, 25, dtype=torch.long)
+    mask[0, :6] = 0
+    position_ids = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask, position_ids=position_ids).logits,
+                                   model(ids, attention_mask=mask).logits, rtol=0, atol=1e-6)
+
+# ---------------------------------------------------------------------------------------
 # torch.export
 # ---------------------------------------------------------------------------------------
 
@@ -575,6 +681,97 @@ def test_export_of_the_model(case, conv, tiny_model):
     EXPORTS[case](tiny_model(**CONV[conv]))
 
 # ---------------------------------------------------------------------------------------
+# torch.compile, and the one switch of every kernel's backend
+# ---------------------------------------------------------------------------------------
+
+def _compiled_matches_eager(model, ids, mask, backend):
+    """torch.compile(model, fullgraph=True) (a graph break raises) gives the eager logits, and in a
+    training step the eager loss and gradients."""
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
+    model.train()
+    eager = model(ids, attention_mask=mask, labels=ids).loss
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    loss = compiled(ids, attention_mask=mask, labels=ids).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for (name, _), got, want in zip(model.named_parameters(), grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_fullgraph_with_the_default_kernel_backend(tiny_model):
+    """The default kernel_backend ("auto") traces whole on CPU: nothing in the forward or the
+    backward breaks the graph. (aot_eager: fullgraph is dynamo's check, whatever compiles the
+    graph after it; the GPU test below runs inductor.)"""
+    model = tiny_model(kernel_backend=MMRecConfig().kernel_backend)  # tiny_config pins "torch"; the default is "auto"
+    ids = random_ids((2, 21))
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, :3] = 0
+    _compiled_matches_eager(model, ids, mask, "aot_eager")
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_with_the_default_kernel_backend_on_gpu(tiny_model):
+    model = tiny_model(kernel_backend=MMRecConfig().kernel_backend).cuda()
+    ids = random_ids((2, 40)).cuda()
+    mask = torch.ones(2, 40, dtype=torch.long, device="cuda")
+    mask[1, :3] = 0
+    _compiled_matches_eager(model, ids, mask, "inductor")
+
+
+# Every Triton kernel the model can run, by module: config.kernel_backend must choose for all of them.
+TRITON_KERNELS = {"scan_triton": ("scan_fwd", "scan_bwd"),
+                  "recurrence_triton": ("recurrence_inputs_fwd", "recurrence_inputs_bwd", "state_gate_fwd",
+                                        "state_gate_bwd"),
+                  "memory_triton": ("route_segments_triton",)}
+KERNELS_OF_GATE = {"input": {"scan_fwd", "scan_bwd", "recurrence_inputs_fwd", "recurrence_inputs_bwd",
+                             "route_segments_triton"},
+                   "state": {"state_gate_fwd", "state_gate_bwd", "scan_fwd", "scan_bwd", "route_segments_triton"}}
+
+
+def _triton_runs_here() -> bool:
+    from mm_rec.scan_triton import AVAILABLE
+
+    return AVAILABLE and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="needs Triton on CUDA or interpreted (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("gate", ["input", "state"])
+def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_model, monkeypatch):
+    """The whole model, forward and backward, once with kernel_backend="torch" and once with
+    "triton" (interpreted on CPU): "torch" runs no Triton kernel, "triton" runs every kernel the
+    configuration has (the scan, the recurrence's inputs or the state gate's walk, the memory's
+    routing), and both give the same logits and gradients."""
+    import importlib
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ran = set()
+    for module_name, names in TRITON_KERNELS.items():
+        module = importlib.import_module(f"mm_rec.{module_name}")
+        for name in names:
+            def spy(*args, _kernel=getattr(module, name), _name=name, **kwargs):
+                ran.add(_name)
+                return _kernel(*args, **kwargs)
+            monkeypatch.setattr(module, name, spy)
+    ids = random_ids((2, 20)).to(device)  # more than a segment of 16: the memory folds
+    mask = torch.ones(2, 20, dtype=torch.long, device=device)
+    mask[1, :3] = 0
+    results = {}
+    for backend in ("torch", "triton"):
+        ran.clear()
+        model = tiny_model(kernel_backend=backend, recurrence_gate=gate).to(device).train()
+        logits = model(ids, attention_mask=mask).logits
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        results[backend] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()}, set(ran))
+    assert results["torch"][2] == set()
+    assert results["triton"][2] == KERNELS_OF_GATE[gate]
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-5)
+    for name, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+# ---------------------------------------------------------------------------------------
 # On a GPU
 # ---------------------------------------------------------------------------------------
 
@@ -589,7 +786,7 @@ GPU_CONV_REC = dict(GPU_CONV, short_conv_inputs="recurrence")
 
 def gpu_model(tiny_config, backend, dtype, seed=0, **overrides):
     torch.manual_seed(seed)
-    config = tiny_config(scan_backend=backend, **{**GPU_SIZES, **overrides})
+    config = tiny_config(kernel_backend=backend, **{**GPU_SIZES, **overrides})
     return randomize_short_conv_(MMRecForCausalLM(config)).to("cuda", dtype).eval()
 
 

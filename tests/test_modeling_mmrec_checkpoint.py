@@ -47,9 +47,10 @@ def saved(tmp_path_factory, tokenizer, tiny_model):
     input_ids = tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(input_ids).logits
+        hidden = model.model(input_ids).last_hidden_state
         generated = model.generate(input_ids, max_new_tokens=12, do_sample=False)
     reference = path.parent / "reference.pt"
-    torch.save({"input_ids": input_ids, "logits": logits, "generated": generated}, reference)
+    torch.save({"input_ids": input_ids, "logits": logits, "hidden": hidden, "generated": generated}, reference)
     return path, model, reference
 
 
@@ -69,6 +70,10 @@ def _clean_env(hf_home) -> dict:
     return env
 
 
+AUTO_MAP = {"AutoConfig": "configuration_mmrec.MMRecConfig", "AutoModel": "modeling_mmrec.MMRecModel",
+            "AutoModelForCausalLM": "modeling_mmrec.MMRecForCausalLM"}
+
+
 def test_save_pretrained_writes_a_self_contained_folder(saved):
     path, _, _ = saved
     files = set(os.listdir(path))
@@ -78,8 +83,7 @@ def test_save_pretrained_writes_a_self_contained_folder(saved):
                      "tokenizer.json", "tokenizer_config.json"} <= files
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "mmrec"
-    assert config["auto_map"] == {"AutoConfig": "configuration_mmrec.MMRecConfig",
-                                  "AutoModelForCausalLM": "modeling_mmrec.MMRecForCausalLM"}
+    assert config["auto_map"] == AUTO_MAP
     generation = json.loads((path / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 0 and generation["pad_token_id"] == 1
     card = (path / "README.md").read_text()
@@ -88,30 +92,49 @@ def test_save_pretrained_writes_a_self_contained_folder(saved):
     assert "trust_remote_code=True" in card and is_our_card(path / "README.md")
 
 
+def test_saving_either_model_names_every_auto_class(tiny_model, tmp_path):
+    """The base model's folder, like the causal LM's, names all three Auto classes."""
+    model = tiny_model()
+    model.model.save_pretrained(tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["auto_map"] == AUTO_MAP
+
+
 def test_loads_where_mm_rec_is_not_importable(saved, tmp_path):
     """A fresh interpreter without site processing (so no editable-install finder), the venv's
-    site-packages only, cwd elsewhere: transformers must load everything from the folder."""
+    site-packages only, no PYTHONPATH, cwd elsewhere, where `import mm_rec` fails: transformers must
+    load everything from the folder, through each Auto class of its auto_map, giving the outputs of
+    the model that was saved."""
     path, _, reference = saved
     script = f"""
 import sys
 sys.path.append({sysconfig.get_paths()["purelib"]!r})
-import importlib.util, json
-assert importlib.util.find_spec("mm_rec") is None, "mm_rec must not be importable in this test"
+import json
+try:
+    import mm_rec
+except ImportError:
+    pass
+else:
+    raise SystemExit(f"mm_rec must not be importable in this test, found {{mm_rec.__file__}}")
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
 path, reference = sys.argv[1], torch.load(sys.argv[2])
 config = AutoConfig.from_pretrained(path, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+base = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 input_ids = tokenizer({TEXT!r}, return_tensors="pt").input_ids
 with torch.no_grad():
     logits = model(input_ids).logits
+    hidden = base(input_ids).last_hidden_state
     generated = model.generate(input_ids, max_new_tokens=12, do_sample=False)
 text = pipeline("text-generation", model=path, trust_remote_code=True)({TEXT!r}, max_new_tokens=5, do_sample=False)
 print(json.dumps(dict(
-    config_module=type(config).__module__, model_module=type(model).__module__, model_type=config.model_type,
+    config_class=type(config).__module__ + "." + type(config).__name__,
+    model_class=type(model).__module__ + "." + type(model).__name__,
+    base_class=type(base).__module__ + "." + type(base).__name__, model_type=config.model_type,
     same_ids=torch.equal(input_ids, reference["input_ids"]),
     logit_diff=(logits - reference["logits"]).abs().max().item(),
+    hidden_diff=(hidden - reference["hidden"]).abs().max().item(),
     same_generation=torch.equal(generated, reference["generated"]),
     pipeline_text=text[0]["generated_text"],
 )))
@@ -123,10 +146,11 @@ print(json.dumps(dict(
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["model_type"] == "mmrec"
-    assert result["config_module"].startswith("transformers_modules.")
-    assert result["model_module"].startswith("transformers_modules.")
+    for key, name in (("config_class", "configuration_mmrec.MMRecConfig"), ("model_class", "modeling_mmrec.MMRecForCausalLM"),
+                      ("base_class", "modeling_mmrec.MMRecModel")):
+        assert result[key].startswith("transformers_modules.") and result[key].endswith("." + name), result[key]
     assert result["same_ids"] and result["same_generation"]
-    assert result["logit_diff"] == 0.0
+    assert result["logit_diff"] == 0.0 and result["hidden_diff"] == 0.0
     assert result["pipeline_text"] == greedy_text(reference, new_tokens=5)
 
 

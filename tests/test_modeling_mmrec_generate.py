@@ -261,7 +261,7 @@ def test_prefill_peak_memory_is_set_by_the_chunk_not_the_prompt(tiny_model):
     on one position; a [B, T, d] activation would be 1 KiB a token); the whole prompt in one pass
     peaks higher."""
     model = tiny_model(hidden_size=256, num_attention_heads=4, vocab_size=4096, memory_segment_length=128,
-                       memory_block_size=16, scan_backend="auto", inference_chunk_size=512).cuda()
+                       memory_block_size=16, kernel_backend="auto", inference_chunk_size=512).cuda()
     generator = torch.Generator().manual_seed(12)
 
     def peak(T, chunk):
