@@ -113,8 +113,7 @@ def _non_finite_message(model, step: int) -> str:
     if broken:
         listed = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
         return f"{where}: its weights hold NaN or inf ({listed}); the model folder is broken"
-    return f"{where}, although its weights and the state it started from are finite (NaN weights or state? neither: " \
-           f"a value overflowed inside the model)"
+    return f"{where}, although its weights and the state it started from are finite: a value overflowed inside the model"
 
 
 # ------------------------------------------------------------------ prompts
@@ -191,7 +190,7 @@ def load_state(model, path: str | os.PathLike, fingerprint: str) -> Tuple[object
                 raise ValueError(f"{where}: layer {i} {name} holds NaN or inf, a broken state; it is left unchanged: "
                                  f"name another file to start a new stream")
     last = meta.get(LAST_TOKEN_KEY)
-    return cache, (int(last) if last is not None and last.lstrip("-").isdigit() else None)
+    return cache, (int(last) if last is not None and last.isdigit() else None)
 
 
 def save_state(cache, path: str | os.PathLike, fingerprint: str, folder: str | os.PathLike, last_token: int) -> None:

@@ -353,3 +353,12 @@ def test_bad_flags_are_one_line_errors(folder, tmp_path, capsys):
     state = tmp_path / "chat.safetensors"
     assert run(capsys, folder, "--prompt", "a", "--max-new-tokens", "2", "--state", state)[0] == 0
     assert_one_line_error(run(capsys, folder, "--prompt", "", "--state", state), "--prompt is empty")
+
+
+def test_help_says_how_turns_are_joined(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_script.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--separator" in text and "a newline" in text and "nothing is inserted after an EOS" in text
+    assert "GenerationConfig" in text and "continue_stream" in text
