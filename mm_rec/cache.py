@@ -11,9 +11,10 @@ token reads only this.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass, fields
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -117,40 +118,60 @@ class MMRecCache:
         return type(self)([layer.map(lambda t: t.to(device)) for layer in self.layers], self.position.to(device))
 
     # ------------------------------------------------------------------ disk
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
         """Write the cache to one safetensors file, atomically: a temporary file in the same
-        folder, renamed over ``path`` once complete; on any error it is removed."""
+        folder, renamed over ``path`` once complete; on any error it is removed. The file gets the
+        mode of any new file (0666 less the umask), or keeps the mode of the file it replaces.
+        ``metadata``: extra string entries stored in the file's header (``load_metadata`` reads
+        them back), e.g. which model wrote the state; the cache's own entries cannot be replaced."""
         path = os.fspath(path)
         if os.path.isdir(path):
             raise ValueError(f"MMRecCache.save: path {path!r} is a directory, expected a file name")
+        meta = {"format": CACHE_FILE_FORMAT, "version": str(CACHE_FORMAT_VERSION), "num_layers": str(len(self.layers))}
+        extra = dict(metadata or {})
+        clash = sorted(meta.keys() & extra.keys())
+        if clash:
+            raise ValueError(f"MMRecCache.save: metadata may not set the cache's own entries {clash}")
+        bad = sorted(k for k, v in extra.items() if not (isinstance(k, str) and isinstance(v, str)))
+        if bad:
+            raise ValueError(f"MMRecCache.save: metadata keys and values must be strings, got {bad}")
         tensors = {"position": self.position.detach().contiguous()}
         for i, layer in enumerate(self.layers):
             for name, t in layer.tensors().items():
                 tensors[f"layers.{i}.{name}"] = t.detach().contiguous()
-        meta = {"format": CACHE_FILE_FORMAT, "version": str(CACHE_FORMAT_VERSION), "num_layers": str(len(self.layers))}
-        folder, name = os.path.split(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
+        tmp, mode = _new_temporary(path)
         try:
-            save_file(tensors, tmp, metadata=meta)
+            save_file(tensors, tmp, metadata={**extra, **meta})
+            os.chmod(tmp, mode)  # safetensors writes its files 0600
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
 
+    @staticmethod
+    def load_metadata(path: str | os.PathLike) -> Dict[str, str]:
+        """The string entries of a cache file's header (those ``save`` wrote, its ``metadata``
+        included), read without its tensors; ValueError for a folder or a file that is not a
+        readable safetensors file."""
+        from safetensors import safe_open
+
+        _check_not_a_folder(path)
+        try:
+            with safe_open(os.fspath(path), framework="pt") as handle:
+                return dict(handle.metadata() or {})
+        except Exception as err:  # safetensors raises its own types for corrupt files
+            raise ValueError(f"cannot read an MMRecCache from {os.fspath(path)!r}: {err}") from err
+
     @classmethod
     def load(cls, path: str | os.PathLike, config=None, device=None) -> "MMRecCache":
         """Read a cache written by ``save``; every field is checked (ValueError naming it).
         With ``config``, also check it fits that model."""
-        from safetensors import safe_open
-
+        meta = cls.load_metadata(path)
         try:
-            with safe_open(os.fspath(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
             tensors = load_file(os.fspath(path), device=str(device) if device is not None else "cpu")
         except Exception as err:  # safetensors raises its own types for corrupt files
-            raise ValueError(f"cannot read an MMRecCache from {path!r}: {err}") from err
+            raise ValueError(f"cannot read an MMRecCache from {os.fspath(path)!r}: {err}") from err
         where = f"MMRecCache file {path!r}"
         if meta.get("format") != CACHE_FILE_FORMAT:
             raise ValueError(f"{path!r} is not an MMRecCache file (metadata {meta})")
@@ -226,6 +247,31 @@ class MMRecCache:
                 want = torch.long if name.endswith("count") else torch.float32
                 if t.dtype != want:
                     raise ValueError(f"{where} layer {i} {name} has dtype {t.dtype}, expected {want}")
+
+
+def _check_not_a_folder(path: str | os.PathLike) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"cannot read an MMRecCache from {os.fspath(path)!r}: it is a folder, expected a file")
+
+
+def _new_temporary(path: str) -> Tuple[str, int]:
+    """(a new empty file beside ``path``, hidden and uniquely named; the mode the saved file is to
+    have): that of an existing ``path`` it replaces, else that of any new file, 0666 less the
+    umask (read off the temporary file as created, which needs no process-wide umask call)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        try:
+            return tmp, stat.S_IMODE(os.stat(path if os.path.isfile(path) else tmp).st_mode)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    raise FileExistsError(f"cannot create a temporary file beside {path!r}")
 
 
 def _empty_conv(h: Tensor) -> Tensor:

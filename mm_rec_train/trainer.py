@@ -16,7 +16,7 @@ from mm_rec.conv import is_conv_kernel
 
 from .data import blocks, load_corpus, load_tokenizer, split_corpus, train_tokenizer
 from .evaluation import evaluate_rows
-from .generation import generate_tokens, prompt_ids
+from .generation import generate, prompt_ids, sampling_config
 from .plots import loss_history, save_loss_curve
 from .runs import (
     CHECKPOINTS,
@@ -239,10 +239,9 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
 
     model.eval()
     prompt = run.prompt if run.prompt is not None else ("ROMEO.\n" if run.data is None else "")
-    generator = torch.Generator().manual_seed(run.seed)
     ids = prompt_ids(tokenizer, prompt, continuing=False)
-    new, _ = generate_tokens(model, ids, max_new_tokens=120, temperature=0.8, top_k=50,
-                             eos_token_id=tokenizer.eos_token_id, generator=generator)
+    new, _ = generate(model, ids, sampling_config(model, tokenizer, max_new_tokens=120, temperature=0.8, top_k=50),
+                      seed=run.seed)
     sample = tokenizer.decode(ids + new, skip_special_tokens=True)
 
     train_losses = loss_history(trainer.state.log_history)["train"]

@@ -227,6 +227,40 @@ def test_cache_save_failing_midway_leaves_the_old_file_and_no_temporary(cache_fi
     assert os.listdir(path.parent) == [path.name] and path.read_bytes() == before
 
 
+def test_cache_file_carries_extra_metadata_but_not_over_its_own(cache_file):
+    path, cache, _, meta, config = cache_file
+    cache.save(path, metadata={"written_by": "a test", "turn": "2"})
+    assert MMRecCache.load_metadata(path) == {**meta, "written_by": "a test", "turn": "2"}
+    assert torch.equal(MMRecCache.load(path, config=config).position, cache.position)
+    before = path.read_bytes()
+    for bad, named in (({"version": "9"}, "version"), ({"turn": 2}, "strings")):
+        with pytest.raises(ValueError, match=named):
+            cache.save(path, metadata=bad)
+    assert path.read_bytes() == before and os.listdir(path.parent) == [path.name]
+
+
+def test_cache_file_mode_is_any_new_files_and_a_replaced_files_stays(cache_file):
+    """Like a file the user creates: 0666 less the umask for a new file (safetensors alone writes
+    0600); the mode of the file it replaces otherwise."""
+    path, cache, _, _, _ = cache_file
+    for umask, expected in ((0o022, 0o644), (0o077, 0o600)):
+        path.unlink()
+        old = os.umask(umask)
+        try:
+            cache.save(path)
+        finally:
+            os.umask(old)
+        assert oct(os.stat(path).st_mode & 0o777) == oct(expected)
+    os.chmod(path, 0o640)
+    cache.save(path)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o640)
+
+
+def test_cache_load_of_a_folder_says_so(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, expected a file"):
+        MMRecCache.load(tmp_path)
+
+
 @pytest.mark.parametrize("with_config", [True, False])
 @pytest.mark.parametrize("device", [None, "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_cache_save_load_continues_identically(tmp_path, with_config, device, tiny_model):

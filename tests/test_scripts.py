@@ -1,6 +1,6 @@
 """The main job through the scripts' entry points (in-process, tiny preset, a few kilobytes of
-the bundled corpus as --data text files): train -> evaluate -> generate -> continue from the
-saved state; Ctrl-C and resume; a used output folder; bad flags and bad data."""
+the bundled corpus as --data text files): train -> evaluate; Ctrl-C and resume; a used output
+folder; bad flags and bad data. generate.py: tests/test_train_generation.py."""
 
 import hashlib
 import importlib.util
@@ -34,7 +34,7 @@ def _script(name, folder="scripts"):
     return module
 
 
-train_script, evaluate_script, generate_script = _script("train"), _script("evaluate"), _script("generate")
+train_script, evaluate_script = _script("train"), _script("evaluate")
 QUICK = ["--preset", "tiny", "--eval-blocks", "4"]
 
 
@@ -113,41 +113,15 @@ def test_evaluate_beats_the_untrained_model_and_counts_bytes(trained, data_dir, 
     assert printed["loss"] < before["loss"] - 0.3
 
 
-def _greedy_reference(model, ids, n):
-    """Greedy continuation recomputed from the whole history at every step (no cache)."""
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[-n:]
-
-
-def test_generate_streams_and_continues_a_saved_state_exactly(trained, tmp_path, capsys):
-    state, first, second = tmp_path / "chat.safetensors", tmp_path / "1.json", tmp_path / "2.json"
-    assert generate_script.main([str(trained), "--prompt", "ROMEO.", "--greedy", "--max-new-tokens", "12",
-                                 "--state", str(state), "--json", str(first)]) == 0
-    turn1 = json.loads(first.read_text())
-    assert capsys.readouterr().out.strip() == ("ROMEO." + turn1["generated"]).strip()
-    assert state.is_file() and len(turn1["generated_ids"]) == 12
-    assert generate_script.main([str(trained), "--prompt", "\nJULIET. And", "--greedy", "--max-new-tokens", "12",
-                                 "--state", str(state), "--json", str(second)]) == 0
-    turn2 = json.loads(second.read_text())
-    history = turn1["prompt_ids"] + turn1["generated_ids"] + turn2["prompt_ids"]
-    assert turn2["stream_tokens"] == len(history) + 12
-
-    model = AutoModelForCausalLM.from_pretrained(trained, trust_remote_code=True).eval()
-    assert turn2["generated_ids"] == _greedy_reference(model, history, 12)
-
-
-def test_generate_sampling_is_seeded_and_an_empty_prompt_starts_a_document(trained, tmp_path, capsys):
-    runs = []
-    for seed in (3, 3, 4):
-        assert generate_script.main([str(trained), "--prompt", "", "--max-new-tokens", "16", "--seed", str(seed),
-                                     "--top-p", "0.9", "--json", str(tmp_path / "g.json")]) == 0
-        runs.append(json.loads((tmp_path / "g.json").read_text()))
+def test_end_of_run_sample_is_what_generate_py_gives_for_the_runs_prompt_and_seed(trained, tmp_path, capsys):
+    generate_script = _script("generate")
+    seed = json.loads((trained / "run_config.json").read_text())["seed"]
+    assert generate_script.main([str(trained), "--prompt", "ROMEO.", "--seed", str(seed), "--temperature", "0.8",
+                                 "--top-k", "50", "--max-new-tokens", "120", "--json", str(tmp_path / "g.json")]) == 0
+    record = json.loads((tmp_path / "g.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(trained, trust_remote_code=True)
-    assert runs[0]["prompt_ids"] == [tokenizer.eos_token_id]
-    assert runs[0]["generated_ids"] == runs[1]["generated_ids"] != runs[2]["generated_ids"]
+    expected = tokenizer.decode(record["prompt_ids"] + record["generated_ids"], skip_special_tokens=True)
+    assert (trained / "sample.txt").read_text(encoding="utf-8") == expected + "\n"
 
 
 @pytest.mark.slow
@@ -252,20 +226,7 @@ def test_train_refuses_the_repository_and_the_package(where, capsys):
     assert sorted(p.name for p in REPOSITORY.iterdir()) == before and not (REPOSITORY / "mm_rec" / "run").exists()
 
 
-def test_generate_and_evaluate_bad_flags_are_one_line_errors(trained, bad_data, tmp_path, capsys):
-    corrupt = tmp_path / "corrupt.safetensors"
-    corrupt.write_bytes(b"\x00" * 64)
-    generate_cases = [
-        (["--max-new-tokens", "0"], "--max-new-tokens"), (["--temperature", "0"], "--temperature"),
-        (["--top-p", "1.5"], "--top-p"), (["--top-k", "-1"], "--top-k"),
-        (["--state", str(corrupt), "--prompt", "x"], "cannot read an MMRecCache"),
-        (["--state", str(tmp_path / "no" / "dir.st")], "--state"),
-    ]
-    for flags, named in generate_cases:
-        assert_one_line_error(capsys, generate_script.main([str(trained), *flags]), named)
-    assert_one_line_error(capsys, generate_script.main([str(tmp_path / "nothing")]), "not a saved model folder")
-    assert corrupt.read_bytes() == b"\x00" * 64
-
+def test_evaluate_bad_flags_are_one_line_errors(trained, bad_data, tmp_path, capsys):
     evaluate_cases = [
         ([str(trained), "--batch-size", "0"], "--batch-size"), ([str(trained), "--data", str(bad_data / "empty.txt")], "empty"),
         ([str(trained), "--data", str(bad_data / "short.txt")], "too short"), ([str(tmp_path)], "not a saved model folder"),
