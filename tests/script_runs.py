@@ -92,16 +92,7 @@ def spy_trainer(interrupt_at_step: int | None = None):
         yield spy
 
 
-def token_bytes(tokenizer, ids) -> int:
-    """UTF-8 bytes of ``ids`` counted token by token, without decoding the sequence: a byte-level
-    BPE token's string maps back to its bytes through the GPT-2 byte alphabet; special tokens
-    (EOS, PAD) are no text and count 0 bytes."""
-    byte_of = _byte_alphabet()
-    special = set(tokenizer.all_special_ids)
-    return sum(0 if i in special else len(bytes(byte_of[c] for c in tokenizer.convert_ids_to_tokens(i))) for i in ids)
-
-
-def _byte_alphabet() -> Dict[str, int]:
+def byte_alphabet() -> Dict[str, int]:
     """{character: byte} of the GPT-2 byte-level alphabet: printable Latin-1 bytes stand for
     themselves; the others (controls, space, 0x7F-0xA0, 0xAD), in byte order, for chr(256), chr(257), ..."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
