@@ -1,6 +1,7 @@
 """``scripts/train.py --resume``: it continues from the checkpoint of the highest step (not the
-last name: checkpoint-5 sorts after checkpoint-10), trains only the steps left, keeps the saved
-tokenizer (its files untouched, its token ids the ones trained on), and refuses a changed --seed."""
+last name: checkpoint-8 sorts after checkpoint-12), trains only the steps left, keeps the saved
+tokenizer (its files untouched, its token ids the ones trained on), and refuses a changed --seed.
+Of the checkpoints, the run keeps the two of the highest steps."""
 
 import json
 import shutil
@@ -18,7 +19,7 @@ from mm_rec_train.data import load_corpus, load_shakespeare, split_corpus, token
 from mm_rec_train.runs import last_complete_checkpoint  # noqa: E402
 
 train_script = script("train")
-STEPS, SAVE_EVERY, STOPPED_AT = 12, 5, 11  # checkpoints at 5 and 10; Ctrl-C after step 11
+STEPS, SAVE_EVERY, STOPPED_AT = 14, 4, 13  # checkpoints at 4, 8 and 12; Ctrl-C after step 13
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +30,14 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def interrupted(data_dir, tmp_path_factory):
-    """A run of 12 steps stopped by Ctrl-C after step 11: complete checkpoints 5 and 10."""
+    """A run of 14 steps stopped by Ctrl-C after step 13: checkpoints 4, 8 and 12 were written,
+    the last two kept."""
     out = tmp_path_factory.mktemp("runs") / "interrupted"
     with spy_trainer(interrupt_at_step=STOPPED_AT) as spy:
         status = train_script.main([*QUICK, "--data", str(data_dir), "--max-steps", str(STEPS), "--save-steps",
                                     str(SAVE_EVERY), "--eval-steps", str(SAVE_EVERY), "--output-dir", str(out)])
     assert status == 130 and spy.steps == STOPPED_AT
-    assert {p.name for p in (out / "checkpoints").iterdir()} == {"checkpoint-5", "checkpoint-10"}
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"checkpoint-8", "checkpoint-12"}
     return out
 
 
@@ -61,11 +63,11 @@ def test_last_complete_checkpoint_is_the_highest_step(tmp_path):
 
 
 def test_resume_trains_only_the_steps_after_the_last_checkpoint(run):
-    """From checkpoint-10, not checkpoint-5 (the last by name): 2 steps, to 12 in all."""
-    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "checkpoint-5"
+    """From checkpoint-12, not checkpoint-8 (the last by name): 2 steps, to 14 in all."""
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "checkpoint-8"
     with spy_trainer() as spy:
         assert train_script.main(["--output-dir", str(run), "--resume", "--seed", "0"]) == 0  # the saved seed: accepted
-    assert spy.steps == STEPS - 2 * SAVE_EVERY
+    assert spy.steps == STEPS - 3 * SAVE_EVERY
     assert spy.trainers[0].state.global_step == STEPS
     assert json.loads((run / "results.json").read_text())["optimizer steps"] == STEPS
 
