@@ -243,7 +243,9 @@ def _dataset_documents(dataset, text_field: str, spec: str) -> Tuple[Dict[str, s
         if text_field not in rows.column_names:
             raise ValueError(f"--data {spec}: split {split!r} has no column {text_field!r} (columns: "
                              f"{', '.join(rows.column_names)}); choose one with --text-field")
-        return {f"{split}:{i:09d}": text for i, text in enumerate(rows[text_field]) if isinstance(text, str) and text.strip()}
+        # named by the --data entry too: two datasets' rows never share a name (nor replace each other)
+        return {f"{spec}:{split}:{i:09d}": text for i, text in enumerate(rows[text_field])
+                if isinstance(text, str) and text.strip()}
 
     return texts(train_name), (texts(held_name) if held_name else {})
 

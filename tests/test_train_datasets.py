@@ -93,9 +93,18 @@ def test_a_dataset_without_a_split_to_train_on_is_refused(splits, tmp_path, caps
 
 
 def test_a_dataset_trains_on_its_other_split_and_holds_out_validation_or_test(tmp_path):
-    corpus = load_corpus([str(save_splits(tmp_path / "a", "unsupervised", "test"))])
-    assert list(corpus.documents) == [f"unsupervised:{i:09d}" for i in range(6)]
-    assert list(corpus.validation) == [f"test:{i:09d}" for i in range(6)]
+    data = save_splits(tmp_path / "a", "unsupervised", "test")
+    corpus = load_corpus([str(data)])
+    assert list(corpus.documents.values()) == list(corpus.validation.values()) == [r["text"] for r in SPLIT_RECORDS]
+    assert all("unsupervised:" in name for name in corpus.documents) and all("test:" in name for name in corpus.validation)
     train_texts, held_out = split_corpus(load_corpus([str(save_splits(tmp_path / "b", "train", "test", "validation"))]), 0.05)
-    assert list(train_texts) == [f"train:{i:09d}" for i in range(6)]
-    assert list(held_out) == [f"validation:{i:09d}" for i in range(6)]
+    assert all("train:" in name for name in train_texts) and len(train_texts) == len(SPLIT_RECORDS)
+    assert all("validation:" in name for name in held_out) and len(held_out) == len(SPLIT_RECORDS)
+
+
+def test_two_datasets_give_all_their_rows(tmp_path):
+    """Rows of two saved datasets at the same split and index are two documents, not one."""
+    first, second = save_splits(tmp_path / "a", "train"), save_splits(tmp_path / "b", "train", "validation")
+    corpus = load_corpus([str(first), str(second)])
+    assert list(corpus.documents.values()) == [r["text"] for r in SPLIT_RECORDS] * 2
+    assert list(corpus.validation.values()) == [r["text"] for r in SPLIT_RECORDS]
