@@ -37,6 +37,7 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN]  # ids 0 and 1 in every tokenizer made here
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+HELD_OUT_SPLITS = ("validation", "test")  # a dataset's splits of held-out text, in order of preference
 
 
 def corpus_dir() -> Path:
@@ -229,15 +230,22 @@ def _dataset_documents(dataset, text_field: str, spec: str) -> Tuple[Dict[str, s
     import datasets
 
     splits = dict(dataset) if isinstance(dataset, datasets.DatasetDict) else {"train": dataset}
-    held_name = next((s for s in ("validation", "test") if s in splits), None)
-    train_name = "train" if "train" in splits else next(s for s in splits if s != held_name)
+    held_name = next((s for s in HELD_OUT_SPLITS if s in splits), None)
+    # Training text: "train", else any split that is not held-out text (never a test split).
+    train_name = "train" if "train" in splits else next((s for s in splits if s not in HELD_OUT_SPLITS), None)
+    if train_name is None:
+        found = ", ".join(repr(s) for s in splits) or "none"
+        raise ValueError(f"--data {spec}: no split to train on (splits: {found}); expected a 'train' split, or one "
+                         f"other than {' and '.join(repr(s) for s in HELD_OUT_SPLITS)}, which are held-out text")
 
     def texts(split: str) -> Dict[str, str]:
         rows = splits[split]
         if text_field not in rows.column_names:
             raise ValueError(f"--data {spec}: split {split!r} has no column {text_field!r} (columns: "
                              f"{', '.join(rows.column_names)}); choose one with --text-field")
-        return {f"{split}:{i:09d}": text for i, text in enumerate(rows[text_field]) if isinstance(text, str) and text.strip()}
+        # named by the --data entry too: two datasets' rows never share a name (nor replace each other)
+        return {f"{spec}:{split}:{i:09d}": text for i, text in enumerate(rows[text_field])
+                if isinstance(text, str) and text.strip()}
 
     return texts(train_name), (texts(held_name) if held_name else {})
 
