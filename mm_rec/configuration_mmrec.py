@@ -9,6 +9,9 @@ from typing import Optional
 
 from transformers import GenerationConfig, PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 RECURRENCE_GATES = ("input", "state")
 MEMORY_LEVELS = ("slots+blocks", "slots", "blocks", "none")
@@ -44,6 +47,13 @@ def _transformers_fields() -> frozenset:
     names = set(inspect.signature(PretrainedConfig.__init__).parameters) - {"self", "args", "kwargs"}
     names |= set(vars(base)) | set(base.to_dict()) | set(GenerationConfig().to_dict()) | TRANSFORMERS_FIELDS
     return frozenset(names)
+
+
+def _with_hints(unknown) -> list:
+    """The names, each with the MM-Rec field it most resembles where one is close ("did you mean")."""
+    own = sorted(set(inspect.signature(MMRecConfig.__init__).parameters) - {"self", "kwargs"})
+    return [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, own, 1))
+            else repr(name) for name in unknown]
 
 
 class MMRecConfig(PretrainedConfig):
@@ -184,10 +194,7 @@ class MMRecConfig(PretrainedConfig):
             given["hidden_size"], given["num_attention_heads"], given["intermediate_size"], given["kernel_backend"])
         unknown = sorted(name for name in kwargs if not name.startswith("_") and name not in _transformers_fields())
         if unknown:
-            own = sorted(set(inspect.signature(MMRecConfig.__init__).parameters) - {"self", "kwargs"})
-            hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, own, 1))
-                     else repr(name) for name in unknown]
-            raise ValueError(f"MMRecConfig got unknown field(s) {', '.join(hints)}: neither an MM-Rec field (see "
+            raise ValueError(f"MMRecConfig got unknown field(s) {', '.join(_with_hints(unknown))}: neither an MM-Rec field (see "
                              f"MMRecConfig's docstring) nor one of PretrainedConfig's")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -293,7 +300,18 @@ class MMRecConfig(PretrainedConfig):
         model_type = config_dict.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(f"the config has model_type {model_type!r}, expected {cls.model_type!r}: not an MM-Rec checkpoint")
-        return super().from_dict(config_dict, **kwargs)
+        # A saved config may carry attributes set after construction (by a tool, or by hand): they
+        # load back as attributes, with a warning, so that what save_pretrained wrote always loads.
+        extra = {k: v for k, v in config_dict.items()
+                 if not k.startswith("_") and k not in _transformers_fields() and k in cls.unknown_fields(config_dict)}
+        if extra:
+            logger.warning("the config holds field(s) MM-Rec does not use, kept as attributes: %s",
+                           ", ".join(_with_hints(sorted(extra))))
+        loaded = super().from_dict({k: v for k, v in config_dict.items() if k not in extra}, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        for name, value in extra.items():
+            setattr(config, name, value)
+        return loaded
 
     @classmethod
     def unknown_fields(cls, fields) -> list:

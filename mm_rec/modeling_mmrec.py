@@ -129,13 +129,14 @@ def _unseen_tail(cache: MMRecCache, num_inputs: int, attention_mask: Optional[Te
     return n, fresh[:, -n:].long()
 
 
-def _check_embeds(embeds: Tensor, real: Tensor, mask_given: bool) -> Tensor:
-    """inputs_embeds [B, T, d] with its padded positions (real [B, T] False) set to 0, so that no
-    value there (NaN or inf included) reaches the state; ValueError for a non-finite value at a real
-    token (in eager mode: the check reads the device)."""
+def _check_embeds(embeds: Tensor, real: Tensor, mask_given: bool, finite: bool) -> Tensor:
+    """The input embeddings [B, T, d] with their padded positions (real [B, T] False) set to 0, so
+    that no value there (NaN or inf included) reaches the state and a padded position reads the
+    same whether the embeddings came from input_ids or inputs_embeds; with ``finite``, ValueError
+    for a non-finite value at a real token (in eager mode: the check reads the device)."""
     if mask_given:
         embeds = torch.where(real[..., None], embeds, torch.zeros((), dtype=embeds.dtype, device=embeds.device))
-    if _eager():
+    if finite and _eager():
         bad = ~torch.isfinite(embeds).all(-1) & real
         if bool(bad.any()):
             row, column = (int(i) for i in bad.nonzero()[0])
@@ -378,8 +379,8 @@ class MMRecModel(MMRecPreTrainedModel):
         mask_given = attention_mask is not None
         attention_mask = self._check_mask(attention_mask, B, T, hidden.device)
         offset = cache.position if cache is not None else torch.zeros(B, dtype=torch.long, device=hidden.device)
-        if inputs_embeds is not None:
-            hidden = _check_embeds(hidden, attention_mask, mask_given)
+        if mask_given or inputs_embeds is not None:
+            hidden = _check_embeds(hidden, attention_mask, mask_given, finite=inputs_embeds is not None)
         if position_ids is not None:
             _check_position_ids(position_ids, attention_mask, offset, B, T, cache is not None)
         # Every token real: the short conv needs no gathers. Asked of the device in eager mode only.
@@ -658,8 +659,8 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
                                      "so the full sequence cannot be matched to it; use model.continue_stream")
                 n, mask = _unseen_tail(cache, source.shape[1], attention_mask)
         inputs = {"inputs_embeds" if source is inputs_embeds else "input_ids": source[:, -n:], _CACHE_FIELD: cache}
-        if mask is not None:
-            inputs["attention_mask"] = mask[:, -n:]
+        if mask is not None:  # a decode step passes the whole [B, past + 1] mask, as transformers' models do
+            inputs["attention_mask"] = mask if cache is not None and not is_first_iteration else mask[:, -n:]
         if position_ids is not None:
             inputs["position_ids"] = position_ids[:, -n:]
         inputs.update(kwargs)

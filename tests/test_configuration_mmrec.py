@@ -3,6 +3,7 @@ refused while transformers' own are kept, the aliases (the seed's names, scan_ba
 round trip through config.json, old files included."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -90,17 +91,25 @@ def test_every_activation_transformers_knows_is_accepted(tiny_config):
 
 @pytest.mark.parametrize("field, close", [("memory_blok_size", "memory_block_size"), ("hiden_size", "hidden_size"),
                                           ("scan_backends", "kernel_backend"), ("zzz_unrelated", None)])
-def test_unknown_fields_are_refused_at_construction_naming_them(field, close, tiny_config, tmp_path):
+def test_unknown_fields_are_refused_at_construction_and_named_when_loaded(field, close, tiny_config, tmp_path, caplog):
     """PretrainedConfig stores any keyword as an attribute; MMRecConfig refuses a name that is
-    neither its own field nor transformers', at construction and from a config.json."""
-    with pytest.raises(ValueError, match=f"unknown field.*'{field}'" + (f".*did you mean '{close}'" if close else "")):
+    neither its own field nor transformers' at construction. A config.json holding one (written by
+    hand, or saved from a config given an attribute later) loads with a warning naming it, the
+    value kept, so that whatever save_pretrained wrote loads and saves again unchanged."""
+    hint = f".*did you mean '{close}'" if close else ""
+    with pytest.raises(ValueError, match=f"unknown field.*'{field}'" + hint):
         tiny_config(**{field: 3})
-    tiny_config().save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**saved, field: 3}))
+    config = tiny_config()
+    setattr(config, field, 3)
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())[field] == 3
     for load in (MMRecConfig.from_pretrained, AutoConfig.from_pretrained):
-        with pytest.raises(ValueError, match=f"'{field}'"):
-            load(tmp_path)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            loaded = load(tmp_path)
+        same = {k: v for k, v in loaded.to_dict().items() if k != "_name_or_path"}
+        assert getattr(loaded, field) == 3 and same == {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+        assert re.search(f"does not use.*'{field}'" + hint, caplog.text)
 
 
 # What transformers' PretrainedConfig takes, on the installed version or an earlier one, and what

@@ -849,3 +849,16 @@ def test_bf16_training_step_long_sequence_is_finite(overrides, tiny_config):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_padded_positions_read_the_same_from_input_ids_and_inputs_embeds(tiny_model):
+    """A padded position holds zeros whichever way the embeddings come in, so every position's
+    hidden state, padded ones included, is the same from input_ids and from their embeddings."""
+    model = tiny_model().model
+    ids = random_ids((2, 13))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :3], mask[1, 6:8] = 0, 0
+    with torch.no_grad():
+        from_ids = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        from_embeds = model(inputs_embeds=model.embed_tokens(ids), attention_mask=mask).last_hidden_state
+    assert torch.equal(from_ids, from_embeds)

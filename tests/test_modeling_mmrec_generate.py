@@ -4,6 +4,8 @@ beam search and sampling against recomputation; keywords reach forward; the full
 the returned cache continues exactly; continue_stream takes new tokens only; long prompts run in
 chunks with the same result."""
 
+import copy
+
 import pytest
 import torch
 from common import VOCAB
@@ -276,3 +278,24 @@ def test_prefill_peak_memory_is_set_by_the_chunk_not_the_prompt(tiny_model):
     short, long = peak(1024, 512), peak(8192, 512)
     assert long <= 1.1 * short + 64 * 4 * 8192
     assert peak(8192, None) > 2 * long
+
+
+def test_decode_steps_take_the_whole_mask_and_two_merged_steps_equal_one_by_one(tiny_model):
+    """transformers passes a decode step the whole [B, past + 1] attention mask (exporters merge
+    steps on that convention): the step's inputs carry it, and feeding two new tokens at once with
+    the whole mask gives the logits and state of feeding them one after the other."""
+    model = tiny_model()
+    ids, mask = left_padded_prompts()
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).cache
+        grown = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        step = model.prepare_inputs_for_generation(torch.cat([ids, ids[:, -1:]], 1), attention_mask=grown, cache=cache,
+                                                   is_first_iteration=False)
+        assert torch.equal(step["attention_mask"], grown) and step["input_ids"].shape == (2, 1)
+        new = torch.randint(2, VOCAB, (2, 2))
+        longer = torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], 1)
+        merged = model(new, attention_mask=longer, cache=copy.deepcopy(cache), use_cache=True)
+        first = model(new[:, :1], attention_mask=longer[:, :-1], cache=copy.deepcopy(cache), use_cache=True)
+        second = model(new[:, 1:], attention_mask=longer, cache=first.cache, use_cache=True)
+    torch.testing.assert_close(merged.logits[:, -1], second.logits[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged.logits[:, 0], first.logits[:, 0], atol=1e-5, rtol=1e-5)
