@@ -233,12 +233,12 @@ def test_segment_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.mm_rec.segment_places.default, (segment, *args, 8, K))
 
 
-def test_route_segments_passes_opcheck():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_route_segments_passes_opcheck(backend):
     g = torch.Generator().manual_seed(1)
     blocks, slots, init = torch.randn(2, 4, 3, 6, generator=g), torch.randn(2, 5, 6, generator=g), torch.randn(5, 6, generator=g)
     restart = torch.tensor([[False, True, False, False], [False, False, False, True]])
-    for backend in ("torch", "auto"):
-        torch.library.opcheck(torch.ops.mm_rec.route_segments.default, (blocks, slots, init, restart, 0.9, backend))
+    torch.library.opcheck(torch.ops.mm_rec.route_segments.default, (blocks, slots, init, restart, 0.9, backend))
 
 
 def test_cache_stays_float32_and_exact_under_bf16_autocast(tiny_config):
