@@ -114,7 +114,7 @@ def _trainer_class():
 
 
 class _TrainingDone(Exception):
-    """Raised before a step past max_steps: a run resumed from its last step only finishes."""
+    """Raised when training would begin at max_steps: a run resumed from its last step only finishes."""
 
 
 def _run_flow(log: Callable[[str], None]):
@@ -129,9 +129,10 @@ def _run_flow(log: Callable[[str], None]):
         survives a resume.
 
         A run resumed from a checkpoint at max_steps (killed during its final save or evaluation)
-        trains no more: Trainer would take one more step before looking at max_steps."""
+        trains no more: Trainer would take one more step before looking at max_steps. Training
+        begins once the checkpoint's state, weights and optimizer are loaded: the end starts there."""
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
                 raise _TrainingDone
 
