@@ -128,9 +128,11 @@ def check_kept_the_best(out: Path, printed: str):
     return final
 
 
-def test_the_final_model_is_the_lowest_held_out_loss(known_losses, data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("saves", [[], ["--save-steps", "3"]], ids=["saved at each evaluation", "saved every 3 steps"])
+def test_the_final_model_is_the_lowest_held_out_loss(saves, known_losses, data_dir, tmp_path, capsys):
+    """With checkpoints at other steps than the evaluations too: the best step's weights are kept."""
     out = tmp_path / "run"
-    assert train_script.main([*BEST_FLAGS, "--data", str(data_dir), "--output-dir", str(out)]) == 0
+    assert train_script.main([*BEST_FLAGS, *saves, "--data", str(data_dir), "--output-dir", str(out)]) == 0
     check_kept_the_best(out, capsys.readouterr().out)
 
 
