@@ -391,7 +391,7 @@ def _finish(run: RunConfig, output_dir: Path, trainer, config, tokenizer, train_
         "held-out loss": final["loss"], "held-out perplexity": final["perplexity"],
         "held-out bits per byte": final["bits_per_byte"], "held-out tokens": final["tokens"],
         "held-out bytes": final["bytes"], "parameters": model.num_parameters(), "vocab size": len(tokenizer),
-        "processes": args.world_size, "mixed precision": args.mixed_precision,
+        "processes": args.world_size, "threads": torch.get_num_threads(), "mixed precision": args.mixed_precision,
         "minutes (this session)": (time.time() - started) / 60, "sample": sample,
     }
     held_names = list(held_out)

@@ -1,7 +1,7 @@
 """Perplexity and bits per byte of a saved MM-Rec model on held-out text.
 
-    python scripts/evaluate.py runs/laptop                        # the run's own held-out documents
-    python scripts/evaluate.py runs/laptop --data essay.txt notes/ --output eval.json
+    .venv/bin/python scripts/evaluate.py runs/laptop                        # the run's own held-out documents
+    .venv/bin/python scripts/evaluate.py runs/laptop --data essay.txt notes/ --output eval.json
 
 Without --data, the held-out split of the run that wrote the folder (its run_config.json) is
 rebuilt exactly as in training. --data takes what train.py's --data takes and evaluates all

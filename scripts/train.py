@@ -1,17 +1,19 @@
 """Train MM-Rec on your text or the bundled Shakespeare corpus; save a self-contained model.
 
-    python scripts/train.py --preset laptop --output-dir runs/laptop        # the main job, CPU
-    python scripts/train.py --data my_texts/ --output-dir runs/mine         # .txt/.md files, .jsonl
-    python scripts/train.py --data notes.jsonl --text-field body --output-dir runs/notes
-    python scripts/train.py --preset gpu-130m --data wikitext_saved/ --output-dir runs/big
-    python scripts/train.py --output-dir runs/laptop --resume               # after Ctrl-C
-    accelerate launch --config_file configs/ddp.yaml scripts/train.py --preset gpu-130m --output-dir runs/ddp
+    .venv/bin/python scripts/train.py --preset laptop --output-dir runs/laptop        # the main job, CPU
+    .venv/bin/python scripts/train.py --data my_texts/ --output-dir runs/mine         # .txt/.md files, .jsonl
+    .venv/bin/python scripts/train.py --data notes.jsonl --text-field body --output-dir runs/notes
+    .venv/bin/python scripts/train.py --preset gpu-130m --data wikitext_saved/ --output-dir runs/big
+    .venv/bin/python scripts/train.py --output-dir runs/laptop --resume               # after Ctrl-C
+    .venv/bin/accelerate launch --config_file configs/ddp.yaml scripts/train.py --preset gpu-130m --output-dir runs/ddp
 
 The output folder gets the model (load it with AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True)), its tokenizer, generation config and model card, results.json,
-loss_curve.png, sample.txt, run_config.json and checkpoints/. A folder that already holds
-anything is refused unless --resume (continue it: same data, tokenizer and model) or
---overwrite (replace a run written by this script).
+trust_remote_code=True)): the weights of the step with the lowest periodic held-out loss, which
+results.json names ("kept step"). Also its tokenizer, generation config and model card,
+results.json, loss_curve.png, sample.txt, run_config.json and checkpoints/. A folder that already
+holds anything is refused unless --resume (continue it: same data, tokenizer and model; a run
+stopped after its last step only finishes) or --overwrite (replace a run written by this
+script: only the files it writes are deleted, and a folder holding others is refused).
 
 Under `accelerate launch` (DDP or FSDP, configs/) it runs unchanged: --batch-size rows per step
 are split between the processes, and the main process alone writes the files.

@@ -131,7 +131,8 @@ def test_ctrl_c_prints_a_resume_command_that_resumes(data_dir, tmp_path, monkeyp
 
     result = subprocess.run(command, shell=True, capture_output=True, text=True, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((out / "results.json").read_text())["optimizer steps"] == 4
+    results = json.loads((out / "results.json").read_text())
+    assert results["optimizer steps"] == 4 and results["threads"] >= 1
 
 
 # ----------------------------------------------------------------------------- threads
