@@ -1,15 +1,19 @@
-"""Command-line plumbing shared by the scripts: argument types, one-line errors, loading a saved folder."""
+"""Command-line plumbing shared by the scripts: argument types, one-line errors, loading a saved folder,
+the thread count.
+
+Nothing here imports torch or transformers at module level: the scripts parse their arguments
+(and answer ``--help``) before those heavy imports happen.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn
-
-import torch
+from typing import Callable, NoReturn, Optional, Sequence
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -59,18 +63,26 @@ def load_model_folder(folder):
     folder's own code (trust_remote_code=True)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_weight_loading()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval(), tokenizer
 
 
-def run_main(main: Callable[[], int]) -> int:
-    """Call a script's body: a user error becomes one line ``error: ...`` on stderr and exit
-    status 2; Ctrl-C before training ends quietly with status 130. transformers' weight
-    loading/saving bars are off (the training and evaluation bars stay). In a distributed run
-    (``accelerate launch``) the process ends here, see ``_leave_process_group``."""
+def quiet_weight_loading() -> None:
+    """Turn off transformers' weight loading/saving bars (the training and evaluation progress
+    stays)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Call a script's body: a user error becomes one line ``error: ...`` on stderr and exit
+    status 2; Ctrl-C before training ends quietly with status 130. In a distributed run
+    (``accelerate launch``) the process ends here, see ``_leave_process_group``. Imports
+    nothing heavy: ``main`` parses its arguments first."""
+    if "transformers" in sys.modules:
+        quiet_weight_loading()
     try:
         status = main()
     except KeyboardInterrupt:
@@ -80,15 +92,26 @@ def run_main(main: Callable[[], int]) -> int:
         if is_main_process():
             print(f"error: {one_line(err)}", file=sys.stderr)
         status = 2
-    if torch.distributed.is_initialized():
+    if _distributed():
         _leave_process_group(status)
     return status
+
+
+def _distributed() -> bool:
+    """Whether a process group is up (only possible once torch is imported)."""
+    if "torch" not in sys.modules:
+        return False
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def is_main_process() -> bool:
     """Whether this process prints and writes: True unless it is one of the others (rank > 0)
     of a distributed run (``accelerate launch``, ``torchrun``)."""
-    if torch.distributed.is_initialized():
+    if _distributed():
+        import torch
+
         return torch.distributed.get_rank() == 0
     return os.environ.get("RANK", "0") == "0"  # set by the launcher before the process group starts
 
@@ -100,6 +123,8 @@ def _leave_process_group(status: int) -> NoReturn:
     collective's tensors and needs the GIL for that, so at interpreter exit the thread is killed
     there (std::terminate: SIGABRT), and from destroy_process_group() the two threads deadlock.
     After a failure there is no waiting: the launcher stops the other processes."""
+    import torch
+
     if status == 0:
         torch.distributed.barrier()
     sys.stdout.flush()
@@ -109,3 +134,65 @@ def _leave_process_group(status: int) -> NoReturn:
 
 def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def command_line(script: str | os.PathLike, args: Sequence[str], interpreter: bool = True) -> str:
+    """The shell command that runs ``script`` with ``args`` under the interpreter running now
+    (``sys.executable``: a bare ``python`` may be another Python without the packages), both
+    relative to the current folder when inside it, shell-quoted. ``interpreter=False``: the
+    script and its arguments only (for a launcher's command line)."""
+    def shown(path: str, run_by_name: bool) -> str:
+        absolute = os.path.abspath(path)  # not resolve(): a venv's python is a symlink that must stay one
+        relative = os.path.relpath(absolute)
+        if relative.startswith(os.pardir):
+            return absolute
+        # the shell looks a command without a slash up in PATH
+        return relative if not run_by_name or os.sep in relative else os.path.join(os.curdir, relative)
+
+    words = [shown(os.fspath(script), False), *args]
+    return shlex.join([shown(sys.executable, True), *words] if interpreter else words)
+
+
+# ----------------------------------------------------------------------------- threads
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def idle_threads(cpus: int, load: float, processes: int = 1) -> int:
+    """Threads per process for ``processes`` processes on ``cpus`` usable cores whose 1-minute
+    load average is ``load``: the idle cores (``cpus - load``) shared between the processes,
+    rounded to the nearest integer (halves up), at least 1 and at most ``cpus // processes``.
+    More threads than idle cores make every thread wait for the busy cores."""
+    if cpus < 1 or processes < 1:
+        raise ValueError(f"cpus and processes must be positive, got {cpus} and {processes}")
+    per_process = (cpus - max(0.0, load)) / processes
+    return max(1, min(max(1, cpus // processes), math.floor(per_process + 0.5)))
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under taskset or a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_threads(requested: Optional[int], log: Callable[[str], None] = print) -> int:
+    """Set torch's intra-op thread count and say so in one line: ``requested`` (``--threads``)
+    if given; else what OMP_NUM_THREADS / MKL_NUM_THREADS asked for (torch read it at import);
+    else ``idle_threads`` of this machine now. Returns the count."""
+    import torch
+
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # set by torchrun / accelerate launch
+    given = {name: os.environ[name] for name in THREAD_VARIABLES if os.environ.get(name, "").strip()}
+    if requested is not None:
+        threads, why = requested, "--threads"
+    elif given:
+        threads, why = torch.get_num_threads(), ", ".join(f"{k}={v}" for k, v in given.items())
+    else:
+        cpus, load = usable_cpus(), (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+        threads = idle_threads(cpus, load, processes)
+        why = (f"{cpus} cores, load average {load:.1f}" + (f", {processes} processes" if processes > 1 else "")
+               + "; set --threads or OMP_NUM_THREADS to choose")
+    torch.set_num_threads(threads)
+    log(f"threads: {threads} ({why})")
+    return threads

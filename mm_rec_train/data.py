@@ -21,8 +21,10 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -160,14 +162,23 @@ class Corpus:
     validation: Optional[Dict[str, str]] = None
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def load_corpus(data: Optional[Sequence[str] | str] = None, text_field: str = "text",
-                max_documents: Optional[int] = None) -> Corpus:
+                max_documents: Optional[int] = None, log: Callable[[str], None] = _warn) -> Corpus:
     """Documents from ``data``: None for the bundled Shakespeare corpus (one document per work);
     paths of text files (one document each), folders of them (searched recursively for
-    .txt/.text/.md/.rst and .jsonl), JSONL files (one document per line, from ``text_field``),
-    a folder written by ``datasets``' ``save_to_disk``; or a dataset for ``datasets.load_dataset``,
-    "name" or "name:config" (its "validation" or "test" split, if any, becomes the held-out
-    text). ``max_documents``: the first n documents only. ValueError for anything unreadable."""
+    .txt/.text/.md/.rst and .jsonl; empty files are skipped, said through ``log``), JSONL files
+    (one document per line, from ``text_field``), a folder written by ``datasets``'
+    ``save_to_disk``; or a dataset for ``datasets.load_dataset``, "name", "namespace/name" or
+    "name:config" (its "validation" or "test" split, if any, becomes the held-out text).
+    ``max_documents``: the first n documents only. ValueError for anything unreadable.
+
+    A name that is no file or folder is looked up as a dataset only if it can be one (a Hub id):
+    offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) only in the local cache, online after one
+    quick look on the Hub, so a misspelt path fails at once instead of after the Hub's retries."""
     if max_documents is not None and max_documents <= 0:
         raise ValueError(f"max_documents must be positive, got {max_documents}")
     if data is None:
@@ -184,8 +195,8 @@ def load_corpus(data: Optional[Sequence[str] | str] = None, text_field: str = "t
                 documents.update(docs)
                 validation.update(held)
             else:
-                documents.update(_path_documents(path, text_field))
-        elif _looks_like_path(str(spec)):
+                documents.update(_path_documents(path, text_field, log))
+        elif not _could_be_dataset(str(spec)):
             raise ValueError(f"--data {spec}: no such file or folder")
         else:
             docs, held = _dataset_documents(_load_dataset(str(spec)), text_field, str(spec))
@@ -198,8 +209,47 @@ def load_corpus(data: Optional[Sequence[str] | str] = None, text_field: str = "t
     return Corpus(documents, f"{', '.join(f'`{s}`' for s in specs)} ({len(documents)} documents)", validation or None)
 
 
-def _looks_like_path(spec: str) -> bool:
-    return os.sep in spec or spec.startswith(".") or spec.endswith((".jsonl", ".json", *TEXT_SUFFIXES))
+# A Hugging Face Hub id: "name" or "namespace/name", letters, digits, "-", "_", ".", at most 96 characters.
+_HUB_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)?")
+
+
+def _could_be_dataset(spec: str) -> bool:
+    """Whether ``spec`` ("name[:config]") can name a dataset on the Hub, rather than being a path
+    (several folders, ./, ~, a file suffix, characters a Hub id cannot hold)."""
+    name = spec.partition(":")[0]
+    return (bool(_HUB_ID.fullmatch(name)) and len(name) <= 96 and "--" not in name and ".." not in name
+            and not name.lower().endswith((".jsonl", ".json", *TEXT_SUFFIXES)))
+
+
+def _offline() -> bool:
+    """Whether the Hugging Face libraries are told not to use the network."""
+    if any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+           for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return True
+    import datasets
+
+    return bool(getattr(datasets.config, "HF_HUB_OFFLINE", False))
+
+
+def _hub_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be loaded from the Hub, from one request without retries (the
+    dataset is missing, or the Hub is unreachable); None when it is there or the Hub's answer
+    says nothing clear (``load_dataset`` then explains)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(name, timeout=10)
+    except GatedRepoError:
+        return None
+    except RepositoryNotFoundError:
+        return "there is no dataset of that name on the Hugging Face Hub"
+    except HfHubHTTPError:
+        return None
+    except Exception as err:  # the HTTP client's connection errors, whatever the client
+        return (f"the Hugging Face Hub is unreachable ({one_line(err)}); a dataset in the local cache loads with "
+                "HF_HUB_OFFLINE=1")
+    return None
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -219,9 +269,15 @@ def _load_dataset(spec: str):
     import datasets
 
     name, _, config = spec.partition(":")  # "wikitext:wikitext-2-raw-v1"
+    offline = _offline()
+    problem = None if offline else _hub_problem(name)
+    if problem:
+        raise ValueError(f"--data {spec}: no such file or folder, and {problem}")
     try:
         return datasets.load_dataset(name, config or None)
-    except Exception as err:  # offline, unknown name, bad config: all one message for the user
+    except Exception as err:  # unknown name, bad config: all one message for the user
+        if offline and isinstance(err, (ConnectionError, FileNotFoundError)):  # what datasets raises for "not cached"
+            raise ValueError(f"--data {spec}: no such file or folder (and not a dataset in the local cache; offline)") from err
         raise ValueError(f"--data {spec}: not a file or folder, and `datasets.load_dataset` cannot load it "
                          f"({one_line(err)})") from err
 
@@ -250,22 +306,33 @@ def _dataset_documents(dataset, text_field: str, spec: str) -> Tuple[Dict[str, s
     return texts(train_name), (texts(held_name) if held_name else {})
 
 
-def _path_documents(path: Path, text_field: str) -> Dict[str, str]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl")
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise ValueError(f"--data {path}: the folder holds no text ({', '.join(TEXT_SUFFIXES)}) or .jsonl files")
-        documents: Dict[str, str] = {}
-        for file in files:
-            documents.update(_path_documents(file, text_field))
-        return documents
+def _path_documents(path: Path, text_field: str, log: Callable[[str], None] = _warn) -> Dict[str, str]:
+    """The documents of a file, or of the files in a folder. An empty file given alone is an
+    error; in a folder it is skipped with a warning, unless all of them are empty."""
+    if not path.is_dir():
+        return _file_documents(path, _read_text(path), text_field)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl")
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise ValueError(f"--data {path}: the folder holds no text ({', '.join(TEXT_SUFFIXES)}) or .jsonl files")
+    documents: Dict[str, str] = {}
+    for file in files:
+        text = _read_text(file)
+        if text.strip():
+            documents.update(_file_documents(file, text, text_field))
+        else:
+            log(f"warning: --data: skipping {file}: the file is empty")
+    if not documents:
+        raise ValueError(f"--data {path}: all {len(files)} text files in the folder are empty")
+    return documents
+
+
+def _file_documents(path: Path, text: str, text_field: str) -> Dict[str, str]:
     if path.suffix.lower() == ".jsonl":
-        return _jsonl_documents(path, text_field)
-    text = _read_text(path).strip()
-    if not text:
+        return _jsonl_documents(path, text, text_field)
+    if not text.strip():
         raise ValueError(f"--data {path}: the file is empty")
-    return {str(path): text}
+    return {str(path): text.strip()}
 
 
 def _read_text(path: Path) -> str:
@@ -275,9 +342,9 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"--data {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Dict[str, str]:
+def _jsonl_documents(path: Path, text: str, text_field: str) -> Dict[str, str]:
     documents = {}
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -325,8 +392,12 @@ def load_tokenizer(path: str | os.PathLike):
     LM collator never masks EOS as padding)."""
     from transformers import AutoTokenizer
 
+    folder = Path(path).expanduser()
+    if not folder.is_dir():  # else transformers takes the name for a Hub repo id ("Repo id must be in the form ...")
+        raise ValueError(f"--tokenizer {path}: " + ("not a folder (expected a tokenizer folder, e.g. one written by "
+                                                    "save_pretrained)" if folder.exists() else "no such folder"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(path))
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(folder))
     except Exception as err:  # transformers raises OSError, ValueError, or the backend's errors
         raise ValueError(f"--tokenizer {path}: cannot load a tokenizer ({one_line(err)})") from err
     if tokenizer.eos_token_id is None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
-
-import torch
 
 from .cli import one_line
 
@@ -18,7 +18,20 @@ RUN_CONFIG = "run_config.json"
 RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"  # checkpoints are written here, then renamed into place
-KEEP_CHECKPOINTS = 2
+KEEP_CHECKPOINTS = 2  # the last ones; the best one (lowest periodic held-out loss) is kept too
+
+# What train.py writes in a run folder, by name (fnmatch patterns): --overwrite deletes these and
+# nothing else. The model's code files are mm_rec's modules (save_pretrained copies them); the
+# tokenizer's are the names transformers' tokenizers save under.
+RUN_FILES = (
+    RUN_CONFIG, RESULTS, CHECKPOINTS, "loss_curve.png", "sample.txt", "README.md", "config.json",
+    "generation_config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json", ".*.tmp",  # atomic_write_text's temporary files
+    *sorted(p.name for p in (REPOSITORY / "mm_rec").glob("*.py") if p.name != "__init__.py"),
+)
+GPU_PRESETS = ("gpu-small", "gpu-130m")
 
 # model: MMRecConfig fields; vocab_size: BPE size when the tokenizer is trained here; eval_blocks: held-out
 # rows of each periodic evaluation (the final one reads all of them).
@@ -100,6 +113,8 @@ class RunConfig:
         """The preset's values, replaced by every override that is not None."""
         if preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        import torch
+
         base = {k: v for k, v in PRESETS[preset].items()}
         base["bf16"] = base["bf16"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         values = dict(preset=preset, data=None, text_field="text", max_works=None, validation_fraction=0.05,
@@ -181,7 +196,50 @@ def check_output_dir(output_dir: str | os.PathLike, resume: bool = False, overwr
         if not is_run:
             raise ValueError(f"--overwrite: {output_dir} was not written by train.py (no {RUN_CONFIG}); "
                              "delete it yourself or choose a new folder")
+        others = foreign_files(path)
+        if others:
+            shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+            raise ValueError(f"--overwrite: {output_dir} also holds files train.py did not write ({shown}); "
+                             "nothing was deleted: move them away or choose a new folder")
     return path
+
+
+def _is_run_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILES)
+
+
+def foreign_files(folder: Path) -> List[str]:
+    """The entries of a run folder that train.py did not write (relative paths, sorted): anything
+    not in RUN_FILES, and in checkpoints/ anything but checkpoint-N folders and the staging folder."""
+    found = [p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not _is_run_file(p.name)]
+    checkpoints = folder / CHECKPOINTS
+    if checkpoints.is_dir():
+        found += [f"{CHECKPOINTS}/{p.name}" for p in checkpoints.iterdir()
+                  if p.name != STAGING and checkpoint_step(p) is None]
+    elif checkpoints.exists():
+        found.append(CHECKPOINTS)
+    return sorted(found)
+
+
+def remove_run_files(folder: Path) -> None:
+    """Delete what train.py wrote in ``folder`` (RUN_FILES) and nothing else."""
+    for path in folder.iterdir():
+        if _is_run_file(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def check_device(run: "RunConfig", allow_cpu: bool) -> None:
+    """Refuse a GPU preset without a CUDA GPU (a run sized for hours on a GPU takes days on a
+    CPU) unless ``allow_cpu``."""
+    import torch
+
+    if run.preset in GPU_PRESETS and not allow_cpu and not torch.cuda.is_available():
+        raise ValueError(f"--preset {run.preset} is sized for a GPU ({run.max_steps} steps of {run.batch_size} x "
+                         f"{run.block_size} tokens) and no CUDA GPU is available (torch.cuda.is_available() is False); "
+                         "pass --allow-cpu to train it on the CPU anyway, or use --preset laptop")
 
 
 def checkpoint_step(path: Path) -> Optional[int]:

