@@ -476,6 +476,9 @@ def study_arguments(output_dir: str, steps: int, lr: float, weight_decay: float,
     )
     if args.n_gpu > 1:  # one GPU per run: several visible GPUs would make the Trainer split each batch (DataParallel)
         args._n_gpu = 1
+    if args.device != device:
+        raise ValueError(f"the study's Trainer trains on {args.device}, the model is on {device}; "
+                         "choose the GPU with CUDA_VISIBLE_DEVICES")
     return args
 
 
