@@ -476,8 +476,10 @@ def study_arguments(output_dir: str, steps: int, lr: float, weight_decay: float,
     )
     if args.n_gpu > 1:  # one GPU per run: several visible GPUs would make the Trainer split each batch (DataParallel)
         args._n_gpu = 1
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if args.device != device:
-        raise ValueError(f"the study's Trainer trains on {args.device}, the model is on {device}; "
+        raise ValueError(f"the study trains on {args.device} (the Trainer's device), not on {device}; "
                          "choose the GPU with CUDA_VISIBLE_DEVICES")
     return args
 

@@ -246,7 +246,7 @@ def test_the_loop_stops_at_the_target_on_a_diverged_loss_and_at_the_deadline(tin
 
 def test_a_model_off_the_trainers_device_is_refused(tiny_model):
     model = tiny_model().to("meta")
-    with pytest.raises(ValueError, match="trains on cpu, the model is on meta"):
+    with pytest.raises(ValueError, match=r"trains on cpu \(the Trainer's device\), not on meta"):
         quality.train_loop(model, _batches("mmrec", 2).__getitem__, lambda: {}, 2, 1e-3, 1, progress=False)
 
 
