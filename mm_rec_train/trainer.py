@@ -17,7 +17,7 @@ from mm_rec.conv import is_conv_kernel
 
 from .cli import quiet_weight_loading
 from .data import blocks, load_corpus, load_tokenizer, split_corpus, train_tokenizer
-from .evaluation import evaluate_rows
+from .evaluation import bits_per_byte, evaluate_rows, predicted_bytes
 from .generation import generate, prompt_ids, sampling_config
 from .plots import FINAL, loss_history, save_loss_curve
 from .runs import (
@@ -107,7 +107,7 @@ def _trainer_class():
             if loss is not None:
                 output.metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
                 if self.eval_bytes_per_token:
-                    output.metrics[f"{prefix}_bits_per_byte"] = loss / math.log(2) / self.eval_bytes_per_token
+                    output.metrics[f"{prefix}_bits_per_byte"] = bits_per_byte(loss, self.eval_bytes_per_token)
             return output
 
     return MMRecTrainer
@@ -416,6 +416,4 @@ def _quiet(message: str) -> None:
 
 
 def _bytes_per_token(rows: Sequence[Sequence[int]], tokenizer) -> float:
-    predicted = sum(len(r) - 1 for r in rows)
-    n_bytes = sum(len(tokenizer.decode(r[1:], skip_special_tokens=True).encode("utf-8")) for r in rows)
-    return n_bytes / predicted
+    return predicted_bytes(rows, tokenizer) / sum(len(r) - 1 for r in rows)

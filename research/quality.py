@@ -19,10 +19,13 @@ by its FFN width (``intermediate_size``); hidden size and depth stay equal. MM-R
 named dicts of MMRecConfig overrides; a variant naming a field MMRecConfig does not have is
 refused with a message, not a crash. fla is imported only when an HGRN run needs it.
 
-Training is a plain PyTorch loop (AdamW, linear warm-up then cosine decay, gradient clipping at
-1, bf16 autocast and fused AdamW on CUDA), seeded: every model sees the same batches in the same
-order. Runs write ``<out>/runs/<name>.json`` atomically when they finish; a finished run is
-skipped unless ``overwrite``. The name carries a hash of everything that defines the run,
+Training goes through the main job's loop, transformers' Trainer with the project's subclass
+(``mm_rec_train.trainer``; ``study_trainer_class`` adds the study's schedule and data order):
+AdamW with its weight-decay rule, linear warm-up then cosine decay, gradient clipping at 1, bf16
+autocast and fused AdamW on CUDA, seeded: every model sees the same batches in the same order.
+Held-out bits per byte are ``mm_rec_train.evaluation``'s, as the main job reports them. Runs
+write ``<out>/runs/<name>.json`` atomically when they finish; a finished run is skipped unless
+``overwrite``. The name carries a hash of everything that defines the run,
 MM-Rec's source code included, so changing the model makes its runs new ones.
 """
 
@@ -48,7 +51,7 @@ import torch.nn.functional as F
 
 import mm_rec
 from mm_rec import MMRecConfig
-from mm_rec_train.trainer import decays
+from mm_rec_train.evaluation import bits_per_byte, predicted_bytes, token_byte_lengths
 
 PROTOCOL_VERSION = 1
 MODEL_PACKAGE = Path(mm_rec.__file__).resolve().parent
@@ -328,17 +331,6 @@ def mqar_test_set(setting: MQARSetting, size: int, vocab_size: int, seed: int,
 
 # ----------------------------------------------------------------------------- LM data
 
-def token_byte_lengths(tokenizer) -> torch.Tensor:
-    """[vocab] UTF-8 bytes of each token of a byte-level tokenizer (mm_rec_train.data's): every
-    character of a ByteLevel token stands for one byte; special tokens are 0 bytes."""
-    special = set(tokenizer.all_special_ids)
-    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
-    for token, index in tokenizer.get_vocab().items():
-        if index not in special:
-            lengths[index] = len(token)
-    return lengths
-
-
 @dataclasses.dataclass
 class LMData:
     """Token rows of one tokenization: train [N, T], held_out [M, T], byte_lengths [vocab]."""
@@ -393,10 +385,6 @@ def batch_order(num_rows: int, steps: int, batch_size: int, seed: int) -> torch.
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, use_cache=False).logits.float()
 
@@ -406,23 +394,20 @@ def lm_metrics(model, rows: torch.Tensor, byte_lengths: torch.Tensor, batch_size
     """Held-out cross-entropy of ``rows`` [M, T] (each read from a fresh state, the first token of a
     row is context only), in eval mode and float32 (no autocast: the logits are not rounded to
     bf16, the same for every model). Returns loss (nats per predicted token), bits_per_byte
-    (total nats / ln 2 / UTF-8 bytes of the predicted tokens), tokens, bytes."""
+    (``mm_rec_train.evaluation``'s: total nats / ln 2 / UTF-8 bytes of the predicted tokens,
+    counted by ``byte_lengths``), tokens, bytes."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     nats = torch.zeros((), dtype=torch.float64, device=device)
-    n_bytes, tokens = 0, 0
-    lengths = byte_lengths.to(device)
     for batch in rows.split(batch_size):
         batch = batch.to(device)
         logits = _logits(model, batch)[:, :-1]
         targets = batch[:, 1:]
         nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").double()
-        n_bytes += int(lengths[targets].sum())
-        tokens += targets.numel()
     model.train(was_training)
-    total = float(nats)
-    return {"loss": total / tokens, "bits_per_byte": total / math.log(2) / n_bytes, "tokens": tokens, "bytes": n_bytes}
+    total, tokens, n_bytes = float(nats), rows[:, 1:].numel(), predicted_bytes(rows, byte_lengths=byte_lengths)
+    return {"loss": total / tokens, "bits_per_byte": bits_per_byte(total, n_bytes), "tokens": tokens, "bytes": n_bytes}
 
 
 @torch.no_grad()
@@ -459,57 +444,176 @@ def warmup_cosine(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def optimizer_for(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, weight decay where ``decays`` says (matrices), fused on CUDA."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay},
-              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+class StepBatches(torch.utils.data.IterableDataset):
+    """The training data of a run: ``next_batch(step)`` -> (input_ids, HF labels) for step 0 ..
+    ``steps - 1``, in that order; one item is one step's whole batch, as the model takes it."""
+
+    def __init__(self, next_batch: Callable[[int], Tuple[torch.Tensor, torch.Tensor]], steps: int):
+        self.next_batch, self.steps = next_batch, steps
+
+    def __iter__(self):
+        for step in range(self.steps):
+            input_ids, labels = self.next_batch(step)
+            yield {"input_ids": input_ids, "labels": labels, "use_cache": False}
+
+
+def study_arguments(output_dir: str, steps: int, lr: float, weight_decay: float, device: torch.device, seed: int = 0,
+                    batch_size: Optional[int] = None):
+    """TrainingArguments of a study run: AdamW (betas 0.9/0.95; fused on CUDA) with weight decay on
+    matrices (the Trainer's ``decays`` rule), gradient clipping at 1, ``steps`` steps of one batch
+    each on one device; the Trainer evaluates, logs and saves nothing (the study's callback does
+    what it needs), no progress bar, no host syncs for logging."""
+    from transformers import TrainingArguments
+
+    extra = {} if batch_size is None else {"per_device_train_batch_size": batch_size}
+    args = TrainingArguments(
+        output_dir=output_dir, max_steps=steps, learning_rate=lr, weight_decay=weight_decay, adam_beta1=0.9,
+        adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
+        optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", use_cpu=device.type != "cuda",
+        seed=seed, eval_strategy="no", save_strategy="no", logging_strategy="no", logging_nan_inf_filter=False,
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+        remove_unused_columns=False, accelerator_config={"dispatch_batches": False}, **extra,
+    )
+    if args.n_gpu > 1:  # one GPU per run: several visible GPUs would make the Trainer split each batch (DataParallel)
+        args._n_gpu = 1
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.device != device:
+        raise ValueError(f"the study trains on {args.device} (the Trainer's device), not on {device}; "
+                         "choose the GPU with CUDA_VISIBLE_DEVICES")
+    return args
+
+
+@lru_cache(maxsize=None)
+def study_trainer_class():
+    """The main job's Trainer (``mm_rec_train.trainer._trainer_class``) with the study's protocol:
+    the warm-up + cosine schedule of ``warmup_cosine``; bf16 autocast around the forward and loss
+    on CUDA (the model's own forward stays float32, so the periodic evaluations run in float32); the
+    training data as ``StepBatches`` gives it (not shuffled, not batched again); each step's loss
+    kept on the device (``step_losses``), read at evaluations only."""
+    from torch.utils.data import DataLoader
+
+    from mm_rec_train.trainer import _trainer_class
+
+    class StudyTrainer(_trainer_class()):
+        def __init__(self, *args, warmup_steps: int, step_losses: Optional[list] = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.warmup_steps = warmup_steps
+            self.step_losses = [] if step_losses is None else step_losses
+            # The model's own mean loss over the batch, for every family (fla's models take no loss
+            # keywords); with one batch per step it is the Trainer's normalisation anyway.
+            self.model_accepts_loss_kwargs = False
+            self._non_embedding_parameters = None
+
+        def get_train_dataloader(self):
+            return self.accelerator.prepare(DataLoader(self.train_dataset, batch_size=None, num_workers=0))
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                warmup = self.warmup_steps
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lambda step: warmup_cosine(step, num_training_steps, warmup))
+            return self.lr_scheduler
+
+        def autocast_smart_context_manager(self, cache_enabled: Optional[bool] = True):
+            # accelerate's mixed precision (args.bf16) would wrap model.forward in autocast for good
+            if self.args.device.type == "cuda":
+                return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
+            return nullcontext()
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.step_losses.append(loss)
+            return loss
+
+        def floating_point_ops(self, inputs) -> int:
+            # the Trainer's estimate, with the parameter count taken once rather than every step
+            if self._non_embedding_parameters is None:
+                self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs["input_ids"].numel() * self._non_embedding_parameters
+
+    return StudyTrainer
+
+
+def optimizer_for(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """The AdamW a study run trains ``model`` with, built by its Trainer (``study_arguments``;
+    building one seeds the global RNG with 0 and places ``model`` on ``device``)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmrec-study-") as scratch:
+        trainer = study_trainer_class()(model=model, args=study_arguments(scratch, 1, lr, weight_decay, device),
+                                        warmup_steps=1)
+        return trainer.create_optimizer()
+
+
+def _study_callback(losses: list, evaluate: Callable[[], dict], steps: int, eval_every: int,
+                    stop: Optional[Callable[[dict], bool]], deadline: Optional[float], progress: bool, description: str):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class StudyCallback(TrainerCallback):
+        """Every ``eval_every`` steps and at the last: {"step", "train_loss" (mean since the last
+        evaluation), **evaluate()} into ``curve``; stops the run when the loss is not finite or
+        ``stop(metrics)``; raises BudgetExhausted past ``deadline`` (time.time())."""
+
+        def __init__(self):
+            self.curve: List[dict] = []
+            self.bar = tqdm(total=steps, desc=description, disable=not progress, leave=False, dynamic_ncols=True,
+                            mininterval=1.0 if sys.stderr.isatty() else 15.0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            self.bar.update()
+            if step % eval_every == 0 or step == steps:
+                train_loss = float(torch.stack(losses).float().mean())
+                losses.clear()
+                metrics = evaluate() if math.isfinite(train_loss) else {}
+                self.curve.append({"step": step, "train_loss": train_loss, **metrics})
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in self.curve[-1].items()
+                                      if k in ("train_loss", "bits_per_byte", "accuracy")})
+                if not math.isfinite(train_loss) or (stop is not None and stop(metrics)):
+                    control.should_training_stop = True
+                    return control
+            if deadline is not None and step < steps and time.time() > deadline:
+                self.bar.close()
+                raise BudgetExhausted(f"the time budget ran out at step {step} of {description}")
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    return StudyCallback()
 
 
 def train_loop(model, next_batch: Callable[[int], Tuple[torch.Tensor, torch.Tensor]], evaluate: Callable[[], dict],
                steps: int, lr: float, eval_every: int, weight_decay: float = 0.1, warmup_fraction: float = 0.05,
                stop: Optional[Callable[[dict], bool]] = None, deadline: Optional[float] = None,
-               progress: bool = True, description: str = "") -> Tuple[List[dict], int]:
+               progress: bool = True, description: str = "", seed: int = 0,
+               batch_size: Optional[int] = None) -> Tuple[List[dict], int]:
     """Train ``model`` (already on its device) for ``steps`` steps on ``next_batch(step)`` ->
-    (input_ids, HF labels); ``evaluate()`` every ``eval_every`` steps and at the end. Stops early
-    when ``stop(metrics)`` or when the training loss is not finite. Returns (curve, steps done):
-    curve entries are {"step", "train_loss" (mean since the last evaluation), **metrics}.
-    Raises BudgetExhausted past ``deadline`` (time.time())."""
-    from tqdm.auto import tqdm
+    (input_ids, HF labels), through the main job's Trainer (``study_trainer_class``); ``evaluate()``
+    every ``eval_every`` steps and at the end. Stops early when ``stop(metrics)`` or when the
+    training loss is not finite. Returns (curve, steps done): curve entries are {"step",
+    "train_loss" (mean since the last evaluation), **metrics}. Raises BudgetExhausted past
+    ``deadline`` (time.time()). ``batch_size``: the rows of a batch, for the Trainer's bookkeeping."""
+    import tempfile
+
+    from transformers import PrinterCallback
 
     device = next(model.parameters()).device
-    optimizer = optimizer_for(model, lr, weight_decay, device)
-    warmup = max(1, int(warmup_fraction * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, warmup))
-    model.train()
-    curve, losses = [], []
-    bar = tqdm(range(1, steps + 1), desc=description, disable=not progress, leave=False, dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 15.0)
-    step = 0
-    for step in bar:
-        input_ids, labels = next_batch(step - 1)
-        with _autocast(device):
-            loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        if step % eval_every == 0 or step == steps:
-            train_loss = float(torch.stack(losses).float().mean())
-            losses = []
-            metrics = evaluate() if math.isfinite(train_loss) else {}
-            curve.append({"step": step, "train_loss": train_loss, **metrics})
-            bar.set_postfix({k: f"{v:.4g}" for k, v in curve[-1].items() if k in ("train_loss", "bits_per_byte", "accuracy")})
-            if not math.isfinite(train_loss) or (stop is not None and stop(metrics)):
-                break
-        if deadline is not None and step < steps and time.time() > deadline:
-            bar.close()
-            raise BudgetExhausted(f"the time budget ran out at step {step} of {description}")
-    bar.close()
-    return curve, step
+    losses: List[torch.Tensor] = []
+    callback = _study_callback(losses, evaluate, steps, eval_every, stop, deadline, progress, description)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmrec-study-") as scratch:
+            trainer = study_trainer_class()(
+                model=model, args=study_arguments(scratch, steps, lr, weight_decay, device, seed, batch_size),
+                train_dataset=StepBatches(next_batch, steps), callbacks=[callback],
+                warmup_steps=max(1, int(warmup_fraction * steps)), step_losses=losses)
+            trainer.remove_callback(PrinterCallback)  # it would print the Trainer's closing metrics
+            trainer.train()
+    finally:
+        callback.bar.close()
+    return callback.curve, trainer.state.global_step
 
 
 # ----------------------------------------------------------------------------- protocols and plans
@@ -947,7 +1051,8 @@ class Study:
         prepared = time.time()
         curve, steps_done = train_loop(model, next_batch, evaluate, s["steps"], run.lr, s["eval_every"], s["weight_decay"],
                                        s["warmup_fraction"], stop=stop, deadline=deadline, progress=self.progress,
-                                       description=f"{run.study} {run.key} {run.model} lr {run.lr:g}")
+                                       description=f"{run.study} {run.key} {run.model} lr {run.lr:g}", seed=s["seed"],
+                                       batch_size=s["batch_size"])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         ended = time.time()

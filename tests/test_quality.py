@@ -144,6 +144,112 @@ def test_bits_per_byte_by_definition():
     assert metrics["loss"] == pytest.approx(nats / rows[:, 1:].numel(), rel=1e-4)
 
 
+# ----------------------------------------------------------------------------- training
+
+def _naive_training(model, batches, lr, weight_decay, warmup):
+    """The study's protocol written out: AdamW (betas 0.9/0.95, eps 1e-8) with weight decay on
+    the matrices but the short convolution's kernel; the rate of step k (from 0) is lr (k + 1) / warmup
+    during the warm-up, then follows half a cosine from lr down to 0 over the remaining steps;
+    gradients scaled down to norm 1 (torch's eps 1e-6) when longer; one batch per step, in order.
+    Returns each step's loss."""
+    steps = len(batches)
+    named = list(model.named_parameters())
+    decayed = [p for n, p in named if p.ndim >= 2 and not n.endswith("short_conv.weight")]
+    others = [p for n, p in named if not (p.ndim >= 2 and not n.endswith("short_conv.weight"))]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
+                                   {"params": others, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    model.train()
+    losses = []
+    for k, (input_ids, labels) in enumerate(batches):
+        if k < warmup:
+            factor = (k + 1) / warmup
+        else:
+            factor = (1 + math.cos(math.pi * (k - warmup) / (steps - warmup))) / 2
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for _, p in named if p.grad is not None))
+        for _, p in named:
+            if p.grad is not None:
+                p.grad.mul_(min(1.0, 1.0 / (norm + 1e-6)))
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _batches(family, steps):
+    """LM batches (every label counts) for MM-Rec, MQAR batches (labels only at the answers) for Llama."""
+    if family == "mmrec":
+        ids = torch.randint(2, 64, (steps, 4, 24), generator=torch.Generator().manual_seed(3))
+        return [(x, x.clone()) for x in ids]
+    generator = torch.Generator().manual_seed(3)
+    return [(x, quality.hf_labels(y)) for x, y in
+            (quality.mqar_batch(quality.MQARSetting(32, 4), 4, 64, generator) for _ in range(steps))]
+
+
+@pytest.mark.parametrize("family", ["mmrec", "llama"])
+def test_the_study_trains_through_the_trainer_as_the_protocol_says(family, tiny_model):
+    """train_loop (transformers' Trainer, the main job's subclass) against a plain loop written
+    from the protocol: the same loss at every step and the same weights at the end."""
+    import copy
+
+    steps, lr, warmup_fraction = 7, 1e-2, 0.3  # warm-up over 2 steps, cosine over 5
+    model = tiny_model(short_conv_size=4) if family == "mmrec" else quality.build_model("llama", 64, 32, 2, 64)
+    reference = copy.deepcopy(model)
+    initial = {name: param.detach().clone() for name, param in model.named_parameters()}
+    batches = _batches(family, steps)
+    asked = []
+
+    def next_batch(step):
+        asked.append(step)
+        return batches[step]
+
+    curve, done = quality.train_loop(model, next_batch, lambda: {}, steps, lr, eval_every=1, weight_decay=0.1,
+                                     warmup_fraction=warmup_fraction, progress=False, batch_size=4)
+    expected = _naive_training(reference, batches, lr, 0.1, warmup=2)
+    assert done == steps and asked == list(range(steps)) and [c["step"] for c in curve] == list(range(1, steps + 1))
+    assert [c["train_loss"] for c in curve] == pytest.approx(expected, rel=1e-5)
+    trained, naive = dict(model.named_parameters()), dict(reference.named_parameters())
+    for name, param in trained.items():
+        torch.testing.assert_close(param, naive[name], rtol=1e-4, atol=1e-5, msg=name)
+    moved = max(float((param.detach() - initial[name]).abs().max()) for name, param in trained.items())
+    assert moved > lr  # Adam moved some weight by more than one step at the full rate: the steps took effect
+
+
+def test_the_loop_stops_at_the_target_on_a_diverged_loss_and_at_the_deadline(tiny_model):
+    import time
+
+    batches = _batches("mmrec", 10)
+    evaluations = []
+
+    def evaluate():
+        evaluations.append(len(evaluations))
+        return {"accuracy": len(evaluations) / 2}
+
+    curve, done = quality.train_loop(tiny_model(), batches.__getitem__, evaluate, 10, 1e-3, eval_every=2,
+                                     stop=lambda metrics: metrics["accuracy"] >= 1.0, progress=False)
+    assert done == 4 and [c["step"] for c in curve] == [2, 4] and curve[-1]["accuracy"] == 1.0
+
+    broken = tiny_model()
+    with torch.no_grad():
+        broken.get_input_embeddings().weight[5:].fill_(float("nan"))
+    evaluations.clear()
+    curve, done = quality.train_loop(broken, batches.__getitem__, evaluate, 10, 1e-3, eval_every=3, progress=False)
+    assert done == 3 and not evaluations and len(curve) == 1 and math.isnan(curve[0]["train_loss"])
+
+    with pytest.raises(quality.BudgetExhausted, match="at step 1 of the run"):
+        quality.train_loop(tiny_model(), batches.__getitem__, evaluate, 10, 1e-3, eval_every=5, progress=False,
+                           deadline=time.time() - 1, description="the run")
+
+
+def test_a_model_off_the_trainers_device_is_refused(tiny_model):
+    model = tiny_model().to("meta")
+    with pytest.raises(ValueError, match=r"trains on cpu \(the Trainer's device\), not on meta"):
+        quality.train_loop(model, _batches("mmrec", 2).__getitem__, lambda: {}, 2, 1e-3, 1, progress=False)
+
+
 # ----------------------------------------------------------------------------- plans
 
 def test_unknown_config_fields_and_bad_values_refuse_the_variant_only():
