@@ -114,10 +114,11 @@ def test_periodic_and_final_bits_per_byte_of_a_run(run, data_dir):
     tokenizer = AutoTokenizer.from_pretrained(run, trust_remote_code=True)
     assert token_rows([(ROW * UNITS).strip()], tokenizer, 64) == held_out_rows(data_dir, tokenizer, max_works=4)
 
-    # The periodic evaluation reads the first --eval-blocks (4) rows; its loss is nats per predicted token.
+    # The periodic evaluation (every 3 steps and at the last, where the best weights are chosen) reads the
+    # first --eval-blocks (4) rows; its loss is nats per predicted token.
     last = max((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     evaluations = [e for e in json.loads((last / "trainer_state.json").read_text())["log_history"] if "eval_loss" in e]
-    assert [e["step"] for e in evaluations] == [3]
+    assert [e["step"] for e in evaluations] == [3, 6]
     for entry in evaluations:
         assert entry["eval_bits_per_byte"] == pytest.approx(bits_per_byte(entry["eval_loss"] * 4 * 63, 4 * 63), rel=1e-6)
 
