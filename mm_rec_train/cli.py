@@ -60,12 +60,15 @@ def check_model_folder(path) -> Path:
 
 def load_model_folder(folder):
     """(model in eval mode, tokenizer) of a saved folder, through the Auto classes with the
-    folder's own code (trust_remote_code=True)."""
+    folder's own code (trust_remote_code=True); on the GPU where there is one (generation then
+    replays its CUDA-graph decode steps)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_weight_loading()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
 
 def quiet_weight_loading() -> None:

@@ -362,3 +362,11 @@ def test_help_says_how_turns_are_joined(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--separator" in text and "a newline" in text and "nothing is inserted after an EOS" in text
     assert "GenerationConfig" in text and "continue_stream" in text
+
+
+@pytest.mark.gpu
+def test_the_scripts_load_the_model_onto_the_gpu(folder):
+    from mm_rec_train.cli import load_model_folder
+
+    model, _ = load_model_folder(folder)
+    assert model.device.type == "cuda" and not model.training
