@@ -12,8 +12,9 @@ import math
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Callable, Dict, Mapping, NoReturn, Optional, Sequence, Tuple
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -162,14 +163,51 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def idle_threads(cpus: int, load: float, processes: int = 1) -> int:
-    """Threads per process for ``processes`` processes on ``cpus`` usable cores whose 1-minute
-    load average is ``load``: the idle cores (``cpus - load``) shared between the processes,
+    """Threads per process for ``processes`` processes on ``cpus`` usable cores of which ``load``
+    are busy: the idle cores (``cpus - load``) shared between the processes,
     rounded to the nearest integer (halves up), at least 1 and at most ``cpus // processes``.
     More threads than idle cores make every thread wait for the busy cores."""
     if cpus < 1 or processes < 1:
         raise ValueError(f"cpus and processes must be positive, got {cpus} and {processes}")
     per_process = (cpus - max(0.0, load)) / processes
     return max(1, min(max(1, cpus // processes), math.floor(per_process + 0.5)))
+
+
+def cpu_times(stat: str) -> Dict[int, Tuple[int, int]]:
+    """{core: (total, idle) jiffies} from the text of /proc/stat (idle counts iowait too)."""
+    times = {}
+    for line in stat.splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+            times[int(name[3:])] = (sum(ticks), ticks[3] + (ticks[4] if len(ticks) > 4 else 0))
+    return times
+
+
+def busy_between(before: Mapping[int, Tuple[int, int]], after: Mapping[int, Tuple[int, int]], cores) -> float:
+    """How many of ``cores`` were busy between two ``cpu_times`` readings (each core's busy share, summed)."""
+    busy = 0.0
+    for core in cores:
+        if core in before and core in after and after[core][0] > before[core][0]:
+            total, idle = after[core][0] - before[core][0], after[core][1] - before[core][1]
+            busy += 1.0 - idle / total
+    return busy
+
+
+def busy_cores(window: float = 0.3) -> Optional[float]:
+    """The usable cores busy now, measured over ``window`` seconds from /proc/stat; where there is
+    none, the 1-minute load average. (The load average alone lags: right after the set-up's pip
+    it still counts a busy core on an idle machine.)"""
+    try:
+        with open("/proc/stat") as f:
+            before = cpu_times(f.read())
+        time.sleep(window)
+        with open("/proc/stat") as f:
+            after = cpu_times(f.read())
+    except OSError:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else before.keys()
+    return busy_between(before, after, cores)
 
 
 def usable_cpus() -> int:
@@ -192,9 +230,9 @@ def set_threads(requested: Optional[int], log: Callable[[str], None] = print) ->
     elif given:
         threads, why = torch.get_num_threads(), ", ".join(f"{k}={v}" for k, v in given.items())
     else:
-        cpus, load = usable_cpus(), (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+        cpus, load = usable_cpus(), busy_cores() or 0.0
         threads = idle_threads(cpus, load, processes)
-        why = (f"{cpus} cores, load average {load:.1f}" + (f", {processes} processes" if processes > 1 else "")
+        why = (f"{cpus} cores, {load:.1f} busy" + (f", {processes} processes" if processes > 1 else "")
                + "; set --threads or OMP_NUM_THREADS to choose")
     torch.set_num_threads(threads)
     log(f"threads: {threads} ({why})")

@@ -153,6 +153,26 @@ def test_idle_threads_is_the_idle_cores(cpus, load, processes):
     assert cli.idle_threads(cpus, load, processes) == _nearest_idle(cpus, load, processes)
 
 
+STAT = """cpu  900 0 300 1800 0 0 0 0 0 0
+cpu0 {0} 0 100 {1} {2} 0 0 0 0 0
+cpu1 200 0 100 700 0 0 0 0 0 0
+cpu2 100 0 0 {3} 0 0 0 0 0 0
+intr 12345
+"""
+
+
+def test_busy_cores_are_each_cores_share_of_non_idle_time_between_two_readings():
+    """Core 0: 40 of 90 jiffies busy (iowait counts as idle); core 1: none passed; core 2: all
+    idle. Only the usable cores count."""
+    before = cli.cpu_times(STAT.format(100, 400, 0, 500))
+    after = cli.cpu_times(STAT.format(140, 440, 10, 600))
+    assert before[1] == (1000, 700) and after[0] == (690, 450)
+    assert cli.busy_between(before, after, {0, 1, 2}) == pytest.approx(40 / 90)
+    assert cli.busy_between(before, after, {2}) == 0.0
+    measured = cli.busy_cores(window=0.05)
+    assert measured is None or 0.0 <= measured <= cli.usable_cpus() + 1e-9
+
+
 @pytest.fixture
 def torch_threads():
     import torch
@@ -180,7 +200,7 @@ def no_training(monkeypatch):
 
 def _busy_machine(monkeypatch, cpus=8, load=5.3):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load), raising=False)
+    monkeypatch.setattr(cli, "busy_cores", lambda: load)
     for name in cli.THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -192,7 +212,7 @@ def test_train_picks_the_idle_cores_and_says_so(torch_threads, no_training, tmp_
     expected = _nearest_idle(8, 5.3, 1)
     assert no_training == [expected]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("threads:")]
-    assert lines == [f"threads: {expected} (8 cores, load average 5.3; set --threads or OMP_NUM_THREADS to choose)"]
+    assert lines == [f"threads: {expected} (8 cores, 5.3 busy; set --threads or OMP_NUM_THREADS to choose)"]
 
 
 def test_threads_flag_and_environment_win(torch_threads, no_training, tmp_path, monkeypatch, capsys):
