@@ -42,6 +42,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def torch_threads():
+    """torch's thread count as it was before the test (the scripts set it); yields torch."""
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def seed_per_test(request):
     """Seed torch, random and numpy from the test's node id (crc32, unlike hash(), does not
     depend on PYTHONHASHSEED): a test draws the same inputs alone, in the full suite or in any

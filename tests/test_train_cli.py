@@ -2,7 +2,6 @@
 the thread count (its definition; --threads and OMP_NUM_THREADS win), and --help answers
 before torch is imported."""
 
-import importlib.util
 import json
 import os
 import shlex
@@ -11,18 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_runs import script  # noqa: E402
 
 from mm_rec_train import cli
 from mm_rec_train.runs import REPOSITORY
 
 SCRIPTS = ("train", "evaluate", "generate")
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"mmrec_cli_test_{name}", REPOSITORY / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _env():
@@ -53,7 +46,7 @@ def test_help_answers_before_torch_is_imported(name):
 
 def test_train_help_lists_the_new_flags(capsys):
     with pytest.raises(SystemExit) as done:
-        _script("train").parse_args(["--help"])
+        script("train").parse_args(["--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "--threads" in out and "--allow-cpu" in out
@@ -119,7 +112,7 @@ def test_ctrl_c_prints_a_resume_command_that_resumes(data_dir, tmp_path, monkeyp
 
     with monkeypatch.context() as patch:
         patch.setattr(transformers.Trainer, "training_step", ctrl_c_at_step_2)
-        status = _script("train").main(["--preset", "tiny", "--eval-blocks", "4", "--data", str(data_dir), "--max-steps", "4",
+        status = script("train").main(["--preset", "tiny", "--eval-blocks", "4", "--data", str(data_dir), "--max-steps", "4",
                                         "--eval-steps", "2", "--threads", "1", "--output-dir", str(out)])
     assert status == 130
     err = capsys.readouterr().err
@@ -174,15 +167,6 @@ def test_busy_cores_are_each_cores_share_of_non_idle_time_between_two_readings()
 
 
 @pytest.fixture
-def torch_threads():
-    import torch
-
-    before = torch.get_num_threads()
-    yield torch
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def no_training(monkeypatch):
     """train.py up to the training, which records the thread count instead of training."""
     import mm_rec_train.trainer
@@ -208,7 +192,7 @@ def _busy_machine(monkeypatch, cpus=8, load=5.3):
 
 def test_train_picks_the_idle_cores_and_says_so(torch_threads, no_training, tmp_path, monkeypatch, capsys):
     _busy_machine(monkeypatch, cpus=8, load=5.3)
-    assert _script("train").main(["--preset", "tiny", "--output-dir", str(tmp_path / "run")]) == 0
+    assert script("train").main(["--preset", "tiny", "--output-dir", str(tmp_path / "run")]) == 0
     expected = _nearest_idle(8, 5.3, 1)
     assert no_training == [expected]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("threads:")]
@@ -217,7 +201,7 @@ def test_train_picks_the_idle_cores_and_says_so(torch_threads, no_training, tmp_
 
 def test_threads_flag_and_environment_win(torch_threads, no_training, tmp_path, monkeypatch, capsys):
     _busy_machine(monkeypatch, cpus=8, load=5.3)  # the idle cores would give 3
-    train = _script("train")
+    train = script("train")
     assert train.main(["--preset", "tiny", "--threads", "2", "--output-dir", str(tmp_path / "a")]) == 0
     assert "threads: 2 (--threads)" in capsys.readouterr().out
 

