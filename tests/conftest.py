@@ -81,3 +81,15 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_checkpoint") / "model"
     common.tiny_model(seed=0).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Four short works of the bundled corpus as text files (split_works holds out the third):
+    --data for runs of the main job that take seconds."""
+    from mm_rec_train.data import load_shakespeare
+
+    folder = tmp_path_factory.mktemp("texts")
+    for name, text in load_shakespeare(max_works=4).items():
+        (folder / f"{name}.txt").write_text(text[:6000], encoding="utf-8")
+    return folder

@@ -18,22 +18,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 
 from mm_rec_train.data import (  # noqa: E402
     load_corpus,
-    load_shakespeare,  # noqa: E402
     split_corpus,
 )
 from mm_rec_train.evaluation import evaluate_texts  # noqa: E402
 from mm_rec_train.runs import REPOSITORY  # noqa: E402
 
 train_script, evaluate_script = script("train"), script("evaluate")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Four short works as text files (the third is held out by split_works)."""
-    folder = tmp_path_factory.mktemp("texts")
-    for name, text in load_shakespeare(max_works=4).items():
-        (folder / f"{name}.txt").write_text(text[:6000], encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")

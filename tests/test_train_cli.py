@@ -86,16 +86,6 @@ def test_command_line_names_the_running_interpreter(tmp_path, monkeypatch):
     assert shlex.split(cli.command_line(script, ["-x"], interpreter=False)) == [str(script), "-x"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from mm_rec_train.data import load_shakespeare
-
-    folder = tmp_path_factory.mktemp("texts")
-    for name, text in load_shakespeare(max_works=4).items():
-        (folder / f"{name}.txt").write_text(text[:6000], encoding="utf-8")
-    return folder
-
-
 @pytest.mark.slow
 def test_ctrl_c_prints_a_resume_command_that_resumes(data_dir, tmp_path, monkeypatch, capsys):
     """Ctrl-C, then the printed command pasted into a shell: it runs under this interpreter and finishes the run."""

@@ -77,16 +77,6 @@ def test_cpu_presets_and_a_gpu_are_not_refused(no_gpu_and_no_data, tmp_path, mon
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from mm_rec_train.data import load_shakespeare
-
-    folder = tmp_path_factory.mktemp("texts")
-    for name, text in load_shakespeare(max_works=4).items():
-        (folder / f"{name}.txt").write_text(text[:6000], encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def finished_run(data_dir, tmp_path_factory):
     before = torch.get_num_threads()
     out = tmp_path_factory.mktemp("runs") / "done"

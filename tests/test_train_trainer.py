@@ -23,21 +23,12 @@ from transformers.trainer_utils import EvalLoopOutput  # noqa: E402
 
 import mm_rec_train.trainer  # noqa: E402
 from mm_rec.modeling_mmrec import MMRecForCausalLM  # noqa: E402
-from mm_rec_train.data import load_shakespeare  # noqa: E402
 from mm_rec_train.runs import REPOSITORY  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 train_script = script("train")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("texts")
-    for name, text in load_shakespeare(max_works=4).items():
-        (folder / f"{name}.txt").write_text(text[:6000], encoding="utf-8")
-    return folder
 
 
 def weights(path: Path) -> dict:
