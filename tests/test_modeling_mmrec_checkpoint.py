@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import fresh_process, random_ids, tokenizer_fields
+from common import REPO, fresh_process, random_ids, tokenizer_fields
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from transformers.dynamic_module_utils import get_relative_import_files
@@ -323,3 +323,34 @@ def test_tokenizer_of_a_checkpoint_loads_without_asking(tiny_checkpoint, tmp_pat
     assert "Do you wish to run the custom code" not in result["_output"]
     assert result["ids"] == tokenizer("To be, or not to be").input_ids
     assert (result["eos"], result["pad"]) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def test_the_readme_loading_lines_run_without_a_question_where_mm_rec_is_not_importable(saved, tmp_path):
+    """The README's Python lines that load a saved folder, taken from the README itself, in a fresh
+    interpreter where `import mm_rec` fails and stdin is closed: transformers neither asks whether to
+    run the folder's code nor falls back to a generic config, and the tokenizer encodes as saved."""
+    path, _, reference = saved
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if "AutoTokenizer.from_pretrained" in b).split("```")[0]
+    lines = "\n".join(line for line in block.splitlines() if line.strip()).replace('"runs/laptop"', "sys.argv[1]")
+    script = f"""
+import sys
+sys.path.append({sysconfig.get_paths()["purelib"]!r})
+try:
+    import mm_rec
+except ImportError:
+    pass
+else:
+    raise SystemExit("mm_rec must not be importable in this test")
+import json, torch
+{lines}
+ids = tok({TEXT!r}, return_tensors="pt").input_ids
+print(json.dumps(dict(model=type(model).__name__, ids=ids.tolist())))
+"""
+    run = subprocess.run([sys.executable, "-S", "-c", script, str(path)], cwd=tmp_path, env=_clean_env(tmp_path / "hf"),
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "custom code" not in run.stdout + run.stderr and "model of type" not in run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["model"] == "MMRecForCausalLM"
+    assert result["ids"] == torch.load(reference)["input_ids"].tolist()
