@@ -99,22 +99,28 @@ def test_saving_either_model_names_every_auto_class(tiny_model, tmp_path):
     assert json.loads((tmp_path / "base" / "config.json").read_text())["auto_map"] == AUTO_MAP
 
 
-def test_loads_where_mm_rec_is_not_importable(saved, tmp_path):
-    """A fresh interpreter without site processing (so no editable-install finder), the venv's
-    site-packages only, no PYTHONPATH, cwd elsewhere, where `import mm_rec` fails: transformers must
-    load everything from the folder, through each Auto class of its auto_map, giving the outputs of
-    the model that was saved."""
-    path, _, reference = saved
-    script = f"""
+# The start of a script run with `python -S` (no site processing, so no editable-install finder): the
+# venv's site-packages only, and a check that `import mm_rec` fails there.
+WITHOUT_MM_REC = f"""
 import sys
 sys.path.append({sysconfig.get_paths()["purelib"]!r})
-import json
 try:
     import mm_rec
 except ImportError:
     pass
 else:
     raise SystemExit(f"mm_rec must not be importable in this test, found {{mm_rec.__file__}}")
+"""
+
+
+def test_loads_where_mm_rec_is_not_importable(saved, tmp_path):
+    """A fresh interpreter without site processing (so no editable-install finder), the venv's
+    site-packages only, no PYTHONPATH, cwd elsewhere, where `import mm_rec` fails: transformers must
+    load everything from the folder, through each Auto class of its auto_map, giving the outputs of
+    the model that was saved."""
+    path, _, reference = saved
+    script = WITHOUT_MM_REC + f"""
+import json
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
 path, reference = sys.argv[1], torch.load(sys.argv[2])
@@ -333,15 +339,7 @@ def test_the_readme_loading_lines_run_without_a_question_where_mm_rec_is_not_imp
     readme = (REPO / "README.md").read_text()
     block = next(b for b in readme.split("```python")[1:] if "AutoTokenizer.from_pretrained" in b).split("```")[0]
     lines = "\n".join(line for line in block.splitlines() if line.strip()).replace('"runs/laptop"', "sys.argv[1]")
-    script = f"""
-import sys
-sys.path.append({sysconfig.get_paths()["purelib"]!r})
-try:
-    import mm_rec
-except ImportError:
-    pass
-else:
-    raise SystemExit("mm_rec must not be importable in this test")
+    script = WITHOUT_MM_REC + f"""
 import json, torch
 {lines}
 ids = tok({TEXT!r}, return_tensors="pt").input_ids
