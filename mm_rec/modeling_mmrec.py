@@ -504,14 +504,15 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
                             use_cache=use_cache, output_hidden_states=output_hidden_states)
         source = input_ids if input_ids is not None else inputs_embeds
         T = source.shape[1] if source is not None and source.dim() >= 2 else 0  # malformed inputs: the model raises
+        if labels is not None and T:
+            # before the forward: the check's device read then waits for no model work
+            _check_labels(labels, tuple(source.shape[:2]), self.config.vocab_size)
         chunk = self.config.inference_chunk_size
         if chunk is not None and T > chunk and labels is None and not self.training:
             hidden, out_cache, hidden_states = self._forward_in_chunks(chunk, keep, **model_inputs)
         else:
             outputs = self.model(**model_inputs, return_dict=True)
             hidden, out_cache, hidden_states = outputs.last_hidden_state[:, keep], outputs.cache, outputs.hidden_states
-        if labels is not None:
-            _check_labels(labels, tuple(hidden.shape[:2]), self.config.vocab_size)
         logits = loss = None
         if labels is not None and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # training: the loss and its gradients chunk by chunk, never [B, T, vocab] logits
