@@ -15,9 +15,9 @@ Because visibility depends only on a token's offset j = p mod L inside its segme
 attention is one batched call over all B * K segments against their own S + C entries,
 with one static [L, S + C] mask. The only sequential step is the fold from one segment to
 the next: its routing (an argmax, no gradient) runs as one small kernel per row
-(``memory_triton.py`` on CUDA, a loop over segments elsewhere; ``config.kernel_backend`` chooses), and the slot trajectory it
-implies is a diagonal linear recurrence over segments, computed by the scan op, which
-gives its gradients.
+(``memory_triton.py`` on CUDA, a loop over segments elsewhere; ``config.kernel_backend``
+chooses), and the slot trajectory it implies is a diagonal linear recurrence over segments,
+computed by the scan op, which gives its gradients.
 """
 
 from __future__ import annotations

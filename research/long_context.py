@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from mm_rec_train.evaluation import bits_per_byte
+
 IGNORE_INDEX = -100
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 QUESTION = " What is the pass key? The pass key is "
@@ -78,7 +80,7 @@ def bucket_metrics(nats: torch.Tensor, n_bytes: torch.Tensor, rows: int,
         size = int(n_bytes[max(start, 1):end].sum())
         out.append({"start": start, "end": end, "tokens": tokens, "bytes": size,
                     "loss": total / tokens if tokens else math.nan,
-                    "bits_per_byte": total / math.log(2) / size if size else math.nan})
+                    "bits_per_byte": bits_per_byte(total, size)})
     return out
 
 

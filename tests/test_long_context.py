@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_rec_train.data import byte_level_tokenizer
+from mm_rec_train.evaluation import token_byte_lengths
 
 
 def test_position_buckets_double_from_the_first_and_end_at_the_length():
@@ -37,7 +38,7 @@ def test_per_position_nats_equal_a_prefix_by_prefix_loop(tiny_model):
 def test_one_bucket_over_the_whole_row_is_the_study_bits_per_byte(tiny_model):
     tokenizer = byte_level_tokenizer()
     model = tiny_model(vocab_size=len(tokenizer))
-    lengths = quality.token_byte_lengths(tokenizer)
+    lengths = token_byte_lengths(tokenizer)
     rows = torch.randint(0, len(tokenizer), (4, 24))
     nats = lc.per_position_nats(model, rows)
     n_bytes = lc.per_position_bytes(rows, lengths)
