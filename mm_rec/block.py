@@ -29,7 +29,8 @@ from .hem import HEMProjection, Projections
 from .memory import MemoryState, MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import TokenLayout
-from .recurrence import MDIDecay, StateGate, recurrence
+from .recurrence import MDIDecay, recurrence
+from .state_gate import StateGate
 
 
 class FeedForward(nn.Module):

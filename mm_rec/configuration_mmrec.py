@@ -56,61 +56,74 @@ def _with_hints(unknown) -> list:
             else repr(name) for name in unknown]
 
 
+def default_intermediate_size(hidden_size: int, ffn_gate: bool) -> int:
+    """The feed-forward width when none is given: 4 x hidden_size, or for a gated FFN (three matrices
+    instead of two) 8/3 x hidden_size rounded up to a multiple of 32, the same parameter count."""
+    if not ffn_gate:
+        return 4 * hidden_size
+    return 32 * -(-8 * hidden_size // (3 * 32))
+
+
 class MMRecConfig(PretrainedConfig):
     r"""Configuration of an MM-Rec causal language model: its size, its memory, and how it runs.
 
-    Every field has a default; a field the model does not know raises ``ValueError`` naming it,
-    and so does a value out of range. ``MMRecConfig.from_pretrained(folder)`` reads a saved one.
+    The defaults are the architecture the quality study measured best (docs/ARCHITECTURE.md section 6);
+    a model of another size changes only the size fields. Every field has a default; a field the
+    model does not know raises ``ValueError`` naming it, and so does a value out of range.
+    ``MMRecConfig.from_pretrained(folder)`` reads a saved one; ``save_pretrained`` writes every field,
+    so a checkpoint means the same model whatever defaults the loading code has.
 
-    Size:
+    Size (what a user sets for a bigger or smaller model):
         vocab_size: number of token ids (the tokenizer's vocabulary, special tokens included).
         hidden_size: width of the model (the residual stream and the recurrent state per layer).
         num_hidden_layers: number of MM-Rec blocks.
         num_attention_heads: heads of the memory attention and of the state's read-out norm; must
             divide ``hidden_size``.
-        intermediate_size: inner width of each block's feed-forward network; default 4 x ``hidden_size``.
-        hidden_act: the feed-forward network's activation, a name in ``transformers.activations.ACT2FN``
-            ("gelu", "silu", "relu", ...).
-        ffn_gate: a gated feed-forward network, down(act(gate x) * up x) (SwiGLU with
-            ``hidden_act="silu"``), instead of down(act(up x)). Set ``intermediate_size`` about 2/3
-            as large to keep the parameter count.
+        intermediate_size: inner width of each block's feed-forward network; default 8/3 x
+            ``hidden_size`` rounded up to a multiple of 32 (4 x without ``ffn_gate``).
         tie_word_embeddings: the output layer shares the input embeddings' weights.
 
     The recurrence (how long the model remembers):
         pe_dim: width of the input that sets each token's forgetting rate (the decay); default
-            ``hidden_size // 4``. A wider one (up to ``hidden_size``) gives the model finer control
-            over what it forgets, for more parameters.
+            ``hidden_size``. A narrower one (e.g. ``hidden_size // 4``) saves parameters for
+            coarser control over what the model forgets.
         decay_init_min, decay_init_max: the range of forgetting rates a fresh model starts with,
             spread over the state's channels: a channel with rate r remembers about 1 / r tokens.
-            The default 1e-3 .. 0.1 spans memories of about 10 to 1000 tokens; training moves them.
+            The default 1e-3 .. 0.5 spans memories of about 2 to 1000 tokens; training moves them.
         recurrence_gate: "input" (the default) gates what enters the state by the current token
-            alone, so a sequence is computed in parallel; "state" gates by the previous state too,
-            which runs one token after another (slower; kept for comparison).
-        output_gate: gate what each token reads from the state by the token itself (one more
-            projection); helps language modelling at a small cost.
+            alone, so a sequence is computed in parallel; "state" (the design note's original
+            recurrence, mm_rec/state_gate.py) gates by the previous state too, which runs one
+            token after another: slower to train, for studying that recurrence.
+        output_gate: gate what each token reads from the state by the token itself (on by
+            default; off saves one d x d projection per layer for some quality).
         gate_memory: with ``output_gate``, the same gate also covers what the memory attention
-            returns, so a token can shut off the memory's answer.
+            returns, so a token can shut off the memory's answer (off by default: it helped the
+            smallest models and cost a little at larger ones).
         short_conv_size: K, a short causal convolution over each token and the K - 1 real tokens
-            before it in its document, ahead of the block's projections. 0 (the default) leaves
-            it out; 1 is refused (it would only rescale channels).
-        short_conv_inputs: what the short convolution reads (needs ``short_conv_size`` >= 2 unless
-            "all"): "all" (the default), every projection's input; "recurrence", only the inputs
-            of the recurrence and its decay, leaving the memory's queries, keys and values
-            unconvolved (which keeps in-context recall sharp).
+            before it in its document (default 4). 0 leaves it out (a little faster, a little
+            worse on bytes); 1 is refused (it would only rescale channels).
+        short_conv_inputs: what the short convolution reads (ignored when ``short_conv_size`` is
+            0): "recurrence" (the default), only the inputs of the recurrence and its decay, which
+            leaves the memory's queries, keys and values per token and so keeps in-context recall
+            sharp; "all", the input of every projection.
+        hidden_act, ffn_gate: the feed-forward network: down(act(gate x) * up x) with ``ffn_gate``
+            (the default; SwiGLU with the default ``hidden_act="silu"``), or down(act(up x))
+            without. ``hidden_act`` is a name in ``transformers.activations.ACT2FN``.
 
     The memory (what the model can look up):
-        memory_block_size: tokens per block summary the memory attention reads. Smaller blocks
-            recall more precisely for more compute; 1 makes the attention exact over the
-            current segment's earlier tokens.
+        memory_block_size: tokens per block summary the memory attention reads. The default 1
+            makes the attention exact over the current segment's earlier tokens; larger blocks
+            cost less compute and recall less precisely.
         memory_segment_length: tokens per memory segment, a multiple of ``memory_block_size``.
             At the end of each segment its block summaries fold into the long-term slots.
         num_memory_slots: long-term memory slots per layer.
         memory_decay: how slowly a slot forgets, in (0, 1): a block summary folds into the slot
             whose key is most like its own, and the slot keeps this fraction of what it held,
             taking the rest from the block.
-        memory_levels: what the memory attention reads: "slots+blocks" (the design), "slots"
-            (the long-term slots only), "blocks" (the current segment's block summaries and the
-            learned slots, which never change), or "none" (no memory attention). For ablations.
+        memory_levels: what the memory attention reads: "slots+blocks" (the default, the whole
+            design); "blocks" (the current segment and the learned slots, never folded: no
+            sequential step at all, for speed on long rows); "slots" (the long-term slots only);
+            "none" (no memory attention: a pure recurrence, the fastest).
 
     Training:
         dropout: dropout probability on each block's two residual branches (the mixer's and the
@@ -119,7 +132,8 @@ class MMRecConfig(PretrainedConfig):
             (the projections back into the residual stream start smaller, by 1 / sqrt(2 x layers)).
         rms_norm_eps: epsilon of every RMS norm.
         use_hem: compute a block's projections with one fused matrix (True, faster) or with
-            separate ones (False; the same function, other parameter names).
+            separate, separately named ones (False: the same function, for tools that address
+            each projection, e.g. LoRA on the queries alone).
 
     Running:
         kernel_backend: which implementation runs the model's sequence kernels (the scan, the
@@ -153,20 +167,20 @@ class MMRecConfig(PretrainedConfig):
         intermediate_size: Optional[int] = None,
         pe_dim: Optional[int] = None,
         decay_init_min: float = 1e-3,
-        decay_init_max: float = 0.1,
-        hidden_act: str = "gelu",
-        ffn_gate: bool = False,
+        decay_init_max: float = 0.5,
+        hidden_act: str = "silu",
+        ffn_gate: bool = True,
         rms_norm_eps: float = 1e-6,
-        memory_block_size: int = 32,
+        memory_block_size: int = 1,
         memory_segment_length: int = 512,
         num_memory_slots: int = 16,
         memory_decay: float = 0.99,
         recurrence_gate: str = "input",
         memory_levels: str = "slots+blocks",
-        output_gate: bool = False,
+        output_gate: bool = True,
         gate_memory: bool = False,
-        short_conv_size: int = 0,
-        short_conv_inputs: str = "all",
+        short_conv_size: int = 4,
+        short_conv_inputs: str = "recurrence",
         use_hem: bool = True,
         kernel_backend: str = "auto",
         dropout: float = 0.0,
@@ -200,8 +214,9 @@ class MMRecConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
-        self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
-        self.pe_dim = pe_dim if pe_dim is not None else max(1, hidden_size // 4)
+        self.intermediate_size = intermediate_size if intermediate_size is not None else default_intermediate_size(
+            hidden_size, ffn_gate)
+        self.pe_dim = pe_dim if pe_dim is not None else hidden_size
         self.decay_init_min = decay_init_min
         self.decay_init_max = decay_init_max
         self.hidden_act = hidden_act
@@ -286,9 +301,6 @@ class MMRecConfig(PretrainedConfig):
         if self.short_conv_inputs not in SHORT_CONV_INPUTS:
             raise ValueError(f"MMRecConfig.short_conv_inputs must be one of {SHORT_CONV_INPUTS}, "
                              f"got {self.short_conv_inputs!r}")
-        if self.short_conv_inputs != "all" and conv == 0:
-            raise ValueError(f"MMRecConfig.short_conv_inputs={self.short_conv_inputs!r} chooses what the short "
-                             f"convolution reads: it needs short_conv_size >= 2, got short_conv_size=0")
         chunk = self.inference_chunk_size
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
             raise ValueError(f"MMRecConfig.inference_chunk_size must be a positive integer or None, got {chunk!r}")
@@ -319,6 +331,17 @@ class MMRecConfig(PretrainedConfig):
         for tools that take model fields only (the constructor also accepts PretrainedConfig's)."""
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} | set(ALIASES)
         return sorted(name for name in fields if name not in accepted)
+
+    def to_diff_dict(self) -> dict:
+        """What ``save_pretrained`` writes to config.json: transformers' diff against the defaults,
+        plus every MM-Rec field whatever its value, so a checkpoint never depends on the defaults of
+        the code that loads it."""
+        saved = super().to_diff_dict()
+        full = self.to_dict()
+        for name in inspect.signature(MMRecConfig.__init__).parameters:
+            if name in full and name not in saved:
+                saved[name] = full[name]
+        return dict(sorted(saved.items()))
 
     @property
     def blocks_per_segment(self) -> int:

@@ -38,8 +38,9 @@ RECURRENCE_INPUTS = ("z", "g", "p")  # the HEM slices "recurrence" convolves, in
 def conv_inputs(config) -> List[Tuple[str, int]]:
     """(name, width) of what the short convolution reads, in channel order: [("u", d)] with
     ``short_conv_inputs="all"``; with "recurrence" the HEM slices z, g (the "input" gate only)
-    and p. The one statement of the conv's channels (its kernel's rows, its state's last axis)."""
-    if getattr(config, "short_conv_inputs", "all") == "all":
+    and p. The one statement of the conv's channels (its kernel's rows, its state's last axis).
+    Without a convolution (short_conv_size=0) it reads nothing, and the empty state keeps d."""
+    if getattr(config, "short_conv_inputs", "all") == "all" or not getattr(config, "short_conv_size", 0):
         return [("u", config.hidden_size)]
     return [(name, width) for name, width in projection_layout(config) if name in RECURRENCE_INPUTS]
 

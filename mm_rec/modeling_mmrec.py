@@ -29,7 +29,8 @@ from .loss import IGNORE_INDEX, causal_lm_loss
 from .memory import MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import token_layout
-from .recurrence import MDIDecay, StateGate, init_decay_generator_
+from .recurrence import MDIDecay, init_decay_generator_
+from .state_gate import StateGate
 
 # The public name of the cache is `cache` (forward's argument, outputs' field, generate's keyword).
 # transformers < 5.24 calls the field and generate's keyword past_key_values: the model accepts

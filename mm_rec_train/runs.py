@@ -33,50 +33,34 @@ RUN_FILES = (
 )
 GPU_PRESETS = ("gpu-small", "gpu-130m")
 
-# model: MMRecConfig fields; vocab_size: BPE size when the tokenizer is trained here; eval_blocks: held-out
-# rows of each periodic evaluation (the final one reads all of them).
-# QUALITY_CHOICES: the quality study's choices (docs/quality/): an output gate, initial decays down to
-# 1 - gamma = 0.5 and a SwiGLU FFN. Every preset but tiny also takes a full-width decay input (pe_dim =
-# hidden_size) and narrows the FFN to keep its parameter count. On an H100 at hidden 384 these gave 1.957
-# held-out bits per byte against 1.998 (output gate alone; HGRN 1.935), and with memory blocks of one token
-# (exact attention over the segment's past) 1.943 and MQAR 256x16 99.2% against 4.4%. gpu-small takes blocks
-# of one: its 512-token rows are one segment, so training never folds. gpu-130m keeps blocks of 32: its rows
-# span two segments, and the fold's routing of 512 blocks a segment is sequential (docs/benchmarks/presets_gpu.md).
-# laptop also lets the output gate cover the memory read (gate_memory): its main job went from 2.389 to 2.352
-# held-out bits per byte; at hidden 384 on the GPU it was 0.005-0.012 worse, so the GPU presets do not take it.
-# No preset takes short_conv_size: at hidden 384 it took bytes from 1.947 to 1.929 (two seeds; blocks of one),
-# or to 1.934 (three seeds; HGRN 1.940) with short_conv_inputs="recurrence", which also keeps MQAR recall; but
-# the presets train BPE models, where it did nothing (1.950 against 1.947), it costs 12-15% of gpu-130m's
-# training speed, and the laptop main job (BPE) went from 2.352 to 2.361 with either form.
-QUALITY_CHOICES = dict(output_gate=True, decay_init_max=0.5, ffn_gate=True, hidden_act="silu")
-
+# model: the MMRecConfig size fields (every preset takes the default architecture, MMRecConfig's
+# docstring); intermediate_size narrows the FFN to keep the parameter count of a 4 x hidden GELU
+# FFN with a quarter-width decay input. vocab_size: BPE size when the tokenizer is trained here;
+# eval_blocks: held-out rows of each periodic evaluation (the final one reads all of them).
 PRESETS: Dict[str, dict] = {
     "tiny": dict(
         vocab_size=320, block_size=64, batch_size=8, max_steps=20, learning_rate=1e-2, eval_steps=10, eval_blocks=16,
         bf16=False,
-        model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, memory_block_size=8,
-                   memory_segment_length=32, num_memory_slots=4, output_gate=True),
+        model=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
     ),
     "laptop": dict(
         vocab_size=2048, block_size=128, batch_size=16, max_steps=400, learning_rate=3e-3, eval_steps=100, eval_blocks=128,
         bf16=False,
-        model=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, memory_block_size=16,
-                   memory_segment_length=128, num_memory_slots=8, **QUALITY_CHOICES, gate_memory=True, pe_dim=128,
-                   intermediate_size=280),
+        model=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=280),
     ),
     "gpu-small": dict(  # about 20M parameters
         vocab_size=8192, block_size=512, batch_size=32, max_steps=5000, learning_rate=1.5e-3, eval_steps=500,
         eval_blocks=512, bf16=True,
-        model=dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, memory_block_size=1,
-                   memory_segment_length=512, num_memory_slots=16, **QUALITY_CHOICES, pe_dim=384, intermediate_size=832),
+        model=dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, intermediate_size=832),
     ),
     "gpu-130m": dict(  # about 128M parameters
         vocab_size=32000, block_size=1024, batch_size=32, max_steps=20000, learning_rate=6e-4, eval_steps=1000,
         eval_blocks=512, bf16=True,
-        model=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, memory_block_size=32,
-                   memory_segment_length=512, num_memory_slots=16, **QUALITY_CHOICES, pe_dim=768, intermediate_size=1664),
+        model=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1664),
     ),
 }
+# The model fields a preset may set: sizes only, never the architecture (tests/test_training.py checks).
+SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 # Fields that decide the data, the tokenizer or the model: --resume refuses to change them.

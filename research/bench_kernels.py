@@ -157,7 +157,7 @@ def main():
 
 
 def state_gate_main(args):
-    from mm_rec.recurrence import StateGate
+    from mm_rec.state_gate import StateGate
 
     B, T, D = args.batch, args.seq_len, args.dim
     z = torch.randn(B, T, D, device="cuda", requires_grad=True)

@@ -11,8 +11,8 @@ import torch
 
 
 def mmrec_config(hidden: int, layers: int, heads: int, vocab: int, overrides: Optional[dict] = None):
-    """The gpu-130m preset's MM-Rec at this size: its widths that scale with the hidden size
-    (pe_dim, intermediate_size) scaled, then ``overrides`` (MMRecConfig fields) on top."""
+    """The gpu-130m preset's MM-Rec (the default architecture) at this size: its FFN width scaled
+    with the hidden size, then ``overrides`` (MMRecConfig fields) on top."""
     from mm_rec import MMRecConfig
     from mm_rec_train.runs import PRESETS
 

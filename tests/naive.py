@@ -211,8 +211,9 @@ def naive_block(block, config, x, attention_mask, position_ids, dropout_masks=No
     d, eps = config.hidden_size, config.rms_norm_eps
     x = x.double()
     u = naive_rms_norm(x, P["norm1.weight"], eps)
-    conv_recurrence = getattr(config, "short_conv_inputs", "all") == "recurrence"
-    if getattr(config, "short_conv_size", 0) and not conv_recurrence:
+    has_conv = bool(getattr(config, "short_conv_size", 0))
+    conv_recurrence = has_conv and getattr(config, "short_conv_inputs", "all") == "recurrence"
+    if has_conv and not conv_recurrence:
         u, _ = naive_short_conv(u, P["short_conv.weight"], attention_mask, position_ids)
     memory = config.memory_levels != "none"
     names = (["q", "k", "v"] if memory else []) + ["z"] + (["g"] if config.recurrence_gate == "input" else [])

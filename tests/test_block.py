@@ -4,7 +4,7 @@ the residual branches, never on the residual stream."""
 
 import pytest
 import torch
-from common import document_positions, random_ids
+from common import SEED_DESIGN, document_positions, random_ids
 from naive import naive_block
 from torch import nn
 
@@ -13,17 +13,20 @@ from mm_rec.positions import token_layout
 
 OPTIONS = [  # the quality study's options (docs/ARCHITECTURE.md sections 1 and 2), one or two at a time
     {"memory_levels": "slots"}, {"memory_levels": "blocks"}, {"memory_levels": "none"},
-    {"output_gate": True}, {"output_gate": True, "use_hem": False},
+    SEED_DESIGN, {**SEED_DESIGN, "use_hem": False},
+    {"output_gate": False}, {"output_gate": True, "use_hem": False},
     {"output_gate": True, "recurrence_gate": "state", "memory_levels": "blocks"},
     {"ffn_gate": True, "hidden_act": "silu"}, {"ffn_gate": True, "memory_block_size": 1},
     {"pe_dim": 32, "decay_init_max": 0.5},
     {"output_gate": True, "gate_memory": True}, {"output_gate": True, "gate_memory": True, "memory_block_size": 1},
-    {"short_conv_size": 4}, {"short_conv_size": 4, "output_gate": True, "memory_block_size": 1},
+    {"short_conv_size": 4, "short_conv_inputs": "all"},
+    {"short_conv_size": 4, "short_conv_inputs": "all", "output_gate": True, "memory_block_size": 1},
     *({"short_conv_size": 4, "short_conv_inputs": "recurrence", **extra} for extra in (
         {}, {"recurrence_gate": "state"}, {"output_gate": True, "memory_block_size": 1},
         {"output_gate": True, "gate_memory": True, "pe_dim": 12})),
 ]
-CONV_OPTIONS = [{"short_conv_size": 4}, {"short_conv_size": 2, "recurrence_gate": "state", "use_hem": False},
+CONV_OPTIONS = [{"short_conv_size": 4, "short_conv_inputs": "all"},
+                {"short_conv_size": 2, "short_conv_inputs": "all", "recurrence_gate": "state", "use_hem": False},
                 {"short_conv_size": 4, "short_conv_inputs": "recurrence", "output_gate": True},
                 {"short_conv_size": 3, "short_conv_inputs": "recurrence", "recurrence_gate": "state", "use_hem": False}]
 

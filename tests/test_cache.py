@@ -16,7 +16,7 @@ from mm_rec import LayerState, MMRecCache
 from mm_rec.cache import CACHE_FORMAT_VERSION
 
 
-@pytest.mark.parametrize("conv,inputs,channels", [(0, "all", 32), (4, "all", 32), (4, "recurrence", 32 + 32 + 8)])
+@pytest.mark.parametrize("conv,inputs,channels", [(0, "all", 32), (4, "all", 32), (4, "recurrence", 32 + 32 + 32)])
 def test_layer_state_flat_tensors_round_trip(conv, inputs, channels, tiny_model):
     """LayerState.tensors() is the flat {name: tensor} of LayerState.shapes (h, the conv window
     ([B, 0, d] without the conv; [B, K-1, C] with C = d, or the widths of z, g~, p when it convolves
@@ -51,8 +51,9 @@ def test_layer_state_flat_tensors_round_trip(conv, inputs, channels, tiny_model)
 
 @pytest.fixture
 def cache_file(tmp_path, tiny_model):
-    """A valid cache file (2 layers, 2 rows) and its tensors and metadata, to break."""
-    model = tiny_model()
+    """A valid cache file (2 layers, 2 rows, no convolution: an empty conv window) and its tensors
+    and metadata, to break."""
+    model = tiny_model(short_conv_size=0)
     with torch.no_grad():
         cache = model(random_ids((2, 23)), use_cache=True).cache
     path = tmp_path / "stream.safetensors"
@@ -123,11 +124,11 @@ def test_bad_cache_file_raises_naming_the_field(cache_file, case):
 def test_cache_file_of_another_model_is_refused(cache_file, tiny_config):
     path, _, _, _, config = cache_file
     with pytest.raises(ValueError, match="cache has 2 layers, the model has 3"):
-        MMRecCache.load(path, config=tiny_config(num_hidden_layers=3))
+        MMRecCache.load(path, config=tiny_config(num_hidden_layers=3, short_conv_size=0))
     with pytest.raises(ValueError, match="slot_keys has shape"):
-        MMRecCache.load(path, config=tiny_config(num_memory_slots=5))
+        MMRecCache.load(path, config=tiny_config(num_memory_slots=5, short_conv_size=0))
     with pytest.raises(ValueError, match="conv has shape \\(2, 0, 32\\), expected \\(2, 3, 32\\)"):
-        MMRecCache.load(path, config=tiny_config(short_conv_size=4))
+        MMRecCache.load(path, config=tiny_config(short_conv_size=4, short_conv_inputs="all"))
 
 
 def test_cache_of_the_other_conv_inputs_is_refused(tmp_path, tiny_model):
@@ -155,7 +156,7 @@ def _as_version_1(path):
 def test_version_1_cache_file_loads_without_a_conv_and_is_refused_with_one(tmp_path, tiny_model):
     """A version-1 file (written before the short convolution) continues a stream of a model without
     the conv exactly; for a model with one it raises, naming the file."""
-    model = tiny_model()
+    model = tiny_model(short_conv_size=0)
     ids = random_ids((2, 30), seed=3)
     path = tmp_path / "old.safetensors"
     with torch.no_grad():
@@ -171,8 +172,8 @@ def test_version_1_cache_file_loads_without_a_conv_and_is_refused_with_one(tmp_p
         MMRecCache.load(path, config=tiny_model(short_conv_size=4).config)
 
 
-@pytest.mark.parametrize("inputs,gate,channels", [("all", "input", 32), ("recurrence", "input", 32 + 32 + 8),
-                                                  ("recurrence", "state", 32 + 8)])
+@pytest.mark.parametrize("inputs,gate,channels", [("all", "input", 32), ("recurrence", "input", 32 + 32 + 32),
+                                                  ("recurrence", "state", 32 + 32)])
 def test_cache_with_conv_save_load_continues_identically(inputs, gate, channels, tmp_path, tiny_model):
     """The conv window ([B, K-1, C]) goes to disk and back bit for bit, with left-padded rows, and
     the stream continues as if never interrupted."""

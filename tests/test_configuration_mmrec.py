@@ -38,9 +38,8 @@ from mm_rec import MMRecConfig, MMRecForCausalLM
     ("decay_init_min", 0.0, "decay_init_min"),
     ("decay_init_max", 1.0, "decay_init_max"),
     ("decay_init_max", "0.5", "decay_init_max"),
-    ("decay_init_min", 0.5, "decay_init_min"),  # above decay_init_max 0.1
+    ("decay_init_min", 0.6, "decay_init_min"),  # above decay_init_max 0.5
     ("ffn_gate", 1, "ffn_gate"),
-    ("gate_memory", True, "output_gate=True"),  # no output gate to extend
     ("short_conv_size", 1, "short_conv_size must be an integer, 0 .* or at least 2"),
     ("short_conv_size", -2, "short_conv_size"),
     ("short_conv_size", 4.0, "short_conv_size"),
@@ -50,16 +49,29 @@ from mm_rec import MMRecConfig, MMRecForCausalLM
     ("short_conv_inputs", "memory", r"short_conv_inputs must be one of \('all', 'recurrence'\)"),
     ("short_conv_inputs", "Recurrence", "short_conv_inputs"),
     ("short_conv_inputs", None, "short_conv_inputs"),
-    ("short_conv_inputs", "recurrence", "short_conv_inputs='recurrence'.*short_conv_size >= 2"),  # no conv to place
 ])
 def test_config_rejects_bad_values(field, value, named, tiny_config):
     with pytest.raises(ValueError, match=named):
         tiny_config(**{field: value})
 
 
-def test_gate_memory_needs_a_memory(tiny_config):
+def test_gate_memory_needs_a_memory_and_the_output_gate(tiny_config):
     with pytest.raises(ValueError, match="memory_levels"):
         tiny_config(output_gate=True, gate_memory=True, memory_levels="none")
+    with pytest.raises(ValueError, match="output_gate=True"):
+        tiny_config(output_gate=False, gate_memory=True)
+
+
+def test_no_convolution_whatever_its_inputs_say(tiny_config):
+    """short_conv_size=0 turns the convolution off; short_conv_inputs (default "recurrence") then
+    chooses nothing, so no kernel and an empty conv state either way."""
+    from mm_rec.cache import LayerState
+
+    for inputs in ("all", "recurrence"):
+        config = tiny_config(short_conv_size=0, short_conv_inputs=inputs)
+        model = MMRecForCausalLM(config)
+        assert not any("short_conv" in name for name, _ in model.named_parameters())
+        assert LayerState.config_shapes(config, 2)["conv"] == (2, 0, config.hidden_size)
 
 
 def test_config_seed_aliases_and_round_trip(tmp_path):
@@ -159,14 +171,17 @@ OLD_CONFIG = {  # a checkpoint's config.json before kernel_backend (transformers
 def test_an_old_config_json_loads_with_the_same_meaning(tmp_path, tiny_model):
     """scan_backend, the former name of the backend switch, loads as kernel_backend (config.scan_backend
     still reads it), and the folder saves back without the old name; the model it builds is the
-    one of today's config."""
+    one of today's config. Its architecture is that of the defaults before the study's choices became
+    them, so this is also a checkpoint of the old defaults keeping its meaning."""
     (tmp_path / "config.json").write_text(json.dumps(OLD_CONFIG))
     config = MMRecConfig.from_pretrained(tmp_path)
     assert config.kernel_backend == "torch" and config.scan_backend == "torch"
     for name, value in OLD_CONFIG.items():
         if name not in ("scan_backend", "transformers_version", "dtype"):
             assert getattr(config, name) == value, name
-    model = tiny_model(seed=4)
+    old_defaults = {name: OLD_CONFIG[name] for name in ("output_gate", "ffn_gate", "hidden_act", "pe_dim", "decay_init_max",
+                                                        "short_conv_size", "short_conv_inputs", "intermediate_size")}
+    model = tiny_model(seed=4, **old_defaults)
     torch.manual_seed(4)
     rebuilt = MMRecForCausalLM(config).eval()
     ids = random_ids((1, 9))
@@ -175,6 +190,27 @@ def test_an_old_config_json_loads_with_the_same_meaning(tmp_path, tiny_model):
     config.save_pretrained(tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "config.json").read_text())
     assert saved["kernel_backend"] == "torch" and "scan_backend" not in saved
+
+
+def test_saved_config_json_holds_every_field_so_defaults_never_change_a_checkpoint(tmp_path, monkeypatch):
+    """config.json names every MMRecConfig field, defaults included; a folder saved now loads as
+    the same model under code whose defaults differ (simulated by changing every default)."""
+    import inspect
+
+    config = MMRecConfig()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    own = set(inspect.signature(MMRecConfig.__init__).parameters) - {"self", "kwargs"}
+    assert own <= set(saved), sorted(own - set(saved))
+    other = {"output_gate": False, "ffn_gate": False, "hidden_act": "gelu", "memory_block_size": 32,
+             "short_conv_size": 0, "decay_init_max": 0.1, "hidden_size": 64, "pe_dim": 16}
+    defaults = list(MMRecConfig.__init__.__defaults__)
+    names = [n for n in inspect.signature(MMRecConfig.__init__).parameters if n not in ("self", "kwargs")]
+    monkeypatch.setattr(MMRecConfig.__init__, "__defaults__",
+                        tuple(other.get(name, value) for name, value in zip(names, defaults)))
+    assert MMRecConfig().output_gate is False  # the defaults did change
+    loaded = MMRecConfig.from_pretrained(tmp_path)
+    assert {name: getattr(loaded, name) for name in own} == {name: getattr(config, name) for name in own}
 
 
 def test_scan_backend_and_kernel_backend_must_agree():

@@ -117,14 +117,14 @@ def test_short_conv_gradients_match_naive_reference(kind):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("inputs,channels", [("all", 32), ("recurrence", 32 + 32 + 8)])
+@pytest.mark.parametrize("inputs,channels", [("all", 32), ("recurrence", 32 + 32 + 32)])
 def test_identity_init_gives_the_model_without_the_conv(inputs, channels, tiny_config, tmp_path):
     """A fresh model with short_conv_size=4 (its kernel the identity, [C, K]) has the logits of the
     same weights without the conv; so does a checkpoint without the conv loaded with it
     (from_pretrained initialises the missing kernels to the identity and reports them)."""
     torch.manual_seed(4)
     with_conv = MMRecForCausalLM(tiny_config(short_conv_size=4, short_conv_inputs=inputs)).eval()
-    without = MMRecForCausalLM(tiny_config()).eval()
+    without = MMRecForCausalLM(tiny_config(short_conv_size=0)).eval()
     kernels = {k: v for k, v in with_conv.state_dict().items() if "short_conv" in k}
     assert len(kernels) == 2 and all(torch.equal(w[:, 0], torch.ones(channels)) and not w[:, 1:].any()
                                      for w in kernels.values())

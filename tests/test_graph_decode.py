@@ -33,7 +33,8 @@ def run(model, graph, **kwargs):
     return model.generate(**kwargs, return_dict_in_generate=True, output_scores=True)
 
 
-CONV = {0: {}, 4: {"short_conv_size": 4}, "4rec": {"short_conv_size": 4, "short_conv_inputs": "recurrence"}}
+CONV = {0: {"short_conv_size": 0}, 4: {"short_conv_size": 4, "short_conv_inputs": "all"},
+        "4rec": {"short_conv_size": 4, "short_conv_inputs": "recurrence"}}
 
 
 @pytest.mark.parametrize("conv", list(CONV))

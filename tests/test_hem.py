@@ -11,7 +11,7 @@ from mm_rec import MMRecForCausalLM
 from mm_rec.hem import convert_hem_state_dict
 
 
-@pytest.mark.parametrize("recurrence_gate, width", [("input", 5), ("state", 4)])
+@pytest.mark.parametrize("recurrence_gate, width", [("input", 6), ("state", 5)])  # q k v z (g~) o, then p
 def test_hem_is_one_linear_called_once(recurrence_gate, width, tiny_config):
     config = tiny_config(recurrence_gate=recurrence_gate)
     model = MMRecForCausalLM(config).eval()
@@ -63,7 +63,7 @@ def test_hem_conversion_rejects_wrong_shapes(tiny_config):
 
 @pytest.mark.parametrize("use_hem", [True, False])
 def test_hem_slices_initialised_independently(use_hem, tiny_config):
-    config = tiny_config(hidden_size=32, pe_dim=8, use_hem=use_hem)
+    config = tiny_config(hidden_size=32, pe_dim=8, use_hem=use_hem, output_gate=False)
     torch.manual_seed(13)
     hem = MMRecForCausalLM(config).model.layers[0].hem
     d = config.hidden_size

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from common import VOCAB, random_ids, randomize_short_conv_
+from common import SEED_DESIGN, VOCAB, random_ids, randomize_short_conv_
 from torch.func import functional_call
 
 from mm_rec import MMRecCache, MMRecConfig, MMRecForCausalLM, is_mmrec_cache
@@ -37,7 +37,8 @@ def random_cuts(T, rng):
 
 MODES = [("input", True), ("input", False), ("state", True)]
 # The short convolution's settings of the tests' ``conv`` parameter: off, on u (before HEM), on the recurrence's inputs.
-CONV = {0: {}, 4: {"short_conv_size": 4}, "4rec": {"short_conv_size": 4, "short_conv_inputs": "recurrence"}}
+CONV = {0: {"short_conv_size": 0}, 4: {"short_conv_size": 4, "short_conv_inputs": "all"},
+        "4rec": {"short_conv_size": 4, "short_conv_inputs": "recurrence"}}
 
 
 @pytest.mark.parametrize("gate,use_hem", MODES)
@@ -58,11 +59,13 @@ def test_parallel_equals_chunked_equals_token_by_token(gate, use_hem, tiny_model
 
 @pytest.mark.parametrize("options", [
     {"memory_levels": "slots"}, {"memory_levels": "blocks"}, {"memory_levels": "none"},
-    {"output_gate": True}, {"output_gate": True, "recurrence_gate": "state"},
+    SEED_DESIGN, {**SEED_DESIGN, "recurrence_gate": "state"},
+    {"output_gate": False}, {"output_gate": False, "recurrence_gate": "state"},
     {"memory_block_size": 1}, {"memory_block_size": 1, "output_gate": True},
     {"ffn_gate": True, "hidden_act": "silu", "pe_dim": 32, "decay_init_max": 0.5, "output_gate": True},
     {"output_gate": True, "gate_memory": True, "memory_block_size": 1},
-    {"short_conv_size": 4}, {"short_conv_size": 4, "output_gate": True, "memory_block_size": 1},
+    {"short_conv_size": 4, "short_conv_inputs": "all"},
+    {"short_conv_size": 4, "short_conv_inputs": "all", "output_gate": True, "memory_block_size": 1},
     {"short_conv_size": 4, "short_conv_inputs": "recurrence"},
     {"short_conv_size": 4, "short_conv_inputs": "recurrence", "recurrence_gate": "state"},
     {"short_conv_size": 4, "short_conv_inputs": "recurrence", "output_gate": True, "memory_block_size": 1},
@@ -723,8 +726,8 @@ def test_compile_fullgraph_with_the_default_kernel_backend_on_gpu(tiny_model):
 
 # Every Triton kernel the model can run, by module: config.kernel_backend must choose for all of them.
 TRITON_KERNELS = {"scan_triton": ("scan_fwd", "scan_bwd"),
-                  "recurrence_triton": ("recurrence_inputs_fwd", "recurrence_inputs_bwd", "state_gate_fwd",
-                                        "state_gate_bwd"),
+                  "recurrence_triton": ("recurrence_inputs_fwd", "recurrence_inputs_bwd"),
+                  "state_gate_triton": ("state_gate_fwd", "state_gate_bwd"),
                   "memory_triton": ("route_segments_triton",)}
 KERNELS_OF_GATE = {"input": {"scan_fwd", "scan_bwd", "recurrence_inputs_fwd", "recurrence_inputs_bwd",
                              "route_segments_triton"},
@@ -777,11 +780,14 @@ def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_mode
 
 GPU_SIZES = dict(vocab_size=512, hidden_size=256, num_attention_heads=4, memory_block_size=16,
                  memory_segment_length=128, num_memory_slots=8)
-# The quality study's choices on top: output gate, full-width decay input, faster decays, SwiGLU, blocks of 1.
-GPU_QUALITY = dict(output_gate=True, pe_dim=256, decay_init_max=0.5, ffn_gate=True, hidden_act="silu",
-                   memory_block_size=1)
-GPU_CONV = dict(GPU_QUALITY, short_conv_size=4)
-GPU_CONV_REC = dict(GPU_CONV, short_conv_inputs="recurrence")
+# MMRecConfig's defaults at this size (blocks of one token, the convolution of the recurrence's inputs, ...);
+# the design before them (blocks of 16 here); the default without the convolution; the convolution of every input.
+GPU_DEFAULT = dict(memory_block_size=1)
+GPU_SEED = dict(SEED_DESIGN, pe_dim=64)
+GPU_NO_CONV = dict(GPU_DEFAULT, short_conv_size=0)
+GPU_CONV_ALL = dict(GPU_DEFAULT, short_conv_inputs="all")
+GPU_OPTIONS = dict(argvalues=[GPU_DEFAULT, GPU_SEED, GPU_NO_CONV, GPU_CONV_ALL],
+                   ids=["defaults", "seed-design", "no-conv", "conv-all"])
 
 
 def gpu_model(tiny_config, backend, dtype, seed=0, **overrides):
@@ -791,8 +797,7 @@ def gpu_model(tiny_config, backend, dtype, seed=0, **overrides):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV, GPU_CONV_REC],
-                         ids=["defaults", "quality", "conv", "conv-recurrence"])
+@pytest.mark.parametrize("overrides", **GPU_OPTIONS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_triton_backend_logits_equal_torch_backend(dtype, tol, overrides, tiny_config):
     ids = torch.randint(0, 512, (4, 600), device="cuda")
@@ -804,8 +809,7 @@ def test_triton_backend_logits_equal_torch_backend(dtype, tol, overrides, tiny_c
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV, GPU_CONV_REC],
-                         ids=["defaults", "quality", "conv", "conv-recurrence"])
+@pytest.mark.parametrize("overrides", **GPU_OPTIONS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_exactness_on_gpu_chunked_and_token_by_token(dtype, tol, overrides, tiny_config):
     model = gpu_model(tiny_config, "triton", dtype, **overrides)
@@ -840,8 +844,7 @@ def test_compiled_training_step_matches_eager(tiny_config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [{}, GPU_QUALITY, GPU_CONV, GPU_CONV_REC],
-                         ids=["defaults", "quality", "conv", "conv-recurrence"])
+@pytest.mark.parametrize("overrides", **GPU_OPTIONS)
 def test_bf16_training_step_long_sequence_is_finite(overrides, tiny_config):
     model = gpu_model(tiny_config, "triton", torch.bfloat16, **overrides).train()
     ids = torch.randint(0, 512, (2, 4096), device="cuda")

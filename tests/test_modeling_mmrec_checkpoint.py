@@ -20,6 +20,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 import mm_rec.modeling_mmrec
 from mm_rec import MMRecForCausalLM, MMRecModel
+from mm_rec.hem import projection_layout
 from mm_rec.hub import is_our_card
 from mm_rec_train.data import byte_level_tokenizer
 
@@ -231,8 +232,9 @@ def test_partial_checkpoint_initialises_exactly_the_missing_tensors(tiny_checkpo
         torch.testing.assert_close(params[key], tensor, rtol=0, atol=0, msg=key)
     fresh = tiny_model(seed=123).state_dict()
     torch.testing.assert_close(params["model.layers.0.mdi.W_E.bias"], fresh["model.layers.0.mdi.W_E.bias"], rtol=0, atol=0)
-    assert torch.equal(params["model.layers.0.hem.W_fused.bias"], torch.zeros(5 * 32 + 8))
-    up = params["model.layers.1.ffn.up.weight"]  # N(0, initializer_range): 4096 draws
+    width = sum(w for _, w in projection_layout(tiny_model().config))  # q, k, v, z, g~, o: 32 each; p
+    assert width == 7 * 32 and torch.equal(params["model.layers.0.hem.W_fused.bias"], torch.zeros(width))
+    up = params["model.layers.1.ffn.up.weight"]  # N(0, initializer_range): 96 x 32 draws
     assert abs(up.mean().item()) < 0.002 and abs(up.std().item() / 0.02 - 1) < 0.05
     slots = params["model.layers.1.memory.slot_values"]  # N(0, 1)
     assert torch.isfinite(slots).all() and 0.5 < slots.std().item() < 1.5

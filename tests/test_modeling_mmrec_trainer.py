@@ -125,7 +125,7 @@ def test_lora_adapter_trains_saves_reloads_and_merges(tokenizer, blocks, tmp_pat
     model = get_peft_model(MMRecForCausalLM.from_pretrained(base_path),
                            LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=LORA_TARGET_MODULES))
     adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A" in name}
-    assert len(adapted) == 4 * model.config.num_hidden_layers
+    assert len(adapted) == 5 * model.config.num_hidden_layers  # hem.W_fused, W_o, ffn.gate, ffn.up, ffn.down
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     trainer = cpu_trainer(model, tokenizer, blocks, tmp_path / "run", max_steps=12, learning_rate=3e-2)
     trainer.train()

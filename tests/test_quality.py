@@ -105,6 +105,25 @@ def test_equal_size_matching_within_ten_percent(vocab, hidden, layers):
         assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied
 
 
+def test_variants_keep_the_study_base_and_mmrec_default_is_the_config_default():
+    """A variant's model is STUDY_BASE plus its overrides, whatever MMRecConfig's defaults are (so a
+    variant name means the model its recorded results came from); "mmrec-default" builds a model
+    whose every architecture field is MMRecConfig's default."""
+    from mm_rec import MMRecConfig
+
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "pe_dim")
+    with torch.device("meta"):
+        base = quality.build_model("mmrec", 258, 64, 2, 128, quality.MMREC_VARIANTS["mmrec-input"]).config
+        best = quality.build_model("mmrec", 258, 64, 2, 128, quality.MMREC_VARIANTS["mmrec-default"]).config
+    assert (base.memory_block_size, base.output_gate, base.short_conv_size, base.hidden_act, base.pe_dim) == (
+        32, False, 0, "gelu", 16)
+    defaults = MMRecConfig().to_dict()
+    differ = {k for k, v in best.to_dict().items() if k in defaults and k not in sizes and v != defaults[k]}
+    assert differ <= {"tie_word_embeddings"} and best.pe_dim == best.hidden_size, differ
+    chosen = quality.MMREC_VARIANTS["mmrec-output-gate-fast-full-decay-swiglu-conv4rec-block1"]
+    assert quality.MMREC_VARIANTS["mmrec-default"] == chosen
+
+
 # ----------------------------------------------------------------------------- bits per byte
 
 def test_token_byte_lengths_round_trip():

@@ -77,8 +77,8 @@ def test_state_gate_kernel_matches_the_naive_loop(tiles, resets, monkeypatch):
     the small tiles make the product span several tiles both ways."""
     from naive import naive_recurrence
 
-    import mm_rec.recurrence_triton as kernels
-    from mm_rec.recurrence import StateGate
+    import mm_rec.state_gate_triton as kernels
+    from mm_rec.state_gate import StateGate
 
     if tiles is not None:
         monkeypatch.setattr(kernels, "STATE_BJ", tiles[0])
@@ -122,7 +122,7 @@ def test_state_gate_kernel_matches_the_naive_loop(tiles, resets, monkeypatch):
 def test_state_gate_kernel_matches_the_torch_loop_at_model_size():
     """At the quality study's width (d = 384, several warps and tiles) and 256 steps, on the GPU:
     the kernels' H and gradients against the PyTorch loop (both float32)."""
-    from mm_rec.recurrence import StateGate
+    from mm_rec.state_gate import StateGate
 
     torch.manual_seed(0)
     B, T, d = 4, 256, 384

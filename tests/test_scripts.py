@@ -16,6 +16,7 @@ from safetensors.torch import load_file  # noqa: E402
 from script_runs import QUICK, assert_one_line_error, script, tree_hash  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from mm_rec import MMRecConfig  # noqa: E402
 from mm_rec_train.data import (  # noqa: E402
     load_corpus,
     split_corpus,
@@ -227,14 +228,17 @@ def test_benchmark_bad_mmrec_overrides_are_one_line_errors(overrides, named, tmp
 
 
 def test_benchmark_mmrec_config_scales_the_preset_and_applies_overrides():
-    """The benchmark's MM-Rec at another width keeps the preset's ratios (pe_dim / hidden,
-    intermediate / hidden) and takes the overrides on top."""
+    """The benchmark's MM-Rec at another width keeps the preset's FFN ratio (intermediate / hidden)
+    and the default architecture, and takes the overrides on top."""
     from mm_rec_train.runs import PRESETS
 
     benchmark_script = script("benchmark", "research")
     preset = PRESETS["gpu-130m"]["model"]
     config = benchmark_script.mmrec_config(384, 2, 6, 1000, {"memory_block_size": 4})
     assert config.hidden_size == 384 and config.num_hidden_layers == 2 and config.vocab_size == 1000
-    assert config.pe_dim * preset["hidden_size"] == preset["pe_dim"] * 384
     assert config.intermediate_size * preset["hidden_size"] == preset["intermediate_size"] * 384
-    assert config.memory_block_size == 4 and config.ffn_gate == preset["ffn_gate"]
+    assert config.memory_block_size == 4
+    defaults = MMRecConfig()
+    for field in ("pe_dim", "ffn_gate", "output_gate", "short_conv_size", "short_conv_inputs", "decay_init_max"):
+        expected = 384 if field == "pe_dim" else getattr(defaults, field)  # pe_dim: full width by default
+        assert getattr(config, field) == expected, field

@@ -36,6 +36,20 @@ def test_corpus_from_jsonl_and_a_saved_dataset(tmp_path):
     assert list(held_out.values()) == ["\nline three\nline four"]  # the last line break before 70%
 
 
+def test_presets_set_sizes_only_and_take_the_default_architecture():
+    """A preset differs from MMRecConfig's defaults in size fields only; a model built from it has
+    every architecture field at its default."""
+    from mm_rec_train.runs import SIZE_FIELDS
+
+    defaults = MMRecConfig().to_dict()
+    for name, preset in PRESETS.items():
+        assert set(preset["model"]) <= set(SIZE_FIELDS), name
+        built = MMRecConfig(vocab_size=preset["vocab_size"], **preset["model"]).to_dict()
+        differ = {k for k in defaults if built.get(k) != defaults[k]}
+        assert differ <= {*SIZE_FIELDS, "vocab_size", "pe_dim"}, (name, differ)  # pe_dim follows hidden_size
+        assert built["pe_dim"] == built["hidden_size"]
+
+
 @pytest.mark.parametrize("preset, low, high",
                          [("tiny", 0.01, 0.1), ("laptop", 1.0, 1.5), ("gpu-small", 15, 25), ("gpu-130m", 100, 135)])
 def test_preset_sizes(preset, low, high):
