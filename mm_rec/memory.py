@@ -28,6 +28,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .positions import TokenLayout
 from .scan import resolve_backend, scan
@@ -327,6 +328,22 @@ class MultiMemoryAttention(nn.Module):
         m = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), attn_mask=mask)
         return m.transpose(-3, -2).flatten(-2)
 
+    def _attend_tokens(self, q: Tensor, slots: Tensor, blocks: Tensor) -> Tensor:
+        """``_attend`` with blocks of one token, without the [L, S + C] mask: the token at offset j sees
+        every slot and the blocks c < j, i.e. entry e < S + j of [slots, blocks 0 .. C - 2] (block C - 1
+        is seen by no token of its segment). That is a causal mask aligned to the lower right, which
+        SDPA runs in its fused (flash) kernels eagerly; traced, it is a tensor mask. q: [G, L, d]; slots: [G, S, 2d]; blocks: [G, C, 2d]."""
+        L, d = q.shape[1], q.shape[-1]
+        entries = torch.cat([slots.to(q.dtype), blocks[:, :-1].to(q.dtype)], 1)  # [G, S + C - 1, 2d]
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # noqa: E731
+        E = entries.shape[1]
+        if torch.compiler.is_compiling():  # CausalBias does not trace; the same mask as a tensor
+            mask = torch.ones(L, E, dtype=torch.bool, device=q.device).tril(E - L)
+        else:
+            mask = causal_lower_right(L, E)
+        m = F.scaled_dot_product_attention(heads(q), heads(entries[..., :d]), heads(entries[..., d:]), attn_mask=mask)
+        return m.transpose(-3, -2).flatten(-2)
+
     def _visible(self, device: torch.device) -> Tensor:
         """[L, S + C] bool: the token at offset j of a segment sees every slot, and block c iff (c + 1) N <= j."""
         offsets = torch.arange(self.segment_length, device=device)[:, None]
@@ -365,8 +382,12 @@ class MultiMemoryAttention(nn.Module):
         with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
             slots = self._segment_slots(summaries, state, seg.restart)  # [B, K, S, 2d]
 
-        entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)
-        m_l = self._attend(q_l.view(B * K, L, d), entries[..., :d], entries[..., d:], self._visible(q.device))
+        if N == 1 and self.reads_blocks:
+            m_l = self._attend_tokens(q_l.view(B * K, L, d), slots.view(B * K, S, 2 * d),
+                                      summaries.view(B * K, C, 2 * d))
+        else:
+            entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)
+            m_l = self._attend(q_l.view(B * K, L, d), entries[..., :d], entries[..., d:], self._visible(q.device))
         if seg.identity:
             m = m_l.reshape(B, T, d)
         else:

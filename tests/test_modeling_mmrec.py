@@ -683,6 +683,13 @@ def test_export_of_the_model(case, conv, tiny_model):
     eager logits (and cache): no host reads of tensor values anywhere in the forward."""
     EXPORTS[case](tiny_model(**CONV[conv]))
 
+
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_export_of_the_default_architecture(case, tiny_model):
+    """The same with MMRecConfig's default blocks of one token (tiny_config pins blocks of 4), whose
+    memory attention takes the mask-free path."""
+    EXPORTS[case](tiny_model(memory_block_size=1))
+
 # ---------------------------------------------------------------------------------------
 # torch.compile, and the one switch of every kernel's backend
 # ---------------------------------------------------------------------------------------
@@ -704,11 +711,13 @@ def _compiled_matches_eager(model, ids, mask, backend):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_compile_fullgraph_with_the_default_kernel_backend(tiny_model):
+@pytest.mark.parametrize("block", [4, 1])
+def test_compile_fullgraph_with_the_default_kernel_backend(block, tiny_model):
     """The default kernel_backend ("auto") traces whole on CPU: nothing in the forward or the
-    backward breaks the graph. (aot_eager: fullgraph is dynamo's check, whatever compiles the
-    graph after it; the GPU test below runs inductor.)"""
-    model = tiny_model(kernel_backend=MMRecConfig().kernel_backend)  # tiny_config pins "torch"; the default is "auto"
+    backward breaks the graph, with blocks of 4 tokens and the default blocks of one. (aot_eager:
+    fullgraph is dynamo's check, whatever compiles the graph after it; the GPU test below runs inductor.)"""
+    model = tiny_model(kernel_backend=MMRecConfig().kernel_backend,  # tiny_config pins "torch"; the default is "auto"
+                       memory_block_size=block)
     ids = random_ids((2, 21))
     mask = torch.ones(2, 21, dtype=torch.long)
     mask[1, :3] = 0
@@ -716,8 +725,9 @@ def test_compile_fullgraph_with_the_default_kernel_backend(tiny_model):
 
 
 @pytest.mark.gpu
-def test_compile_fullgraph_with_the_default_kernel_backend_on_gpu(tiny_model):
-    model = tiny_model(kernel_backend=MMRecConfig().kernel_backend).cuda()
+@pytest.mark.parametrize("block", [4, 1])
+def test_compile_fullgraph_with_the_default_kernel_backend_on_gpu(block, tiny_model):
+    model = tiny_model(kernel_backend=MMRecConfig().kernel_backend, memory_block_size=block).cuda()
     ids = random_ids((2, 40)).cuda()
     mask = torch.ones(2, 40, dtype=torch.long, device="cuda")
     mask[1, :3] = 0
