@@ -196,6 +196,10 @@ class LMProtocol(Protocol):
     def max_train_length(self) -> int:
         return self.train_len
 
+    @property
+    def train_tokens(self) -> int:
+        return self.steps * self.batch_size * self.train_len
+
     def check(self) -> None:
         super().check()
         if self.tokenization not in ("bytes", "bpe"):
@@ -235,6 +239,12 @@ class PasskeyProtocol(Protocol):
     @property
     def max_train_length(self) -> int:
         return max(self.train_lengths)
+
+    @property
+    def train_tokens(self) -> int:
+        """Expected: each length equally likely at every step."""
+        per_step = sum(self.batch_size(n) * n for n in self.train_lengths) / len(self.train_lengths)
+        return round(self.steps * per_step)
 
     def check(self) -> None:
         super().check()
@@ -280,6 +290,10 @@ class FarMQARProtocol(Protocol):
     @property
     def max_train_length(self) -> int:
         return max(self.lengths)
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(s["steps"] * s["batch_size"] * s["length"] for s in self.curriculum())
 
     def check(self) -> None:
         super().check()
@@ -577,8 +591,7 @@ def far_mqar_task(model, protocol: FarMQARProtocol, seed: int, context: Context,
     curve, steps_done = _train(model, protocol, next_batch, evaluate, stages[0]["steps"], stages[0]["batch_size"], seed,
                                context)
     final = curve[-1] if curve and "lengths" in curve[-1] else evaluate()  # a diverged run was not evaluated
-    budget = {"steps": protocol.steps, "tokens": sum(s["steps"] * s["batch_size"] * s["length"] for s in stages),
-              "stages": stages}
+    budget = {"steps": protocol.steps, "tokens": protocol.train_tokens, "stages": stages}
     result = {"num_kv_pairs": P, "min_query_position": start, "budget": budget, "lengths": final["lengths"]}
     return {"curve": curve, "steps_done": steps_done, "result": result}
 
@@ -659,8 +672,9 @@ def plan_runs(tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int],
 
 class LongStudy:
     """Runs a plan into ``out``: each run built, trained, measured and written to ``out/runs``; recorded
-    runs skipped unless ``rerun``; a run not started after ``max_minutes``, and one still going then
-    stopped unsaved."""
+    runs skipped unless ``rerun``. With ``max_minutes``, a run is not started when the time left is
+    shorter than the longest run of this call so far took, and one still going at the limit is stopped
+    unsaved (so a call can be sized to a machine's time limit)."""
 
     def __init__(self, out, device: Optional[str] = None, rerun: bool = False, max_minutes: Optional[float] = None,
                  progress: bool = True, log: Callable[[str], None] = print, command: str = ""):
@@ -687,8 +701,8 @@ class LongStudy:
         for i, run in enumerate(runs, 1):
             params = run.spec.get("parameters")
             shown = f"{params / 1e6:.2f}M" if params else "-"
-            self.log(f"  {i:3d}. {run.task:<8} {run.setting:<16} {run.model:<20} seed {run.seed}  {shown:>8}  "
-                     f"{self.status(run)}")
+            self.log(f"  {i:3d}. {run.task:<8} {run.setting:<16} {run.model:<20} seed {run.seed}  {shown:>8} "
+                     f"{run.protocol.train_tokens / 1e6:6.1f}M tokens  {self.status(run)}")
 
     def run_all(self, runs: Sequence[Run]) -> Dict[str, List[str]]:
         """Run the plan in order. Returns {"done", "skipped", "refused", "over_budget", "failed"}: run names."""
@@ -699,13 +713,14 @@ class LongStudy:
         started = time.time()
         deadline = None if self.max_minutes is None else started + 60 * self.max_minutes
         outcome: Dict[str, List[str]] = {k: [] for k in ("done", "skipped", "refused", "over_budget", "failed")}
+        longest = 0.0  # seconds of the longest run of this call: the estimate of the next one
         bar = tqdm(runs, desc="long study", disable=not self.progress, leave=False, dynamic_ncols=True)
         for run in bar:
             status = self.status(run)
             if status != "todo":
                 outcome["refused" if status == "refused" else "skipped"].append(run.name)
                 continue
-            if deadline is not None and time.time() > deadline:
+            if deadline is not None and time.time() + longest > deadline:
                 outcome["over_budget"].append(run.name)
                 continue
             try:
@@ -721,6 +736,7 @@ class LongStudy:
                     torch.cuda.empty_cache()
                 continue
             outcome["done"].append(run.name)
+            longest = max(longest, record["seconds"]["total"])
             self.log(f"done: {run.name}: {summary_line(record)} ({record['seconds']['total']:.0f} s)")
         bar.close()
         wall = time.time() - started
@@ -1170,7 +1186,8 @@ def parse_args(argv):
     parser.add_argument("--lr", type=positive_float, help="learning rate of every task (defaults: LM 2e-3, others 1e-3)")
     parser.add_argument("--rerun", action="store_true", help="repeat runs already recorded and replace their records")
     parser.add_argument("--max-minutes", type=positive_float,
-                        help="start no run after this; a run still going then is stopped and not saved")
+                        help="time limit of this call: a run is not started when the time left is shorter than "
+                             "this call's longest run so far; a run still going at the limit is stopped, not saved")
     parser.add_argument("--plan", action="store_true", help="list the runs, their sizes and status; train nothing")
     parser.add_argument("--report", action="store_true", help="write OUT/README.md and the plots from OUT/runs; train nothing")
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the idle cores)")

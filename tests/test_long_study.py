@@ -267,3 +267,11 @@ def test_every_model_is_a_choice_and_fla_models_are_planned_as_refused():
     assert [r.model for r in runs] == list(ls.MODELS)
     assert {r.model for r in runs if r.refused} == {"hgrn", "gdn"}  # a CPU: with or without fla
     assert all(r.spec["parameters"] for r in runs if not r.refused)
+
+
+def test_no_run_starts_past_the_time_limit(tmp_path):
+    runs = ls.plan_runs(("far_mqar",), ("llama",), (0,), ls.protocols(smoke=True), torch.device("cpu"))
+    study = ls.LongStudy(tmp_path, "cpu", max_minutes=1e-9, progress=False, log=lambda _: None)
+    outcome = study.run_all(runs)
+    assert outcome["over_budget"] == [r.name for r in runs] and not outcome["done"]
+    assert not (tmp_path / ls.RUNS).exists()
