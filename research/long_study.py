@@ -702,7 +702,7 @@ class LongStudy:
             params = run.spec.get("parameters")
             shown = f"{params / 1e6:.2f}M" if params else "-"
             self.log(f"  {i:3d}. {run.task:<8} {run.setting:<16} {run.model:<20} seed {run.seed}  {shown:>8} "
-                     f"{run.protocol.train_tokens / 1e6:6.1f}M tokens  {self.status(run)}")
+                     f"{_count(run.protocol.train_tokens):>7} tokens  {self.status(run)}")
 
     def run_all(self, runs: Sequence[Run]) -> Dict[str, List[str]]:
         """Run the plan in order. Returns {"done", "skipped", "refused", "over_budget", "failed"}: run names."""
@@ -728,6 +728,8 @@ class LongStudy:
             except quality.BudgetExhausted as err:
                 outcome["over_budget"].append(run.name)
                 self.log(f"budget: {err}; the run is not saved")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             except Exception as err:  # one broken model (OOM, a kernel that fails) must not end the study
                 outcome["failed"].append(run.name)
@@ -793,6 +795,10 @@ class LongStudy:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return record
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:g}"
 
 
 def summary_line(record: dict) -> str:
@@ -1143,8 +1149,12 @@ def write_report(out) -> Optional[Path]:
                 refusals += json.loads(line).get("refusals", [])
             except json.JSONDecodeError:
                 continue
+    # a reason starts with the model it refused ("gdn: fla is not installed ..."): once that model has
+    # records (fla installed since), the reason no longer applies
+    recorded = {r["model"] for r in records}
+    refusals = sorted({reason for reason in refusals if reason.split(":")[0] not in recorded})
     if refusals:
-        lines += ["Runs skipped by the calls (not measured): " + "; ".join(sorted(set(refusals))) + ".", ""]
+        lines += ["Runs skipped by the calls (not measured): " + "; ".join(refusals) + ".", ""]
     sections = (("## Language modelling: bits per byte by position", _lm_section(records, out)),
                 ("## Passkey retrieval", _passkey_section(records, out)),
                 ("## MQAR beyond a segment (far MQAR)", _far_mqar_section(records)))
@@ -1168,6 +1178,15 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def device_type(text: str) -> str:
+    """argparse type: a torch device name (cuda, cuda:1, cpu)."""
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cuda, cuda:1 or cpu, got {text!r}") from None
+    return text
+
+
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=(*TASKS, "all"), default="all")
@@ -1175,7 +1194,7 @@ def parse_args(argv):
                         help=f"any of {' '.join(MODELS)} (default all; --smoke: mmrec-default llama)")
     parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0], help="seeds (default 0)")
     parser.add_argument("--out", help="output folder (default docs/quality/long; --smoke: a new temporary folder)")
-    parser.add_argument("--device", help="cuda or cpu (default cuda when available; --smoke: cpu)")
+    parser.add_argument("--device", type=device_type, help="cuda or cpu (default cuda when available; --smoke: cpu)")
     parser.add_argument("--smoke", action="store_true", help="tiny protocols on CPU, seconds per run")
     parser.add_argument("--lm-lengths", nargs="+", type=positive_int,
                         help="LM training lengths, one protocol each (default 4096 16384; --smoke 64)")

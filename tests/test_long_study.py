@@ -3,6 +3,7 @@ defaults, fla models skipped with a reason, rows inside documents, the curriculu
 position and offset measurements against direct sums, the targets against their definitions, and
 the smoke study end to end through the command line (records, report, plots; a second call skips)."""
 
+import json
 import math
 import sys
 
@@ -243,12 +244,18 @@ def test_smoke_study_runs_every_task_writes_records_and_a_report_then_skips(tmp_
     assert ls.main([*SMOKE, "--out", str(out)]) == 0
     assert "0 done, 6 already recorded (skipped), 6 refused" in capsys.readouterr().out
     assert tree_hash(out / ls.RUNS) == before
+    # a reason given by an earlier call for a model recorded since no longer stands in the report
+    with open(out / ls.INVOCATIONS, "a", encoding="utf-8") as log:
+        log.write(json.dumps({"command": "an earlier call", "refusals": ["llama: a reason that no longer holds"]}) + "\n")
     assert ls.main(["--report", "--out", str(out)]) == 0 and "wrote" in capsys.readouterr().out
+    report = (out / ls.REPORT).read_text()
+    assert "no longer holds" not in report and "gdn: fla" in report and "hgrn: fla" in report
 
 
 @pytest.mark.parametrize("flags,named", [
     (["--task", "nope"], "--task"), (["--models", "rwkv"], "rwkv"), (["--seeds", "-1"], "--seeds"),
     (["--steps", "0"], "--steps"), (["--lm-lengths", "x"], "--lm-lengths"), (["--lm-lengths", "1"], "train_len"),
+    (["--device", "gpu0"], "--device"),
 ])
 def test_bad_flags_are_one_line_errors(flags, named, tmp_path, capsys):
     rc = ls.main(["--smoke", "--plan", "--threads", "1", "--out", str(tmp_path), *flags])
