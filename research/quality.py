@@ -121,7 +121,16 @@ VARIANT_GROUPS = {
 # The sequential gate loops over t in Python: one learning rate (the first of the sweep) only.
 SINGLE_LR_VARIANTS = {"mmrec-state", "mmrec-output-gate-fast-full-decay-swiglu-state-block1"}
 FAMILIES = ("mmrec", "hgrn", "llama")
+# Every family build_model knows: the quality study's plans default to FAMILIES; fla's Gated DeltaNet ("gdn")
+# joins in the long-context study (research/long_study.py).
+ALL_FAMILIES = (*FAMILIES, "gdn")
+FLA_FAMILIES = ("hgrn", "gdn")
 FLA_MISSING = "hgrn: fla is not installed (pip install flash-linear-attention); hgrn runs skipped"
+
+
+def fla_missing(family: str) -> str:
+    """The one-line reason a run of an fla family (hgrn, gdn) is skipped where fla is not installed."""
+    return FLA_MISSING.replace("hgrn", family)
 
 
 class RefusedRun(ValueError):
@@ -177,8 +186,10 @@ def fla_available() -> bool:
 def build_model(family: str, vocab_size: int, hidden_size: int, num_layers: int, intermediate_size: Optional[int],
                 overrides: Optional[dict] = None, max_length: int = 4096):
     """An untrained causal LM with tied embeddings. family: "mmrec" (``overrides``: MMRecConfig
-    fields), "llama" (SDPA attention) or "hgrn" (fla; ``intermediate_size`` ignored, HGRN is the
-    size reference). Builds on the current default device (``torch.device("meta")`` to count)."""
+    fields), "llama" (SDPA attention, ``max_length`` positions), "hgrn" (fla; ``intermediate_size``
+    ignored, HGRN is the size reference) or "gdn" (fla's Gated DeltaNet: heads of ``heads_for``,
+    fla's own FFN width, so ``intermediate_size`` is ignored too). Builds on the current default
+    device (``torch.device("meta")`` to count)."""
     if family == "mmrec":
         from mm_rec import MMRecForCausalLM
 
@@ -205,7 +216,18 @@ def build_model(family: str, vocab_size: int, hidden_size: int, num_layers: int,
         return HGRNForCausalLM(HGRNConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                                           tie_word_embeddings=True, fuse_norm=False, fuse_swiglu=False,
                                           fuse_cross_entropy=False))
-    raise ValueError(f"model family must be one of {FAMILIES}, got {family!r}")
+    if family == "gdn":
+        try:
+            from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+        except ImportError:
+            raise RefusedRun(fla_missing("gdn")) from None
+        heads = heads_for(hidden_size)
+        # the fused kernels left out as for HGRN; the delta rule's own kernels are kept
+        return GatedDeltaNetForCausalLM(GatedDeltaNetConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_heads=heads,
+            head_dim=hidden_size // heads, tie_word_embeddings=True, fuse_norm=False, fuse_swiglu=False,
+            fuse_cross_entropy=False))
+    raise ValueError(f"model family must be one of {ALL_FAMILIES}, got {family!r}")
 
 
 def count_parameters(model) -> int:
@@ -224,7 +246,17 @@ def _meta_count(family: str, vocab_size: int, hidden_size: int, num_layers: int,
 def parameter_count(family: str, vocab_size: int, hidden_size: int, num_layers: int,
                     intermediate_size: Optional[int] = None, overrides: Optional[dict] = None) -> int:
     """Total parameters (embedding included) of ``build_model(...)``, counted on the meta device;
-    HGRN by ``hgrn_parameter_count`` when fla is not installed."""
+    HGRN by ``hgrn_parameter_count`` when fla is not installed; Gated DeltaNet only with fla (else
+    RefusedRun), on the CPU where its modules do not build on the meta device."""
+    if family == "gdn":
+        if not fla_available():
+            raise RefusedRun(fla_missing("gdn"))
+        try:
+            return _meta_count(family, vocab_size, hidden_size, num_layers, None, "{}")
+        except RefusedRun:
+            raise
+        except Exception:
+            return count_parameters(build_model(family, vocab_size, hidden_size, num_layers, None))
     if family == "hgrn":
         if fla_available():
             try:
