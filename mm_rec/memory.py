@@ -332,7 +332,8 @@ class MultiMemoryAttention(nn.Module):
         """``_attend`` with blocks of one token, without the [L, S + C] mask: the token at offset j sees
         every slot and the blocks c < j, i.e. entry e < S + j of [slots, blocks 0 .. C - 2] (block C - 1
         is seen by no token of its segment). That is a causal mask aligned to the lower right, which
-        SDPA runs in its fused (flash) kernels eagerly; traced, it is a tensor mask. q: [G, L, d]; slots: [G, S, 2d]; blocks: [G, C, 2d]."""
+        SDPA runs in its fused (flash) kernels eagerly; traced, it is a tensor mask.
+        q: [G, L, d]; slots: [G, S, 2d]; blocks: [G, C, 2d]."""
         L, d = q.shape[1], q.shape[-1]
         entries = torch.cat([slots.to(q.dtype), blocks[:, :-1].to(q.dtype)], 1)  # [G, S + C - 1, 2d]
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # noqa: E731
