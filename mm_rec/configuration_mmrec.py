@@ -97,8 +97,8 @@ class MMRecConfig(PretrainedConfig):
         output_gate: gate what each token reads from the state by the token itself (on by
             default; off saves one d x d projection per layer for some quality).
         gate_memory: with ``output_gate``, the same gate also covers what the memory attention
-            returns, so a token can shut off the memory's answer (off by default: it helped the
-            smallest models and cost a little at larger ones).
+            returns, so a token can shut off the memory's answer (on by default; without an
+            output gate or a memory it changes nothing).
         short_conv_size: K, a short causal convolution over each token and the K - 1 real tokens
             before it in its document (default 4). 0 leaves it out (a little faster, a little
             worse on bytes); 1 is refused (it would only rescale channels).
@@ -178,7 +178,7 @@ class MMRecConfig(PretrainedConfig):
         recurrence_gate: str = "input",
         memory_levels: str = "slots+blocks",
         output_gate: bool = True,
-        gate_memory: bool = False,
+        gate_memory: bool = True,
         short_conv_size: int = 4,
         short_conv_inputs: str = "recurrence",
         use_hem: bool = True,
@@ -289,10 +289,6 @@ class MMRecConfig(PretrainedConfig):
         for name in ("use_hem", "use_cache", "decode_cuda_graph", "output_gate", "gate_memory", "ffn_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MMRecConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.gate_memory and (not self.output_gate or self.memory_levels == "none"):
-            raise ValueError("MMRecConfig.gate_memory=True gates the memory read with the output gate: it needs "
-                             f"output_gate=True and a memory (memory_levels != 'none'), got output_gate="
-                             f"{self.output_gate!r}, memory_levels={self.memory_levels!r}")
         conv = self.short_conv_size
         if isinstance(conv, bool) or not isinstance(conv, int) or conv < 0 or conv == 1:
             raise ValueError(f"MMRecConfig.short_conv_size must be an integer, 0 (no convolution) or at least 2 "

@@ -66,7 +66,8 @@ IGNORE_INDEX = -100
 # defaults before the study's best choices became them), so a variant name keeps meaning the model its results
 # in docs/quality/ were measured on. "hidden_size" stands for the model's width, "hidden_size/4" for a quarter of it.
 STUDY_BASE = {"hidden_act": "gelu", "ffn_gate": False, "decay_init_max": 0.1, "pe_dim": "hidden_size/4",
-              "memory_block_size": 32, "output_gate": False, "short_conv_size": 0, "short_conv_inputs": "all"}
+              "memory_block_size": 32, "output_gate": False, "gate_memory": False, "short_conv_size": 0,
+              "short_conv_inputs": "all"}
 # The second round's choices (output gate, fast and full-width decay, SwiGLU).
 _CHOICES = {"output_gate": True, "decay_init_max": 0.5, "pe_dim": "hidden_size", "ffn_gate": True, "hidden_act": "silu"}
 MMREC_VARIANTS: Dict[str, dict] = {
@@ -100,8 +101,10 @@ MMREC_VARIANTS: Dict[str, dict] = {
     "mmrec-output-gate-fast-full-decay-swiglu-conv4rec-block1": {**_CHOICES, "short_conv_size": 4,
                                                                  "short_conv_inputs": "recurrence",
                                                                  "memory_block_size": 1},
-    # MMRecConfig's defaults: the variant above, the best measured (tests/test_quality.py checks they agree)
-    "mmrec-default": {**_CHOICES, "short_conv_size": 4, "short_conv_inputs": "recurrence", "memory_block_size": 1},
+    # MMRecConfig's defaults (tests/test_quality.py checks they agree): the variant above, the best measured on
+    # bytes, with the output gate over the memory read too (docs/ARCHITECTURE.md section 7, "One default architecture")
+    "mmrec-default": {**_CHOICES, "short_conv_size": 4, "short_conv_inputs": "recurrence", "memory_block_size": 1,
+                      "gate_memory": True},
 }
 VARIANT_GROUPS = {
     "main": ("mmrec-input", "mmrec-state"),

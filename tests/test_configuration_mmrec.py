@@ -55,11 +55,15 @@ def test_config_rejects_bad_values(field, value, named, tiny_config):
         tiny_config(**{field: value})
 
 
-def test_gate_memory_needs_a_memory_and_the_output_gate(tiny_config):
-    with pytest.raises(ValueError, match="memory_levels"):
-        tiny_config(output_gate=True, gate_memory=True, memory_levels="none")
-    with pytest.raises(ValueError, match="output_gate=True"):
-        tiny_config(output_gate=False, gate_memory=True)
+@pytest.mark.parametrize("options", [{"output_gate": False}, {"memory_levels": "none"}])
+def test_gate_memory_changes_nothing_without_a_gate_or_a_memory(options, tiny_model):
+    """gate_memory (default True) extends the output gate over the memory read: with no output
+    gate, or no memory read, the model is the same with it on or off (same weights, same logits)."""
+    ids = random_ids((2, 19))
+    on, off = tiny_model(seed=3, gate_memory=True, **options), tiny_model(seed=3, gate_memory=False, **options)
+    assert on.state_dict().keys() == off.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(on(ids).logits, off(ids).logits, rtol=0, atol=0)
 
 
 def test_no_convolution_whatever_its_inputs_say(tiny_config):

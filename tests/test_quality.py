@@ -121,7 +121,7 @@ def test_variants_keep_the_study_base_and_mmrec_default_is_the_config_default():
     differ = {k for k, v in best.to_dict().items() if k in defaults and k not in sizes and v != defaults[k]}
     assert differ <= {"tie_word_embeddings"} and best.pe_dim == best.hidden_size, differ
     chosen = quality.MMREC_VARIANTS["mmrec-output-gate-fast-full-decay-swiglu-conv4rec-block1"]
-    assert quality.MMREC_VARIANTS["mmrec-default"] == chosen
+    assert quality.MMREC_VARIANTS["mmrec-default"] == {**chosen, "gate_memory": True}
 
 
 # ----------------------------------------------------------------------------- bits per byte
