@@ -355,15 +355,21 @@ class MultiMemoryAttention(nn.Module):
 
     def _parallel(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: MemoryState):
         B, T, d = q.shape
-        N, L, C = self.block_size, self.segment_length, self.blocks_per_segment
+        N, L, C_full = self.block_size, self.segment_length, self.blocks_per_segment
         S = self.slot_keys.shape[0]
         seg = segment_layout(layout, L)
         K = seg.num_segments
+        # A fresh stream shorter than a segment fills only its first T offsets: the layout keeps
+        # the first W = T rounded up to whole blocks, the rest of the segment being padding that no
+        # token reads (the attention is causal within the segment). The state keeps its shapes.
+        W = min(L, N * -(-T // N)) if layout.fresh and not layout.has_resets and K == 1 else L
+        C = W // N
 
         def to_layout(x: Tensor) -> Tensor:
             if seg.identity:
                 return x.reshape(B, K, L, -1)
-            return relayout(x.reshape(B * T, -1), seg.gather_index, seg.scatter_index).view(B, K, L, -1)
+            out = relayout(x.reshape(B * T, -1), seg.gather_index, seg.scatter_index).view(B, K, L, -1)
+            return out if W == L else out[:, :, :W]
 
         q_l = to_layout(q)
         kv_l = to_layout(torch.cat([k, v], -1))  # [B, K, L, 2d]
@@ -376,7 +382,7 @@ class MultiMemoryAttention(nn.Module):
         open_sums = torch.cat([state.open_key_sum, state.open_value_sum], -1)[:, None]
         first_sums = sums[:, 0] + at_open * open_sums
         sums = torch.cat([first_sums[:, None], sums[:, 1:]], 1)
-        carried_summaries = torch.cat([state.block_keys, state.block_values], -1)
+        carried_summaries = torch.cat([state.block_keys, state.block_values], -1)[:, :C]
         first = torch.where(carried[..., None], carried_summaries, self.close_blocks(first_sums))
         summaries = torch.cat([first[:, None], self.close_blocks(sums[:, 1:])], 1)  # [B, K, C, 2d]
 
@@ -384,11 +390,14 @@ class MultiMemoryAttention(nn.Module):
             slots = self._segment_slots(summaries, state, seg.restart)  # [B, K, S, 2d]
 
         if N == 1 and self.reads_blocks:
-            m_l = self._attend_tokens(q_l.view(B * K, L, d), slots.view(B * K, S, 2 * d),
+            m_l = self._attend_tokens(q_l.view(B * K, W, d), slots.view(B * K, S, 2 * d),
                                       summaries.view(B * K, C, 2 * d))
         else:
             entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)
-            m_l = self._attend(q_l.view(B * K, L, d), entries[..., :d], entries[..., d:], self._visible(q.device))
+            visible = self._visible(q.device)[:W, :S + C]
+            m_l = self._attend(q_l.view(B * K, W, d), entries[..., :d], entries[..., d:], visible)
+        if W < L:
+            m_l = F.pad(m_l.view(B * K, W, d), (0, 0, 0, L - W))
         if seg.identity:
             m = m_l.reshape(B, T, d)
         else:
@@ -402,6 +411,8 @@ class MultiMemoryAttention(nn.Module):
         open_block = ((p % L) // N).clamp(max=C - 1)
         last_slots = slots[rows, last_seg]
         last_summaries = summaries[rows, last_seg] * (block < filled[:, None]).float()[..., None]
+        if C < C_full:
+            last_summaries = F.pad(last_summaries, (0, 0, 0, C_full - C))
         last_open = sums[rows, last_seg, open_block] * (open_count > 0).float()[:, None]
         keep_old = ~seg.has_real
         pick = lambda old, new: torch.where(keep_old.view(-1, *[1] * (new.dim() - 1)), old, new)  # noqa: E731
