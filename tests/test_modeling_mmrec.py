@@ -86,6 +86,30 @@ def test_quality_options_keep_parallel_chunked_and_token_by_token_equal(options,
     assert (token_by_token - full)[real].abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("T", [1, 6, 13, 16])
+def test_fresh_input_within_one_segment_equals_token_by_token_with_the_same_cache(T, block, tiny_model):
+    """A fresh input shorter than a segment (16 tokens) lays out only its first T offsets (rounded up
+    to whole blocks): its logits, left-padded rows included, and the cache it returns (compared
+    tensor by tensor, then continued for a segment and a half) are those of token-by-token feeding."""
+    model = tiny_model(memory_block_size=block)
+    ids = random_ids((2, T + 24), seed=T)
+    mask = torch.ones_like(ids)
+    mask[1, :min(3, T - 1)] = 0
+    head = slice(0, T)
+    with torch.no_grad():
+        out = model(ids[:, head], attention_mask=mask[:, head], use_cache=True)
+        steps, cache = stream(model, ids[:, head], list(range(T + 1)), mask[:, head])
+        real = mask[:, head].bool()
+        assert (out.logits - steps)[real].abs().max() <= 1e-4
+        for got, want in zip(out.cache.layers, cache.layers):
+            for name, tensor in want.tensors().items():
+                torch.testing.assert_close(got.tensors()[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+        later = model(ids[:, T:], attention_mask=mask[:, T:], cache=out.cache).logits
+        want_later, _ = stream(model, ids, list(range(T + 25)), mask)
+    assert (later - want_later[:, T:]).abs().max() <= 1e-4
+
+
 def test_long_input_over_many_segments_equals_token_by_token(tiny_model):
     """T far beyond memory_segment_length: the parallel forward's segment layout holds 7
     segments, with 6 folds between them."""
