@@ -47,10 +47,10 @@ _CARD_HEADER = (
 )
 
 _CONFIG_ROWS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "pe_dim",
-    "memory_block_size", "memory_segment_length", "num_memory_slots", "memory_decay", "memory_levels",
-    "recurrence_gate", "output_gate", "gate_memory", "short_conv_size", "short_conv_inputs",
-    "use_hem",
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+    "ffn_gate", "pe_dim", "decay_init_min", "decay_init_max", "memory_block_size", "memory_segment_length",
+    "num_memory_slots", "memory_decay", "memory_levels", "recurrence_gate", "output_gate", "gate_memory",
+    "short_conv_size", "short_conv_inputs", "use_hem",
 )
 
 

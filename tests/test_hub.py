@@ -42,3 +42,20 @@ def test_lora_targets_are_the_blocks_linear_maps_but_the_timescales(use_hem, rec
     wrapped = {name.removeprefix("base_model.model.") for name, module in adapted.named_modules()
                if isinstance(module, peft.tuners.lora.LoraLayer)}
     assert wrapped == expected
+
+
+def test_model_card_lists_every_field_that_shapes_the_model(tiny_config):
+    """The card's configuration table gives the value of every MMRecConfig field that decides the
+    architecture (everything but how it runs, trains, and its special tokens)."""
+    import inspect
+
+    from mm_rec import MMRecConfig
+    from mm_rec.hub import model_card
+
+    not_architecture = {"kernel_backend", "use_cache", "inference_chunk_size", "decode_cuda_graph", "dropout",
+                        "initializer_range", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+                        "pad_token_id"}
+    config = tiny_config(memory_block_size=1, hidden_act="gelu")
+    card = model_card(config)
+    for name in set(inspect.signature(MMRecConfig.__init__).parameters) - {"self", "kwargs"} - not_architecture:
+        assert f"| `{name}` | {getattr(config, name)} |" in card, name
