@@ -44,6 +44,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def device_type(text: str) -> str:
+    """argparse type: a torch device name (cuda, cuda:1, cpu)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cuda, cuda:1 or cpu, got {text!r}") from None
+    return text
+
+
 def probability(text: str) -> float:
     value = positive_float(text)
     if value > 1:

@@ -48,7 +48,6 @@ import math
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -56,8 +55,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import quality
 import torch
 
-from mm_rec_train.cli import ArgumentParser, positive_float, positive_int, run_main, set_threads
-from mm_rec_train.runs import PACKAGES, REPOSITORY
+from mm_rec_train.cli import ArgumentParser, device_type, non_negative_int, positive_float, positive_int, run_main, set_threads
+from mm_rec_train.runs import REPOSITORY
 
 PROTOCOL_VERSION = 1
 RUNS, TIMINGS, CACHE, INVOCATIONS, REPORT, PLOT = "runs", "timings", "cache", "invocations.jsonl", "README.md", \
@@ -85,17 +84,8 @@ def family_of(model: str) -> str:
 def refusal(model: str, device: torch.device) -> Optional[str]:
     """Why ``model`` cannot run on ``device`` (one line), or None."""
     family = family_of(model)
-    if family in quality.FLA_FAMILIES:
-        if not quality.fla_available():
-            return quality.fla_missing(family)
-        if device.type != "cuda":
-            return f"{family}: fla's kernels need CUDA; {family} runs skipped on {device.type}"
-    if family == "mmrec":
-        try:
-            quality.check_variant(model, quality.MMREC_VARIANTS[model])
-        except quality.RefusedRun as err:
-            return str(err)
-    return None
+    overrides = quality.MMREC_VARIANTS[model] if family == "mmrec" else None
+    return quality.refusal_reason(family, model, overrides, device)
 
 
 def vocab_size(protocol: quality.LMProtocol, tokenization: str) -> int:
@@ -103,19 +93,11 @@ def vocab_size(protocol: quality.LMProtocol, tokenization: str) -> int:
 
 
 def size(model: str, protocol: quality.LMProtocol, tokenization: str) -> dict:
-    """{"intermediate_size", "parameters", "target_parameters"}: HGRN's count is the target; MM-Rec and
-    Llama match it by their FFN width, Gated DeltaNet keeps fla's own (as the long-context study)."""
-    vocab, hidden, layers = vocab_size(protocol, tokenization), protocol.hidden_size, protocol.layers
-    target = quality.parameter_count("hgrn", vocab, hidden, layers)
+    """``quality.matched_size`` at the protocol's width and depth and the tokenization's vocabulary."""
     family = family_of(model)
-    if family == "hgrn":
-        width, count = None, target
-    elif family == "gdn":
-        width, count = None, quality.parameter_count("gdn", vocab, hidden, layers)
-    else:
-        overrides = quality.MMREC_VARIANTS[model] if family == "mmrec" else None
-        width, count = quality.match_intermediate_size(family, target, vocab, hidden, layers, overrides)
-    return {"intermediate_size": width, "parameters": count, "target_parameters": target}
+    overrides = quality.MMREC_VARIANTS[model] if family == "mmrec" else None
+    return quality.matched_size(family, vocab_size(protocol, tokenization), protocol.hidden_size, protocol.layers,
+                                overrides)
 
 
 def _digest(spec: dict) -> str:
@@ -601,18 +583,8 @@ def _count(n: float) -> str:
 def load_records(out) -> List[dict]:
     """The newest finished record of each (tokenization, model, lr, seed) under ``out/runs`` (a record of
     older MM-Rec code is superseded by a newer one)."""
-    chosen: Dict[tuple, dict] = {}
-    for path in sorted((Path(out) / RUNS).glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not record.get("finished") or record.get("spec", {}).get("study") != "equal_time":
-            continue
-        key = (record["tokenization"], record["model"], record["lr"], record["seed"])
-        if key not in chosen or record.get("ended", "") >= chosen[key].get("ended", ""):
-            chosen[key] = record
-    return list(chosen.values())
+    return quality.newest_records(out, lambda r: r.get("spec", {}).get("study") == "equal_time",
+                                  lambda r: (r["tokenization"], r["model"], r["lr"], r["seed"]))
 
 
 def _bpb(record: dict) -> float:
@@ -714,23 +686,8 @@ def _ordered(models) -> List[str]:
 
 
 def _environment(records: Sequence[dict], out: Path) -> List[str]:
-    lines = ["## Environment", "", f"Devices: {', '.join(sorted({r['device'] for r in records}))}"]
-    for text in sorted({json.dumps(r["versions"], sort_keys=True) for r in records}):
-        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in json.loads(text).items()))
-    total = sum(r["seconds"]["total"] for r in records)
-    lines.append(f"Wall time of these runs (building, training and evaluating): {total / 60:.1f} min")
-    invocations = out / INVOCATIONS
-    if invocations.is_file():
-        lines += ["", "Calls (exact command, device, wall time):", ""]
-        for line in invocations.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            lines.append(f"* `{entry.get('command', '')}` on {entry.get('device')}, "
-                         f"{entry.get('wall_seconds', 0) / 60:.1f} min ({entry.get('timed', 0)} timings made, "
-                         f"{entry.get('done', 0)} runs done, {entry.get('skipped', 0)} skipped, git {entry.get('git')})")
-    return lines
+    return quality.environment_lines(records, out, "Wall time of these runs (building, training and evaluating)",
+                                     (("timed", "timings made"), ("done", "runs done"), ("skipped", "skipped")))
 
 
 def write_report(out) -> Optional[Path]:
@@ -753,18 +710,7 @@ def write_report(out) -> Optional[Path]:
     for status, text in targets(records):
         lines.append(f"* **{status}**: {text}")
     lines.append("")
-    refusals = []
-    invocations = out / INVOCATIONS
-    if invocations.is_file():
-        for line in invocations.read_text(encoding="utf-8").splitlines():
-            try:
-                refusals += json.loads(line).get("refusals", [])
-            except json.JSONDecodeError:
-                continue
-    recorded = {r["model"] for r in records}  # a reason names its model first; one recorded since no longer stands
-    refusals = sorted({reason for reason in refusals if reason.split(":")[0] not in recorded})
-    if refusals:
-        lines += ["Runs skipped by the calls (not measured): " + "; ".join(refusals) + ".", ""]
+    lines += quality.skipped_lines(records, out)
     for tokenization in _tokenization_order(best):
         models = best[tokenization]
         first = next(iter(models.values()))[0]
@@ -796,23 +742,6 @@ def write_report(out) -> Optional[Path]:
 
 
 # ----------------------------------------------------------------------------- command line
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def device_type(text: str) -> str:
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a device such as cuda, cuda:1 or cpu, got {text!r}") from None
-    return text
 
 
 def model_name(text: str) -> str:
@@ -858,15 +787,7 @@ def parse_args(argv):
 
 
 def _folder(text: Optional[str], default: Path, smoke_prefix: Optional[str], name: str) -> Path:
-    if text is None:
-        return Path(tempfile.mkdtemp(prefix=smoke_prefix)) if smoke_prefix else default
-    path = Path(text).expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {text}: exists and is not a folder")
-    for package in PACKAGES:
-        if path == package or package in path.parents:
-            raise ValueError(f"{name} {text}: inside the {package.name} package; choose e.g. docs/quality/equal_time")
-    return path
+    return quality.study_folder(text, default, smoke_prefix, name, "docs/quality/equal_time")
 
 
 def protocol_for(args) -> quality.LMProtocol:

@@ -21,13 +21,12 @@ import argparse
 import json
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 import quality
 
 from mm_rec_train.cli import ArgumentParser, positive_float, positive_int, run_main
-from mm_rec_train.runs import PACKAGES, REPOSITORY
+from mm_rec_train.runs import REPOSITORY
 
 
 def parse_args(argv):
@@ -108,15 +107,8 @@ def protocols(args):
 
 
 def output_folder(args) -> Path:
-    if args.out is None:
-        return Path(tempfile.mkdtemp(prefix="mmrec-quality-smoke-")) if args.smoke else REPOSITORY / "docs" / "quality"
-    path = Path(args.out).expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
-    for package in PACKAGES:
-        if path == package or package in path.parents:
-            raise ValueError(f"--out {args.out}: inside the {package.name} package; choose e.g. docs/quality")
-    return path
+    default = REPOSITORY / "docs" / "quality"
+    return quality.study_folder(args.out, default, "mmrec-quality-smoke-" if args.smoke else None, "--out", "docs/quality")
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -54,8 +53,8 @@ import quality
 import torch
 
 from mm_rec import MMRecConfig
-from mm_rec_train.cli import ArgumentParser, positive_float, positive_int, run_main, set_threads
-from mm_rec_train.runs import PACKAGES, REPOSITORY
+from mm_rec_train.cli import ArgumentParser, device_type, non_negative_int, positive_float, positive_int, run_main, set_threads
+from mm_rec_train.runs import REPOSITORY
 
 PROTOCOL_VERSION = 1
 TASKS = ("lm", "passkey", "far_mqar")
@@ -115,17 +114,7 @@ def segment_of(model: str, segment_length: Optional[int]) -> int:
 def refusal(model: str, device: torch.device) -> Optional[str]:
     """Why ``model`` cannot run on ``device`` (one line), or None."""
     family = family_of(model)
-    if family in quality.FLA_FAMILIES:
-        if not quality.fla_available():
-            return quality.fla_missing(family)
-        if device.type != "cuda":
-            return f"{family}: fla's kernels need CUDA; {family} runs skipped on {device.type}"
-    if family == "mmrec":
-        try:
-            quality.check_variant(model, variant_overrides(model))
-        except quality.RefusedRun as err:
-            return str(err)
-    return None
+    return quality.refusal_reason(family, model, variant_overrides(model) if family == "mmrec" else None, device)
 
 
 # ----------------------------------------------------------------------------- protocols
@@ -624,20 +613,10 @@ class Run:
 
 
 def size(model: str, protocol: Protocol) -> dict:
-    """{"intermediate_size", "parameters", "target_parameters"}: HGRN's count at the protocol's
-    vocabulary, width and depth is the target; MM-Rec and Llama match it by their FFN width; HGRN and
-    Gated DeltaNet keep fla's own."""
-    vocab, hidden, layers = protocol.vocab_size, protocol.hidden_size, protocol.layers
-    target = quality.parameter_count("hgrn", vocab, hidden, layers)
+    """``quality.matched_size`` at the protocol's vocabulary, width and depth."""
     family = family_of(model)
-    if family == "hgrn":
-        width, count = None, target
-    elif family == "gdn":
-        width, count = None, quality.parameter_count("gdn", vocab, hidden, layers)
-    else:
-        overrides = variant_overrides(model, protocol.segment_length) if family == "mmrec" else None
-        width, count = quality.match_intermediate_size(family, target, vocab, hidden, layers, overrides)
-    return {"intermediate_size": width, "parameters": count, "target_parameters": target}
+    overrides = variant_overrides(model, protocol.segment_length) if family == "mmrec" else None
+    return quality.matched_size(family, protocol.vocab_size, protocol.hidden_size, protocol.layers, overrides)
 
 
 def plan_runs(tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int], by_task: Dict[str, list],
@@ -819,18 +798,8 @@ def summary_line(record: dict) -> str:
 def load_records(out) -> List[dict]:
     """The newest finished record of each (task, setting, model, seed) under ``out/runs`` (a record of
     older MM-Rec code is superseded by a newer one)."""
-    chosen: Dict[tuple, dict] = {}
-    for path in sorted((Path(out) / RUNS).glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not record.get("finished") or record.get("task") not in TASKS:
-            continue
-        key = (record["task"], record["setting"], record["model"], record["seed"])
-        if key not in chosen or record.get("ended", "") >= chosen[key].get("ended", ""):
-            chosen[key] = record
-    return list(chosen.values())
+    return quality.newest_records(out, lambda r: r.get("task") in TASKS,
+                                  lambda r: (r["task"], r["setting"], r["model"], r["seed"]))
 
 
 def _cells(records: Sequence[dict], task: str) -> Dict[str, Dict[str, List[dict]]]:
@@ -1003,23 +972,7 @@ def _protocol_line(protocol: dict, parameters: Dict[str, int]) -> str:
 
 
 def _environment(records: Sequence[dict], out: Path) -> List[str]:
-    lines = ["## Environment", "", f"Devices: {', '.join(sorted({r['device'] for r in records}))}"]
-    for text in sorted({json.dumps(r["versions"], sort_keys=True) for r in records}):
-        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in json.loads(text).items()))
-    total = sum(r["seconds"]["total"] for r in records)
-    lines.append(f"Training and measuring time of these runs: {total / 60:.1f} min")
-    invocations = out / INVOCATIONS
-    if invocations.is_file():
-        lines += ["", "Calls (exact command, device, wall time):", ""]
-        for line in invocations.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            lines.append(f"* `{entry.get('command', '')}` on {entry.get('device')}, "
-                         f"{entry.get('wall_seconds', 0) / 60:.1f} min ({entry.get('done', 0)} runs done, "
-                         f"{entry.get('skipped', 0)} skipped, git {entry.get('git')})")
-    return lines
+    return quality.environment_lines(records, out, "Training and measuring time of these runs")
 
 
 def _lm_section(records: Sequence[dict], out: Path) -> List[str]:
@@ -1141,20 +1094,7 @@ def write_report(out) -> Optional[Path]:
     for status, text in targets(records):
         lines.append(f"* **{status}**: {text}")
     lines.append("")
-    refusals = []
-    invocations = out / INVOCATIONS
-    if invocations.is_file():
-        for line in invocations.read_text(encoding="utf-8").splitlines():
-            try:
-                refusals += json.loads(line).get("refusals", [])
-            except json.JSONDecodeError:
-                continue
-    # a reason starts with the model it refused ("gdn: fla is not installed ..."): once that model has
-    # records (fla installed since), the reason no longer applies
-    recorded = {r["model"] for r in records}
-    refusals = sorted({reason for reason in refusals if reason.split(":")[0] not in recorded})
-    if refusals:
-        lines += ["Runs skipped by the calls (not measured): " + "; ".join(refusals) + ".", ""]
+    lines += quality.skipped_lines(records, out)
     sections = (("## Language modelling: bits per byte by position", _lm_section(records, out)),
                 ("## Passkey retrieval", _passkey_section(records, out)),
                 ("## MQAR beyond a segment (far MQAR)", _far_mqar_section(records)))
@@ -1167,24 +1107,6 @@ def write_report(out) -> Optional[Path]:
 
 
 # ----------------------------------------------------------------------------- command line
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def device_type(text: str) -> str:
-    """argparse type: a torch device name (cuda, cuda:1, cpu)."""
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected a device such as cuda, cuda:1 or cpu, got {text!r}") from None
-    return text
 
 
 def parse_args(argv):
@@ -1215,15 +1137,8 @@ def parse_args(argv):
 
 
 def output_folder(args) -> Path:
-    if args.out is None:
-        return Path(tempfile.mkdtemp(prefix="mmrec-long-smoke-")) if args.smoke else REPOSITORY / "docs" / "quality" / "long"
-    path = Path(args.out).expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
-    for package in PACKAGES:
-        if path == package or package in path.parents:
-            raise ValueError(f"--out {args.out}: inside the {package.name} package; choose e.g. docs/quality/long")
-    return path
+    default = REPOSITORY / "docs" / "quality" / "long"
+    return quality.study_folder(args.out, default, "mmrec-long-smoke-" if args.smoke else None, "--out", "docs/quality/long")
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from functools import lru_cache
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 import mm_rec
 from mm_rec import MMRecConfig
 from mm_rec_train.evaluation import bits_per_byte, predicted_bytes, token_byte_lengths
+from mm_rec_train.runs import PACKAGES
 
 PROTOCOL_VERSION = 1
 MODEL_PACKAGE = Path(mm_rec.__file__).resolve().parent
@@ -286,6 +288,37 @@ def match_intermediate_size(family: str, target: int, vocab_size: int, hidden_si
         raise ValueError(f"{family} {overrides or ''}: no intermediate_size brings it within {tolerance:.0%} of "
                          f"{target:,} parameters at hidden {hidden_size}, {num_layers} layers (closest: {width} -> {count:,})")
     return width, count
+
+
+def refusal_reason(family: str, name: str, overrides: Optional[dict], device: torch.device) -> Optional[str]:
+    """Why a model of ``family`` (an MM-Rec variant ``name`` with ``overrides``) cannot run on
+    ``device``, in one line, or None: fla missing or not on CUDA, or a variant MMRecConfig refuses."""
+    if family in FLA_FAMILIES:
+        if not fla_available():
+            return fla_missing(family)
+        if device.type != "cuda":
+            return f"{family}: fla's kernels need CUDA; {family} runs skipped on {device.type}"
+    if family == "mmrec":
+        try:
+            check_variant(name, overrides)
+        except RefusedRun as err:
+            return str(err)
+    return None
+
+
+def matched_size(family: str, vocab_size: int, hidden_size: int, num_layers: int, overrides: Optional[dict]) -> dict:
+    """{"intermediate_size", "parameters", "target_parameters"}: HGRN's count at this vocabulary, width
+    and depth is the target; MM-Rec and Llama match it by their FFN width; HGRN and Gated DeltaNet keep
+    fla's own."""
+    target = parameter_count("hgrn", vocab_size, hidden_size, num_layers)
+    if family == "hgrn":
+        width, count = None, target
+    elif family == "gdn":
+        width, count = None, parameter_count("gdn", vocab_size, hidden_size, num_layers)
+    else:
+        width, count = match_intermediate_size(family, target, vocab_size, hidden_size, num_layers,
+                                               overrides if family == "mmrec" else None)
+    return {"intermediate_size": width, "parameters": count, "target_parameters": target}
 
 
 # ----------------------------------------------------------------------------- MQAR data
@@ -971,6 +1004,16 @@ def load_records(out: Path, study: Optional[str] = None) -> List[dict]:
     return records
 
 
+def newest_records(out: Path, accept: Callable[[dict], bool], key: Callable[[dict], tuple]) -> List[dict]:
+    """The newest (by "ended") finished record under ``out/runs`` of each ``key(record)`` among those
+    ``accept`` takes: a record of older MM-Rec code is superseded by a newer one."""
+    chosen: Dict[tuple, dict] = {}
+    for record in load_records(out):
+        if accept(record) and (key(record) not in chosen or record.get("ended", "") >= chosen[key(record)].get("ended", "")):
+            chosen[key(record)] = record
+    return list(chosen.values())
+
+
 def _same_but_code(record: dict, run: Run) -> bool:
     a = {k: v for k, v in record.get("spec", {}).items() if k != "mmrec_code"}
     b = {k: v for k, v in run.spec.items() if k != "mmrec_code"}
@@ -1247,19 +1290,68 @@ def _environment(records: Sequence[dict], out: Path) -> List[str]:
         lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in json.loads(text).items()))
     total = sum(r["seconds"]["total"] for r in records)
     lines.append(f"Training + evaluation time of these runs: {total / 60:.1f} min")
-    invocations = out / INVOCATIONS
-    if invocations.is_file():
-        lines.append("")
-        lines.append("Calls (command, device, wall time):")
-        lines.append("")
-        for line in invocations.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            lines.append(f"* `{entry.get('command', '')}` on {entry.get('device')}, {entry.get('wall_seconds', 0) / 60:.1f} min "
-                         f"({entry.get('done', 0)} runs, git {entry.get('git')})")
+    entries = _invocations(out)
+    if entries is not None:
+        lines += ["", "Calls (command, device, wall time):", ""]
+        lines += [f"* `{entry.get('command', '')}` on {entry.get('device')}, {entry.get('wall_seconds', 0) / 60:.1f} min "
+                  f"({entry.get('done', 0)} runs, git {entry.get('git')})" for entry in entries]
     return lines
+
+
+def environment_lines(records: Sequence[dict], out: Path, time_label: str,
+                      counts: Sequence[Tuple[str, str]] = (("done", "runs done"), ("skipped", "skipped"))) -> List[str]:
+    """A report's environment section: devices, versions, the runs' summed time (``time_label``) and
+    each logged call of ``out/invocations.jsonl`` with its ``counts`` (entry field, words)."""
+    lines = ["## Environment", "", f"Devices: {', '.join(sorted({r['device'] for r in records}))}"]
+    for text in sorted({json.dumps(r["versions"], sort_keys=True) for r in records}):
+        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in json.loads(text).items()))
+    total = sum(r["seconds"]["total"] for r in records)
+    lines.append(f"{time_label}: {total / 60:.1f} min")
+    entries = _invocations(out)
+    if entries is not None:
+        lines += ["", "Calls (exact command, device, wall time):", ""]
+        for entry in entries:
+            done = ", ".join(f"{entry.get(field, 0)} {words}" for field, words in counts)
+            lines.append(f"* `{entry.get('command', '')}` on {entry.get('device')}, "
+                         f"{entry.get('wall_seconds', 0) / 60:.1f} min ({done}, git {entry.get('git')})")
+    return lines
+
+
+def skipped_lines(records: Sequence[dict], out: Path) -> List[str]:
+    """The reasons the logged calls skipped runs, except those of a model that has records since (a
+    reason starts with the model it refused: "gdn: fla is not installed ...")."""
+    recorded = {r["model"] for r in records}
+    reasons = sorted({reason for entry in _invocations(out) or [] for reason in entry.get("refusals", [])
+                      if reason.split(":")[0] not in recorded})
+    return ["Runs skipped by the calls (not measured): " + "; ".join(reasons) + ".", ""] if reasons else []
+
+
+def _invocations(out: Path) -> Optional[List[dict]]:
+    """The entries of ``out/invocations.jsonl`` (an unreadable line is skipped); None without the file."""
+    path = Path(out) / INVOCATIONS
+    if not path.is_file():
+        return None
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def study_folder(text: Optional[str], default: Path, smoke_prefix: Optional[str], flag: str, example: str) -> Path:
+    """A study's output folder: ``text`` resolved, or ``default`` (a fresh temporary folder where
+    ``smoke_prefix`` is given); ValueError naming ``flag`` for a file or a folder inside a package."""
+    if text is None:
+        return Path(tempfile.mkdtemp(prefix=smoke_prefix)) if smoke_prefix else default
+    path = Path(text).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {text}: exists and is not a folder")
+    for package in PACKAGES:
+        if path == package or package in path.parents:
+            raise ValueError(f"{flag} {text}: inside the {package.name} package; choose e.g. {example}")
+    return path
 
 
 def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Dict[str, Tuple[list, list]],
