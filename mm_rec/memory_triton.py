@@ -39,9 +39,10 @@ except ImportError:  # CPU-only machines load the model without Triton
 if AVAILABLE:
 
     @triton.jit
-    def _route_kernel(blocks, keys, best_at, C, S, D, BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
-        """blocks [B, C, D] (one segment's summaries, row stride C * D), keys [B, S, D] -> best_at
-        [B, C] int32: the slot of each block."""
+    def _route_kernel(blocks, stride_b, stride_c, keys, best_at, C, S, D,
+                      BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+        """blocks: one segment's summaries [B, C, D] (strides stride_b, stride_c, 1), keys [B, S, D]
+        -> best_at [B, C] int32: the slot of each block."""
         b = tl.program_id(0).to(tl.int64)
         c0 = tl.program_id(1) * BC
         o_c = c0 + tl.arange(0, BC)
@@ -54,7 +55,7 @@ if AVAILABLE:
             mask_d = d0 + o_d < D
             k_tile = tl.load(keys + (b * S + o_s[:, None]) * D + d0 + o_d[None, :],
                              mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-            b_tile = tl.load(blocks + (b * C + o_c[:, None]) * D + d0 + o_d[None, :],
+            b_tile = tl.load(blocks + b * stride_b + o_c[:, None] * stride_c + d0 + o_d[None, :],
                              mask=mask_c[:, None] & mask_d[None, :], other=0.0)
             scores += tl.sum(b_tile[:, None, :] * k_tile[None, :, :], axis=2)
         scores = tl.where(mask_s[None, :], scores, float("-inf"))
@@ -69,8 +70,8 @@ if AVAILABLE:
         return (o_s[None, :] == best[:, None]).to(tl.float32)
 
     @triton.jit
-    def _fold_kernel(blocks, keys, init_keys, restart, best_at, weight, keep, C, S, D, log2_decay, one_minus_decay,
-                     BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+    def _fold_kernel(blocks, stride_b, stride_c, keys, init_keys, restart, best_at, weight, keep, C, S, D,
+                     log2_decay, one_minus_decay, BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
         """From the routes best_at [B, C]: weight [B, C, S] and keep [B, S] of this fold (written by
         slice 0), and the new slot keys of channels d0 .. d0 + BD, in place in keys [B, S, D]
         (init_keys [S, D] where restart [B] is set)."""
@@ -99,7 +100,7 @@ if AVAILABLE:
             if d0 == 0:
                 tl.store(weight + (b * C + c0 + o_c[:, None]) * S + o_s[None, :], w,
                          mask=mask_c[:, None] & mask_s[None, :])
-            b_tile = tl.load(blocks + (b * C + c0 + o_c[:, None]) * D + o_d[None, :],
+            b_tile = tl.load(blocks + b * stride_b + (c0 + o_c[:, None]) * stride_c + o_d[None, :],
                              mask=mask_c[:, None] & mask_d[None, :], other=0.0)
             new += tl.sum(w[:, :, None] * b_tile[:, None, :], axis=0)
         if d0 == 0:
@@ -116,7 +117,9 @@ def route_segments_triton(block_keys: Tensor, slot_keys: Tensor, init_keys: Tens
     B, K, C, D = block_keys.shape
     S = slot_keys.shape[1]
     device = block_keys.device
-    blocks = block_keys.float().permute(1, 0, 2, 3).contiguous()  # [K, B, C, D]: one segment's rows together
+    blocks = block_keys.float()  # read in place, by strides (the model passes a slice of its summaries)
+    if blocks.stride(-1) != 1:
+        blocks = blocks.contiguous()
     keys = slot_keys.float().contiguous().clone()  # the working copy of the slot keys
     init_keys = init_keys.float().contiguous()
     restarts = restart.to(torch.int8).t().contiguous()  # [K, B]
@@ -128,8 +131,11 @@ def route_segments_triton(block_keys: Tensor, slot_keys: Tensor, init_keys: Tens
     BD = min(64, triton.next_power_of_2(D))
     log2_decay, one_minus_decay = math.log2(decay), 1.0 - decay
     for s in range(1, K):
-        _route_kernel[(B, triton.cdiv(C, BC))](blocks[s - 1], keys, best, C, S, D, BC=BC, BS=BS, BD=BD, num_warps=4)
-        _fold_kernel[(B, triton.cdiv(D, BD))](blocks[s - 1], keys, init_keys, restarts[s], best, weight[s - 1],
+        segment = blocks[:, s - 1]  # [B, C, D], a view
+        strides = (segment.stride(0), segment.stride(1))
+        _route_kernel[(B, triton.cdiv(C, BC))](segment, *strides, keys, best, C, S, D, BC=BC, BS=BS, BD=BD,
+                                               num_warps=4)
+        _fold_kernel[(B, triton.cdiv(D, BD))](segment, *strides, keys, init_keys, restarts[s], best, weight[s - 1],
                                               keep[s - 1], C, S, D, log2_decay, one_minus_decay,
                                               BC=BC, BS=BS, BD=BD, num_warps=4)
     return weight.transpose(0, 1), keep.transpose(0, 1)
