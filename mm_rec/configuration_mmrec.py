@@ -67,7 +67,7 @@ def default_intermediate_size(hidden_size: int, ffn_gate: bool) -> int:
 class MMRecConfig(PretrainedConfig):
     r"""Configuration of an MM-Rec causal language model: its size, its memory, and how it runs.
 
-    The defaults are the architecture the quality study measured best (docs/ARCHITECTURE.md section 6);
+    The defaults are the architecture the quality study measured best (docs/ARCHITECTURE.md section 7);
     a model of another size changes only the size fields. Every field has a default; a field the
     model does not know raises ``ValueError`` naming it, and so does a value out of range.
     ``MMRecConfig.from_pretrained(folder)`` reads a saved one; ``save_pretrained`` writes every field,

@@ -323,7 +323,8 @@ class MultiMemoryAttention(nn.Module):
         return self._parallel(q, k, v, layout, state)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """Per-head softmax attention. q: [..., W, d]; keys, values: [..., E, d]; mask broadcasts to [..., W, E]."""
+        """Per-head softmax attention. q: [..., W, d]; keys, values: [..., E, d]; mask broadcasts to [..., W, E]
+        (a bool tensor, or a CausalBias)."""
         heads = lambda t: t.to(q.dtype).unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # noqa: E731
         m = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), attn_mask=mask)
         return m.transpose(-3, -2).flatten(-2)
@@ -336,14 +337,12 @@ class MultiMemoryAttention(nn.Module):
         q: [G, L, d]; slots: [G, S, 2d]; blocks: [G, C, 2d]."""
         L, d = q.shape[1], q.shape[-1]
         entries = torch.cat([slots.to(q.dtype), blocks[:, :-1].to(q.dtype)], 1)  # [G, S + C - 1, 2d]
-        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # noqa: E731
         E = entries.shape[1]
         if torch.compiler.is_compiling():  # CausalBias does not trace; the same mask as a tensor
             mask = torch.ones(L, E, dtype=torch.bool, device=q.device).tril(E - L)
         else:
             mask = causal_lower_right(L, E)
-        m = F.scaled_dot_product_attention(heads(q), heads(entries[..., :d]), heads(entries[..., d:]), attn_mask=mask)
-        return m.transpose(-3, -2).flatten(-2)
+        return self._attend(q, entries[..., :d], entries[..., d:], mask)
 
     def _visible(self, device: torch.device) -> Tensor:
         """[L, S + C] bool: the token at offset j of a segment sees every slot, and block c iff (c + 1) N <= j."""
