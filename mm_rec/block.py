@@ -65,7 +65,8 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.kernel_backend = config.kernel_backend
         self.norm1 = RMSNorm(d, config.rms_norm_eps)
         self.conv_channels = conv_channels(config)
-        self.short_conv = ShortConv(self.conv_channels, config.short_conv_size) if config.short_conv_size else None
+        self.short_conv = (ShortConv(self.conv_channels, config.short_conv_size, config.kernel_backend)
+                           if config.short_conv_size else None)
         self.conv_recurrence = config.short_conv_inputs == "recurrence"  # else it convolves u (HEM's input)
         self.hem = HEMProjection(config)
         self.mdi = MDIDecay(config)

@@ -19,7 +19,8 @@ the token of real rank r reads E[r + K-1 - j]. Without padding or document start
 (``layout.dense``, the common training case) E is just [state, u] and no index is needed.
 Otherwise the real tokens are gathered to the front, the window runs on E with the entries
 before each document start masked, and the results are gathered back. Both paths add the same
-products in the same order, so they agree bit for bit.
+products in the same order, so they agree bit for bit. On CUDA (``backend`` resolving to Triton,
+eager) the dense path runs as one kernel each way (conv_triton.py) and keeps no float32 E.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from .hem import projection_layout
 from .positions import TokenLayout
+from .scan import resolve_backend
 
 RECURRENCE_INPUTS = ("z", "g", "p")  # the HEM slices "recurrence" convolves, in channel order
 
@@ -53,11 +55,13 @@ def conv_channels(config) -> int:
 class ShortConv(nn.Module):
     """Depthwise causal convolution over real tokens. ``weight`` [C, K]: column j weighs the
     j-th previous real token; initialised to the identity (w[:, 0] = 1, the rest 0), so a fresh
-    block computes what it computes without the convolution."""
+    block computes what it computes without the convolution. ``backend``: the scan's choices
+    (``config.kernel_backend``), for the dense path."""
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, backend: str = "auto"):
         super().__init__()
         self.kernel_size = kernel_size
+        self.backend = backend
         self.weight = nn.Parameter(identity_kernel(channels, kernel_size))
 
     def forward(self, u: Tensor, layout: TokenLayout, state: Tensor) -> Tuple[Tensor, Tensor]:
@@ -68,6 +72,8 @@ class ShortConv(nn.Module):
         dtype = torch.promote_types(u.dtype, torch.float32)
         w = self.weight.to(dtype)
         if layout.dense:  # every token real, no document start: E = [state, u]
+            if resolve_backend(self.backend, u.device) == "triton" and not torch.compiler.is_compiling():
+                return _DenseWindow.apply(u, state.to(dtype), w)
             E = torch.cat([state.to(dtype), u.to(dtype)], 1)
             return _window_sum(E, w, T).to(u.dtype), E[:, T:].float()
         index = _compaction(layout, K)
@@ -89,6 +95,30 @@ def _window_sum(E: Tensor, w: Tensor, T: int, keep=None) -> Tensor:
             term = term * keep[j]
         c = term if c is None else c + term
     return c
+
+
+class _DenseWindow(torch.autograd.Function):
+    """The dense path, (_window_sum([state, u], w, T) in u's dtype, E's last K - 1 rows as float32),
+    as one node: conv_triton.py's kernels, which read E's rows from u and state, so the node saves
+    u, state and w alone. state, w: in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, u, state, w):
+        from .conv_triton import short_conv_fwd
+
+        ctx.save_for_backward(u, state, w)
+        T, window = u.shape[1], state.shape[1]
+        tail = torch.cat([state, u[:, max(T - window, 0):].to(state.dtype)], 1)[:, min(T, window):]  # E[:, T:]
+        return short_conv_fwd(u, state, w), tail.float()
+
+    @staticmethod
+    def backward(ctx, d_c, d_new):
+        from .conv_triton import short_conv_bwd
+
+        u, state, w = ctx.saved_tensors
+        d_c = torch.zeros_like(u) if d_c is None else d_c
+        d_new = torch.zeros_like(state) if d_new is None else d_new
+        return short_conv_bwd(u, state, w, d_c, d_new)
 
 
 def is_conv_kernel(parameter_name: str) -> bool:

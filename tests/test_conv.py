@@ -1,18 +1,27 @@
 """mm_rec/conv.py: the short convolution against tests/naive.py's float64 loop on plain, left-padded,
 packed and holed rows, carried across chunks; the dense path against the general one; the identity
 init (a fresh model with the conv computes what it computes without, also when from_pretrained fills
-the missing kernel in); its gradients; and no weight decay on its kernel."""
+the missing kernel in); its gradients; and no weight decay on its kernel. mm_rec/conv_triton.py: the
+dense path's kernels against the PyTorch path (interpreted on CPU at small shapes; at training
+width on a GPU), values and gradients, and the backend switch in a whole model."""
+
+import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from common import document_positions, random_ids
 from naive import naive_short_conv
 
 from mm_rec import MMRecForCausalLM
 from mm_rec.conv import ShortConv
+from mm_rec.conv_triton import AVAILABLE as TRITON_AVAILABLE
 from mm_rec.positions import token_layout
 
 B, T, D = 3, 23, 8
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+                                  reason="needs Triton on CUDA or interpreted (TRITON_INTERPRET=1)")
 
 
 def rows(kind):
@@ -229,3 +238,121 @@ def test_model_with_conv_streams_packed_holed_rows_token_by_token(options, tiny_
                 keep = real[row, a:b]
                 alone = model(ids[row:row + 1, a:b][:, keep]).logits[0]
                 assert (full[row, a:b][keep] - alone).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# The dense path's Triton kernels (conv_triton.py)
+# ---------------------------------------------------------------------------------------
+
+def dense_pair(K, C, seed=0):
+    """The same random ShortConv [C, K] with backend "torch" and "triton", on DEVICE."""
+    torch.manual_seed(seed)
+    conv = ShortConv(C, K, "torch")
+    with torch.no_grad():
+        conv.weight.normal_()
+    fast = ShortConv(C, K, "triton")
+    fast.load_state_dict(conv.state_dict())
+    return conv.to(DEVICE), fast.to(DEVICE)
+
+
+def run_dense(conv, u, state, probes):
+    """(c, new state, du, d state, d weight) of one dense call, with a loss through c and the new state
+    (either probe None: that output unused)."""
+    u, state = u.detach().requires_grad_(), state.detach().requires_grad_()
+    conv.zero_grad()
+    mask = torch.ones(u.shape[:2], dtype=torch.long, device=u.device)
+    c, after = conv(u, token_layout(mask, None, mask.new_zeros(u.shape[0]), dense=True), state)
+    loss = sum((out.float() * probe).sum() for out, probe in zip((c, after), probes) if probe is not None)
+    loss.backward()
+    return c.detach(), after.detach(), u.grad, state.grad, conv.weight.grad
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [2, 4])
+@pytest.mark.parametrize("T_", [1, 3, 9])
+@pytest.mark.parametrize("C", [5, 20])
+def test_triton_dense_path_equals_the_torch_path(dtype, K, T_, C):
+    """c equals _window_sum's bit for bit (the same products added in the same order); in bfloat16,
+    interpreted, to one ulp (the interpreter rounds to bfloat16 toward zero). The new state (E's
+    last K - 1 rows, some from the carried state when T < K - 1) is equal, and the gradients of u,
+    state and w through both outputs are those of the PyTorch path."""
+    torch_conv, triton_conv = dense_pair(K, C)
+    u, state = torch.randn(2, T_, C, device=DEVICE).to(dtype), torch.randn(2, K - 1, C, device=DEVICE)
+    probes = (torch.randn(2, T_, C, device=DEVICE), torch.randn(2, K - 1, C, device=DEVICE))
+    got, want = (run_dense(conv, u, state, probes) for conv in (triton_conv, torch_conv))
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    if dtype == torch.float32 or DEVICE == "cuda":
+        assert torch.equal(got[0], want[0])
+    else:
+        torch.testing.assert_close(got[0], want[0], rtol=2 ** -7, atol=0)
+    assert torch.equal(got[1], want[1])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-5)
+    for name, a, b in zip(["du", "dstate", "dweight"], got[2:], want[2:]):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@needs_triton
+@pytest.mark.parametrize("used", ["c", "state"])
+def test_triton_dense_path_with_strided_rows_and_one_output_used(used):
+    """u a slice of wider rows (its row stride is not C); only c, or only the new state, carries a gradient
+    (then the PyTorch path leaves w's gradient None, the kernel zeros)."""
+    torch_conv, triton_conv = dense_pair(3, 6, seed=1)
+    u = torch.randn(2, 5, 10, device=DEVICE)[..., 2:8]
+    state = torch.randn(2, 2, 6, device=DEVICE)
+    probes = (torch.randn(2, 5, 6, device=DEVICE), None) if used == "c" else (None, torch.randn(2, 2, 6, device=DEVICE))
+    got, want = (run_dense(conv, u, state, probes) for conv in (triton_conv, torch_conv))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for name, a, b in zip(["du", "dstate", "dweight"], got[2:], want[2:]):
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's tl.where (recurrence_triton)
+@pytest.mark.parametrize("inputs", ["all", "recurrence"])
+def test_kernel_backend_runs_the_conv_kernel_on_dense_rows_only(inputs, tiny_model, monkeypatch):
+    """A whole model in training, forward and backward, without padding (the dense path): "triton"
+    runs the conv kernels, "torch" does not, and both give the same logits and gradients; with
+    padding (the general path) neither runs them."""
+    import mm_rec.conv_triton as kernels
+
+    ran = []
+    for name in ("short_conv_fwd", "short_conv_bwd"):
+        def spy(*args, _kernel=getattr(kernels, name), _name=name):
+            ran.append(_name)
+            return _kernel(*args)
+        monkeypatch.setattr(kernels, name, spy)
+    ids = random_ids((2, 20)).to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        ran.clear()
+        model = tiny_model(kernel_backend=backend, short_conv_size=4, short_conv_inputs=inputs).to(DEVICE).train()
+        logits = model(ids).logits
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        results[backend] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()}, sorted(set(ran)))
+        ran.clear()
+        with torch.no_grad():
+            model(ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([0], device=DEVICE), 0))
+        assert not ran, backend
+    assert results["torch"][2] == [] and results["triton"][2] == ["short_conv_bwd", "short_conv_fwd"]
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-5)
+    for name, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_dense_path_at_training_width_on_gpu(dtype):
+    """At the training width (C = 2304, several tiles each way) and K = 4: c bit for bit, the gradients
+    against the PyTorch path's."""
+    torch_conv, triton_conv = dense_pair(4, 2304)
+    u, state = torch.randn(2, 1000, 2304, device="cuda").to(dtype), torch.randn(2, 3, 2304, device="cuda")
+    probes = (torch.randn(2, 1000, 2304, device="cuda"), torch.randn(2, 3, 2304, device="cuda"))
+    got, want = (run_dense(conv, u, state, probes) for conv in (triton_conv, torch_conv))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-5)
+    for name, a, b in zip(["du", "dstate", "dweight"], got[2:], want[2:]):
+        torch.testing.assert_close(a, b, **(tol if name != "dweight" else dict(rtol=1e-4, atol=1e-3)),
+                                   msg=lambda m: f"{name}: {m}")
