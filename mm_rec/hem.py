@@ -2,9 +2,10 @@
 
 u [B, T, d] -> q, k, v (d each; not with memory_levels="none"), z (d), g~ (d, "input" gate
 mode only), og (d, with output_gate), p (pe_dim). ``use_hem=True`` holds one
-``W_fused = nn.Linear(d, 5d + pe_dim)`` in the default configuration (4d + pe_dim in "state"
-mode, where the gate reads h_{t-1} and cannot be fused); ``use_hem=False`` holds the same maps
-as separate linears, one per projection (W_q, W_k, W_v, W_z, W_g, W_og, W_p).
+``W_fused = nn.Linear(d, 6d + pe_dim)`` in the default configuration (one d fewer in "state"
+mode, where the gate reads h_{t-1} and cannot be fused, and one fewer without the output gate);
+``use_hem=False`` holds the same maps as separate linears, one per projection (W_q, W_k, W_v,
+W_z, W_g, W_og, W_p).
 ``convert_hem_state_dict`` maps one layout's weights onto the other.
 """
 
