@@ -97,7 +97,10 @@ def recurrence_inputs(a: Tensor, gate_logits: Tensor, z: Tensor, real: Tensor, r
     Triton; the same formulas in PyTorch otherwise, and under torch.compile, which fuses them itself.
     """
     if resolve_backend(backend, a.device) == "triton" and not torch.compiler.is_compiling():
-        return _RecurrenceInputs.apply(a.contiguous(), gate_logits.contiguous(), z.contiguous(), real, reset)
+        from .recurrence_triton import token_rows
+
+        # z and g~ are slices of the fused projection (or of the convolution's output): read in place
+        return _RecurrenceInputs.apply(token_rows(a), token_rows(gate_logits), token_rows(z), real, reset)
     log_gamma = log_gamma_from_logits(a).masked_fill(~real[..., None], 0.0)
     return gated_input(log_gamma, gate_logits, z), log_gamma.masked_fill(reset[..., None], float("-inf"))
 

@@ -49,22 +49,24 @@ if AVAILABLE:
         return tl.minimum(tl.maximum(ls, lo), hi), ls
 
     @triton.jit
-    def _load_inputs(a, g, z, real, reset, N, D: tl.constexpr, BLOCK: tl.constexpr):
-        """This program's BLOCK elements: (offsets, mask, is_real, is_reset, a, g, z in fp32)."""
+    def _load_inputs(a, g, z, real, reset, N, D: tl.constexpr, sa, sg, sz, BLOCK: tl.constexpr):
+        """This program's BLOCK elements: (offsets, mask, is_real, is_reset, a, g, z in fp32).
+        sa, sg, sz: the distance between tokens (rows of d) of a, g and z: d for a tensor of its own,
+        wider for a slice of a wider projection, which is read in place."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
-        row = offs // D
+        row, col = offs // D, offs % D
         is_real = tl.load(real + row, mask=mask, other=0) != 0
         is_reset = tl.load(reset + row, mask=mask, other=0) != 0
-        a_ = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32)
-        g_ = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
-        z_ = tl.load(z + offs, mask=mask, other=0.0).to(tl.float32)
+        a_ = tl.load(a + row * sa + col, mask=mask, other=0.0).to(tl.float32)
+        g_ = tl.load(g + row * sg + col, mask=mask, other=0.0).to(tl.float32)
+        z_ = tl.load(z + row * sz + col, mask=mask, other=0.0).to(tl.float32)
         return offs, mask, is_real, is_reset, a_, g_, z_
 
     @triton.jit
-    def _recurrence_inputs_fwd_kernel(a, g, z, real, reset, x, carry, N, D: tl.constexpr, lo, hi,
+    def _recurrence_inputs_fwd_kernel(a, g, z, real, reset, x, carry, N, D: tl.constexpr, sa, sg, sz, lo, hi,
                                       BLOCK: tl.constexpr):
-        offs, mask, is_real, is_reset, a_, g_, z_ = _load_inputs(a, g, z, real, reset, N, D, BLOCK)
+        offs, mask, is_real, is_reset, a_, g_, z_ = _load_inputs(a, g, z, real, reset, N, D, sa, sg, sz, BLOCK)
         lg, _ = _log_gamma(a_, lo, hi)
         lg = tl.where(is_real, lg, 0.0)
         gate = 1.0 / (1.0 + tl.exp(-g_))
@@ -72,9 +74,9 @@ if AVAILABLE:
         tl.store(carry + offs, tl.where(is_reset, float("-inf"), lg), mask=mask)
 
     @triton.jit
-    def _recurrence_inputs_bwd_kernel(a, g, z, real, reset, d_x, d_carry, d_a, d_g, d_z, N, D: tl.constexpr, lo, hi,
-                                      BLOCK: tl.constexpr):
-        offs, mask, is_real, is_reset, a_, g_, z_ = _load_inputs(a, g, z, real, reset, N, D, BLOCK)
+    def _recurrence_inputs_bwd_kernel(a, g, z, real, reset, d_x, d_carry, d_a, d_g, d_z, N, D: tl.constexpr,
+                                      sa, sg, sz, lo, hi, BLOCK: tl.constexpr):
+        offs, mask, is_real, is_reset, a_, g_, z_ = _load_inputs(a, g, z, real, reset, N, D, sa, sg, sz, BLOCK)
         dx = tl.load(d_x + offs, mask=mask, other=0.0).to(tl.float32)
         dc = tl.load(d_carry + offs, mask=mask, other=0.0).to(tl.float32)
         lg, ls = _log_gamma(a_, lo, hi)
@@ -94,25 +96,35 @@ def _flags(t: Tensor) -> Tensor:
     return t.to(torch.int8).contiguous()
 
 
+def token_rows(t: Tensor) -> Tensor:
+    """t [B, T, d] itself where its tokens are evenly spaced rows of adjacent channels (a contiguous
+    tensor, or a slice of a wider projection's last axis), else a contiguous copy."""
+    B, T, _ = t.shape
+    if t.stride(2) == 1 and (B == 1 or t.stride(0) == T * t.stride(1)):
+        return t
+    return t.contiguous()
+
+
 def recurrence_inputs_fwd(a: Tensor, g: Tensor, z: Tensor, real: Tensor, reset: Tensor, lo: float,
                           hi: float) -> Tuple[Tensor, Tensor]:
-    """a, g, z: [B, T, d] contiguous; real, reset: [B, T] bool. Returns (x, carry) fp32 [B, T, d]."""
+    """a, g, z: [B, T, d] as ``token_rows`` returns them; real, reset: [B, T] bool.
+    Returns (x, carry) fp32 [B, T, d]."""
     x = torch.empty(a.shape, dtype=torch.float32, device=a.device)
     carry = torch.empty_like(x)
     N, D = a.numel(), a.shape[-1]
     _recurrence_inputs_fwd_kernel[(triton.cdiv(N, BLOCK),)](
-        a, g, z, _flags(real), _flags(reset), x, carry, N, D, lo, hi, BLOCK=BLOCK)
+        a, g, z, _flags(real), _flags(reset), x, carry, N, D, a.stride(1), g.stride(1), z.stride(1), lo, hi, BLOCK=BLOCK)
     return x, carry
 
 
 def recurrence_inputs_bwd(a: Tensor, g: Tensor, z: Tensor, real: Tensor, reset: Tensor, d_x: Tensor, d_carry: Tensor,
                           lo: float, hi: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``recurrence_inputs_fwd`` for a, g, z (in their dtypes)."""
-    d_a, d_g, d_z = torch.empty_like(a), torch.empty_like(g), torch.empty_like(z)
+    """Gradients of ``recurrence_inputs_fwd`` for a, g, z (in their dtypes, contiguous)."""
+    d_a, d_g, d_z = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (a, g, z))
     N, D = a.numel(), a.shape[-1]
     _recurrence_inputs_bwd_kernel[(triton.cdiv(N, BLOCK),)](
-        a, g, z, _flags(real), _flags(reset), d_x.contiguous(), d_carry.contiguous(), d_a, d_g, d_z, N, D, lo, hi,
-        BLOCK=BLOCK)
+        a, g, z, _flags(real), _flags(reset), d_x.contiguous(), d_carry.contiguous(), d_a, d_g, d_z, N, D,
+        a.stride(1), g.stride(1), z.stride(1), lo, hi, BLOCK=BLOCK)
     return d_a, d_g, d_z
 
 

@@ -56,6 +56,28 @@ def test_forward_and_backward_equal_the_formulas(dtype, tol):
         assert err <= (tol if dtype == torch.float32 else 1e-2) * scale, (name, err, scale)
 
 
+def test_slices_of_a_wider_projection_are_read_in_place():
+    """g~ and z as slices of one [B, T, 3d] tensor (the fused projection's or the convolution's
+    output) give the values and gradients of their contiguous copies, and are not copied."""
+    from mm_rec.recurrence_triton import recurrence_inputs_bwd, recurrence_inputs_fwd, token_rows
+
+    a, g, z, real, reset = (t.to(DEVICE) for t in inputs(2))
+    d = a.shape[-1]
+    wide = torch.cat([torch.randn_like(z), g, z], -1)  # one unrelated slice first
+    g_view, z_view = wide[..., d:2 * d], wide[..., 2 * d:]
+    assert token_rows(g_view).data_ptr() == g_view.data_ptr() and not g_view.is_contiguous()
+    assert token_rows(g_view.transpose(0, 1)).is_contiguous()  # rows not evenly spaced: copied
+    expected = recurrence_inputs_fwd(a, g, z, real, reset, LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+    got = recurrence_inputs_fwd(a, g_view, z_view, real, reset, LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+    for e, o in zip(expected, got):
+        assert torch.equal(e, o)
+    d_x, d_carry = torch.randn_like(expected[0]), torch.randn_like(expected[0])
+    expected = recurrence_inputs_bwd(a, g, z, real, reset, d_x, d_carry, LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+    got = recurrence_inputs_bwd(a, g_view, z_view, real, reset, d_x, d_carry, LOG_GAMMA_MIN, LOG_GAMMA_MAX)
+    for e, o in zip(expected, got):
+        assert o.is_contiguous() and torch.equal(e, o)
+
+
 def test_one_minus_gamma_is_exact_near_one():
     """1 - gamma = 1e-6 must not come out of a cancellation (1 - exp(log gamma))."""
     from mm_rec.recurrence_triton import recurrence_inputs_fwd
