@@ -314,21 +314,28 @@ SMOKE_PASSKEY = dict(hidden_size=32, layers=2, steps=2, lr=3e-3, train_lengths=(
 SMOKE_FAR_MQAR = dict(hidden_size=32, layers=2, steps=4, lr=3e-3, vocab_size=64, num_kv_pairs=4, lengths=(64, 128),
                       tokens_per_batch=256, test_size=8, segment_length=16)
 SMOKE = {"lm": SMOKE_LM, "passkey": SMOKE_PASSKEY, "far_mqar": SMOKE_FAR_MQAR}
+# The CPU probe (--probe): the LM task at a size two laptop cores train in minutes, rows of 1024 bytes over
+# eight memory segments of 128, so the slots fold seven times a row. A direction between GPU sessions,
+# reported in its own folder; the issue's targets are the GPU protocols'.
+PROBE_LM = dict(hidden_size=128, layers=4, steps=400, lr=3e-3, train_len=1024, batch_size=4, eval_every=100, curve_rows=4,
+                eval_rows=48, bucket_first=128, beyond=256, segment_length=128, eval_tokens=16384)
 # The language-modelling protocols: rows of 4096 tokens, and of 16384 (the same 32k tokens a step).
 LM_BATCH = {4096: 8, 16384: 2}
 
 
 def protocols(smoke: bool = False, lm_lengths: Sequence[int] = (4096, 16384), tokenizations: Sequence[str] = ("bytes",),
-              **overrides) -> Dict[str, list]:
+              probe: bool = False, **overrides) -> Dict[str, list]:
     """{task: [protocol, ...]}: the LM task one per (tokenization, training length), the others one each.
     ``overrides`` (steps, lr, ...) apply to every protocol; with ``smoke``, the SMOKE_* sizes (the LM's
-    training length then the smoke's unless ``lm_lengths`` says otherwise)."""
+    training length then the smoke's unless ``lm_lengths`` says otherwise); with ``probe``, the LM task
+    at PROBE_LM's sizes (the other tasks keep theirs)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     out: Dict[str, list] = {}
     lm = []
     for tokenization in tokenizations:
         for length in lm_lengths:
-            base = dict(SMOKE_LM) if smoke else {"batch_size": LM_BATCH.get(length, max(1, 32768 // length))}
+            base = (dict(SMOKE_LM) if smoke else dict(PROBE_LM) if probe
+                    else {"batch_size": LM_BATCH.get(length, max(1, 32768 // length))})
             lm.append(LMProtocol(**{**base, "tokenization": tokenization, "train_len": length, **given}))
     out["lm"] = lm
     out["passkey"] = [PasskeyProtocol(**{**(SMOKE_PASSKEY if smoke else {}), **given})]
@@ -1118,6 +1125,9 @@ def parse_args(argv):
     parser.add_argument("--out", help="output folder (default docs/quality/long; --smoke: a new temporary folder)")
     parser.add_argument("--device", type=device_type, help="cuda or cpu (default cuda when available; --smoke: cpu)")
     parser.add_argument("--smoke", action="store_true", help="tiny protocols on CPU, seconds per run")
+    parser.add_argument("--probe", action="store_true",
+                        help="the lm task at a CPU size (hidden 128, 4 layers, rows of 1024 over segments of 128; "
+                             "minutes per run), written to docs/quality/long_probe")
     parser.add_argument("--lm-lengths", nargs="+", type=positive_int,
                         help="LM training lengths, one protocol each (default 4096 16384; --smoke 64)")
     parser.add_argument("--tokenizations", nargs="+", choices=("bytes", "bpe"), default=["bytes"],
@@ -1133,11 +1143,16 @@ def parse_args(argv):
     parser.add_argument("--report", action="store_true", help="write OUT/README.md and the plots from OUT/runs; train nothing")
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the idle cores)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.probe and (args.smoke or args.task != "lm"):
+        parser.error("--probe: measures the lm task alone (--task lm) and not with --smoke")
+    return args
 
 
 def output_folder(args) -> Path:
     default = REPOSITORY / "docs" / "quality" / "long"
+    if args.probe:
+        default = default.with_name("long_probe")
     return quality.study_folder(args.out, default, "mmrec-long-smoke-" if args.smoke else None, "--out", "docs/quality/long")
 
 
@@ -1156,8 +1171,9 @@ def _main(argv) -> int:
     command = "python research/long_study.py " + " ".join(shlex.quote(a) for a in given)
     tasks = TASKS if args.task == "all" else (args.task,)
     models = args.models or (("mmrec-default", "llama") if args.smoke else MODELS)
-    lengths = args.lm_lengths or ((SMOKE_LM["train_len"],) if args.smoke else (4096, 16384))
-    by_task = protocols(args.smoke, lengths, args.tokenizations, steps=args.steps, lr=args.lr)
+    lengths = args.lm_lengths or ((SMOKE_LM["train_len"],) if args.smoke else (PROBE_LM["train_len"],) if args.probe
+                                  else (4096, 16384))
+    by_task = protocols(args.smoke, lengths, args.tokenizations, probe=args.probe, steps=args.steps, lr=args.lr)
     device = torch.device(args.device or ("cpu" if args.smoke else ("cuda" if torch.cuda.is_available() else "cpu")))
     set_threads(args.threads)
     runs = plan_runs(tasks, models, args.seeds, by_task, device)

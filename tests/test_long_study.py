@@ -255,12 +255,22 @@ def test_smoke_study_runs_every_task_writes_records_and_a_report_then_skips(tmp_
 @pytest.mark.parametrize("flags,named", [
     (["--task", "nope"], "--task"), (["--models", "rwkv"], "rwkv"), (["--seeds", "-1"], "--seeds"),
     (["--steps", "0"], "--steps"), (["--lm-lengths", "x"], "--lm-lengths"), (["--lm-lengths", "1"], "train_len"),
-    (["--device", "gpu0"], "--device"),
+    (["--device", "gpu0"], "--device"), (["--probe"], "--probe"),
 ])
 def test_bad_flags_are_one_line_errors(flags, named, tmp_path, capsys):
     rc = ls.main(["--smoke", "--plan", "--threads", "1", "--out", str(tmp_path), *flags])
     assert_one_line_error(capsys, rc, named)
     assert not (tmp_path / ls.RUNS).exists()
+
+
+def test_the_cpu_probe_folds_several_segments_a_row_and_reports_apart():
+    args = ls.parse_args(["--probe", "--task", "lm"])
+    (lm,) = ls.protocols(probe=True, lm_lengths=(ls.PROBE_LM["train_len"],))["lm"]
+    assert lm.train_len // ls.segment_of("mmrec-default", lm.segment_length) >= 4  # the slots fold within a row
+    assert ls.segment_of("mmrec-no-fold", lm.segment_length) == lm.segment_length  # the ablation sees the same segments
+    assert ls.output_folder(args).name == "long_probe" and ls.output_folder(ls.parse_args([])).name == "long"
+    with pytest.raises(ValueError, match="--probe"):
+        ls.parse_args(["--probe", "--task", "passkey"])
 
 
 def test_report_without_runs_writes_nothing(tmp_path, capsys):
