@@ -127,6 +127,5 @@ class MMRecBlock(GradientCheckpointingLayer):
         replaced, the conv state after this call [B, K-1, C])."""
         parts = [t for t in (proj.z, proj.gate, proj.p) if t is not None]
         c, conv = self.short_conv(torch.cat(parts, -1), layout, conv)
-        z, *rest = torch.split(c, [t.shape[-1] for t in parts], dim=-1)
-        gate = rest.pop(0) if proj.gate is not None else None
-        return proj._replace(z=z, gate=gate, p=rest[0]), conv
+        split = torch.split(c, [t.shape[-1] for t in parts], dim=-1)
+        return proj._replace(z=split[0], gate=split[1] if proj.gate is not None else None, p=split[-1]), conv

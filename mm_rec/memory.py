@@ -107,7 +107,7 @@ def route_segments_torch(block_keys: Tensor, slot_keys: Tensor, init_keys: Tenso
     block_keys: [B, K, C, d] fp32, the summaries of each layout segment; slot_keys: [B, S, d]
     fp32, the slots of segment 0; init_keys: [S, d], the learned slots; restart: [B, K] bool,
     segment s starts a document (its slots are the learned ones). Returns the fold into each
-    segment s = 1..K-1 as (weight [B, K-1, C, S], keep [B, K-1, S]).
+    segment s = 1..K-1 as (weight [B, K-1, C, S], keep [B, K-1, S]), views of segment-major tensors.
     """
     B, K, C, _ = block_keys.shape
     selected = torch.ones(B, C, dtype=torch.bool, device=block_keys.device)
@@ -118,7 +118,8 @@ def route_segments_torch(block_keys: Tensor, slot_keys: Tensor, init_keys: Tenso
         keys = torch.where(restart[:, s, None, None], init_keys, apply_fold(weight, keep, keys, block_keys[:, s - 1]))
         weights.append(weight)
         keeps.append(keep)
-    return torch.stack(weights, 1), torch.stack(keeps, 1)
+    # laid out segment-major, as the Triton kernel writes them (the traced op's strides are one statement)
+    return torch.stack(weights, 0).transpose(0, 1), torch.stack(keeps, 0).transpose(0, 1)
 
 
 def _route_segments(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
@@ -137,7 +138,7 @@ _route_segments_op = torch.library.custom_op("mm_rec::route_segments", mutates_a
 def _(block_keys, slot_keys, init_keys, restart, decay, backend):
     B, K, C, _ = block_keys.shape
     S = slot_keys.shape[1]
-    return block_keys.new_empty(B, K - 1, C, S), block_keys.new_empty(B, K - 1, S)
+    return block_keys.new_empty(K - 1, B, C, S).transpose(0, 1), block_keys.new_empty(K - 1, B, S).transpose(0, 1)
 
 
 def route_segments(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,

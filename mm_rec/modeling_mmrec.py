@@ -60,8 +60,9 @@ def _eager() -> bool:
     """Whether checks that read tensor values on the host may run: not while torch.compile or
     torch.export traces the model (there a value is symbolic and reading it breaks the graph or
     fails the export), nor while a CUDA graph is captured. Shape checks run always."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return not (torch.compiler.is_compiling() or capturing)
+    if torch.compiler.is_compiling():  # first: the capture query below is not traceable
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _pick_cache(cache, past_key_values) -> Optional[MMRecCache]:

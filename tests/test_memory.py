@@ -233,8 +233,9 @@ def test_segment_ops_pass_opcheck():
         torch.library.opcheck(torch.ops.mm_rec.segment_places.default, (segment, *args, 8, K))
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_route_segments_passes_opcheck(backend):
+    """Also the fake's strides: torch.compile's generated code asserts them against the kernel's output."""
     g = torch.Generator().manual_seed(1)
     blocks, slots, init = torch.randn(2, 4, 3, 6, generator=g), torch.randn(2, 5, 6, generator=g), torch.randn(5, 6, generator=g)
     restart = torch.tensor([[False, True, False, False], [False, False, False, True]])

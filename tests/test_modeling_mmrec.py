@@ -718,6 +718,20 @@ def test_export_of_the_default_architecture(case, tiny_model):
 # torch.compile, and the one switch of every kernel's backend
 # ---------------------------------------------------------------------------------------
 
+def test_traced_code_never_asks_whether_a_cuda_graph_is_being_captured(monkeypatch):
+    """While torch.compile traces, the host-side value checks are off without asking CUDA whether a
+    graph is being captured: that query returns a Python bool, which breaks a fullgraph trace."""
+    import mm_rec.modeling_mmrec as modeling
+
+    def asked():
+        raise AssertionError("is_current_stream_capturing was called while tracing")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", asked)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert modeling._eager() is False
+
+
 def _compiled_matches_eager(model, ids, mask, backend):
     """torch.compile(model, fullgraph=True) (a graph break raises) gives the eager logits, and in a
     training step the eager loss and gradients."""
@@ -762,10 +776,12 @@ def test_compile_fullgraph_with_the_default_kernel_backend_on_gpu(block, tiny_mo
 TRITON_KERNELS = {"scan_triton": ("scan_fwd", "scan_bwd"),
                   "recurrence_triton": ("recurrence_inputs_fwd", "recurrence_inputs_bwd"),
                   "state_gate_triton": ("state_gate_fwd", "state_gate_bwd"),
-                  "memory_triton": ("route_segments_triton",)}
+                  "memory_triton": ("route_segments_triton",),
+                  "conv_triton": ("short_conv_fwd", "short_conv_bwd")}
 KERNELS_OF_GATE = {"input": {"scan_fwd", "scan_bwd", "recurrence_inputs_fwd", "recurrence_inputs_bwd",
-                             "route_segments_triton"},
-                   "state": {"state_gate_fwd", "state_gate_bwd", "scan_fwd", "scan_bwd", "route_segments_triton"}}
+                             "route_segments_triton", "short_conv_fwd", "short_conv_bwd"},
+                   "state": {"state_gate_fwd", "state_gate_bwd", "scan_fwd", "scan_bwd", "route_segments_triton",
+                             "short_conv_fwd", "short_conv_bwd"}}
 
 
 def _triton_runs_here() -> bool:
@@ -780,7 +796,8 @@ def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_mode
     """The whole model, forward and backward, once with kernel_backend="torch" and once with
     "triton" (interpreted on CPU): "torch" runs no Triton kernel, "triton" runs every kernel the
     configuration has (the scan, the recurrence's inputs or the state gate's walk, the memory's
-    routing), and both give the same logits and gradients."""
+    routing, the convolution's dense path, which the unpadded row takes), and both give the same
+    logits and gradients."""
     import importlib
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -800,8 +817,11 @@ def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_mode
         ran.clear()
         model = tiny_model(kernel_backend=backend, recurrence_gate=gate).to(device).train()
         logits = model(ids, attention_mask=mask).logits
-        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-        results[backend] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()}, set(ran))
+        dense = model(ids[:1]).logits  # no padding: the convolution's dense path
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        (loss + F.cross_entropy(dense[0, :-1], ids[0, 1:])).backward()
+        results[backend] = (torch.cat([logits.detach(), dense.detach()]), {n: p.grad for n, p in model.named_parameters()},
+                            set(ran))
     assert results["torch"][2] == set()
     assert results["triton"][2] == KERNELS_OF_GATE[gate]
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-5)
