@@ -390,7 +390,8 @@ class MultiMemoryAttention(nn.Module):
             slots = self._segment_slots(summaries, state, seg.restart)  # [B, K, S, 2d]
 
         if N == 1 and self.reads_blocks:
-            m_l = self._attend_tokens(q_l.view(B * K, W, d), slots.view(B * K, S, 2 * d),
+            # reshape: without folds (memory_levels="blocks") the slots are the learned ones, expanded
+            m_l = self._attend_tokens(q_l.view(B * K, W, d), slots.reshape(B * K, S, 2 * d),
                                       summaries.view(B * K, C, 2 * d))
         else:
             entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)

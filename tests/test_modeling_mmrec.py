@@ -59,6 +59,7 @@ def test_parallel_equals_chunked_equals_token_by_token(gate, use_hem, tiny_model
 
 @pytest.mark.parametrize("options", [
     {"memory_levels": "slots"}, {"memory_levels": "blocks"}, {"memory_levels": "none"},
+    {"memory_levels": "blocks", "memory_block_size": 1}, {"memory_levels": "slots", "memory_block_size": 1},
     SEED_DESIGN, {**SEED_DESIGN, "recurrence_gate": "state"},
     {"output_gate": False}, {"output_gate": False, "recurrence_gate": "state"},
     {"memory_block_size": 1}, {"memory_block_size": 1, "output_gate": True},
