@@ -791,6 +791,21 @@ def _triton_runs_here() -> bool:
     return AVAILABLE and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+@pytest.mark.skipif(not _triton_runs_here(), reason="needs Triton (interpreted on CPU)")
+def test_inductor_compiles_the_triton_kernels_whole(tiny_model):
+    """inductor (the default torch.compile backend) over the Triton kernels, fullgraph: the code it
+    generates checks each opaque op's output shape and strides against the op's fake, so a fake that
+    disagrees with its kernel fails here (interpreted on CPU) as it failed on the GPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(kernel_backend="triton", memory_block_size=1).to(device)
+    ids = random_ids((2, 40)).to(device)  # three segments of 16: the routing op runs
+    mask = torch.ones(2, 40, dtype=torch.long, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not _triton_runs_here(), reason="needs Triton on CUDA or interpreted (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("gate", ["input", "state"])
 def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_model, monkeypatch):
