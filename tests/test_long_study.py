@@ -250,6 +250,10 @@ def test_smoke_study_runs_every_task_writes_records_and_a_report_then_skips(tmp_
     assert ls.main(["--report", "--out", str(out)]) == 0 and "wrote" in capsys.readouterr().out
     report = (out / ls.REPORT).read_text()
     assert "no longer holds" not in report and "gdn: fla" in report and "hgrn: fla" in report
+    # the CPU probe's report says so under its title; the study's does not
+    assert "CPU probe" not in report.split("\n")[0]
+    ls.write_report(out, probe=True)
+    assert (out / ls.REPORT).read_text().startswith("# The long-context study (issue 26): CPU probe\n\n" + ls.PROBE_NOTE)
 
 
 @pytest.mark.parametrize("flags,named", [
