@@ -256,8 +256,7 @@ class EqualTime:
             torch.cuda.synchronize(self.device)
 
     def _free(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        quality.free_device(self.device)
 
     # timing ----------------------------------------------------------------------------------------
 
@@ -344,19 +343,11 @@ class EqualTime:
                 if self.deadline is not None and time.time() + longest > self.deadline:
                     outcome["over_budget"] += 1
                     continue
-                try:
-                    record = self.time_model(timing)
-                except quality.BudgetExhausted as err:
-                    outcome["over_budget"] += 1
-                    self.log(f"budget: {err}; not recorded")
-                    self._free()
+                kind, record = quality.attempt(lambda: self.time_model(timing), f"timing {timing.name}", self.log,
+                                               self.device, unsaved="not recorded")
+                outcome["timed" if kind == "done" else kind] += 1
+                if kind != "done":
                     continue
-                except Exception as err:  # one broken model (OOM, a kernel that fails) must not end the call
-                    outcome["failed"] += 1
-                    self.log(f"failed: timing {timing.name}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
-                    self._free()
-                    continue
-                outcome["timed"] += 1
                 longest = max(longest, record["seconds"])
                 self.log(f"timed: {timing.tokenization} {timing.model}: {record['step_seconds'] * 1e3:.2f} ms a step, "
                          f"{record['tokens_per_second']:,.0f} tokens/s")
@@ -486,19 +477,10 @@ class EqualTime:
                 self.log(f"budget: {run.name} (~{run.plan['estimate_seconds'] / 60:.1f} min) does not fit the time "
                          "left; not started")
                 continue
-            try:
-                record = self.train(run)
-            except quality.BudgetExhausted as err:
-                outcome["over_budget"].append(run.name)
-                self.log(f"budget: {err}; the run is not saved")
-                self._free()
+            kind, record = quality.attempt(lambda: self.train(run), run.name, self.log, self.device)
+            outcome[kind].append(run.name)
+            if kind != "done":
                 continue
-            except Exception as err:  # one broken model (OOM, a kernel that fails) must not end the study
-                outcome["failed"].append(run.name)
-                self.log(f"failed: {run.name}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
-                self._free()
-                continue
-            outcome["done"].append(run.name)
             self.log(f"done: {run.name}: {record['plan']['steps']} steps, held-out "
                      f"{record['final'].get('bits_per_byte', math.nan):.4f} bits per byte ({record['seconds']['total']:.0f} s)")
         bar.close()
@@ -557,14 +539,9 @@ class EqualTime:
         return record
 
     def log_call(self, runs: Sequence[Run], outcome: dict, timing_outcome: dict) -> None:
-        wall = time.time() - self.started
-        entry = {"command": self.command, "device": self.device_name, "versions": quality.versions(),
-                 "git": quality.git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.started)),
-                 "wall_seconds": wall, **timing_outcome, **{k: len(v) for k, v in outcome.items()},
-                 "refusals": sorted({r.refused for r in runs if r.refused})}
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / INVOCATIONS, "a", encoding="utf-8") as log_file:
-            log_file.write(json.dumps(entry) + "\n")
+        wall = quality.log_invocation(self.out, self.command, self.device_name, self.started,
+                                      {**timing_outcome, **{k: len(v) for k, v in outcome.items()}},
+                                      [r.refused for r in runs if r.refused])
         self.log(f"timings: {timing_outcome['timed']} made, {timing_outcome['over_budget']} over budget, "
                  f"{timing_outcome['failed']} failed; runs: {len(outcome.get('done', []))} done, "
                  f"{len(outcome.get('skipped', []))} already recorded (skipped), {len(outcome.get('refused', []))} "

@@ -709,32 +709,15 @@ class LongStudy:
             if deadline is not None and time.time() + longest > deadline:
                 outcome["over_budget"].append(run.name)
                 continue
-            try:
-                record = self.train(run, deadline)
-            except quality.BudgetExhausted as err:
-                outcome["over_budget"].append(run.name)
-                self.log(f"budget: {err}; the run is not saved")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            kind, record = quality.attempt(lambda: self.train(run, deadline), run.name, self.log, self.device)
+            outcome[kind].append(run.name)
+            if kind != "done":
                 continue
-            except Exception as err:  # one broken model (OOM, a kernel that fails) must not end the study
-                outcome["failed"].append(run.name)
-                self.log(f"failed: {run.name}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            outcome["done"].append(run.name)
             longest = max(longest, record["seconds"]["total"])
             self.log(f"done: {run.name}: {summary_line(record)} ({record['seconds']['total']:.0f} s)")
         bar.close()
-        wall = time.time() - started
-        entry = {"command": self.command, "device": self.device_name, "versions": quality.versions(),
-                 "git": quality.git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
-                 "wall_seconds": wall, **{k: len(v) for k, v in outcome.items()},
-                 "refusals": sorted({r.refused for r in runs if r.refused})}
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / INVOCATIONS, "a", encoding="utf-8") as log_file:
-            log_file.write(json.dumps(entry) + "\n")
+        wall = quality.log_invocation(self.out, self.command, self.device_name, started,
+                                      {k: len(v) for k, v in outcome.items()}, [r.refused for r in runs if r.refused])
         self.log(f"runs: {len(outcome['done'])} done, {len(outcome['skipped'])} already recorded (skipped), "
                  f"{len(outcome['refused'])} refused, {len(outcome['over_budget'])} over budget, "
                  f"{len(outcome['failed'])} failed; wall time {wall / 60:.1f} min")

@@ -514,6 +514,45 @@ class BudgetExhausted(Exception):
     """The time budget ran out inside a run; the run is not saved."""
 
 
+def free_device(device: torch.device) -> None:
+    """Hand the CUDA caching allocator's free blocks back (after a run, before the next model)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def attempt(work: Callable[[], dict], label: str, log: Callable[[str], None], device: torch.device,
+            unsaved: str = "the run is not saved") -> Tuple[str, Optional[dict]]:
+    """One unit of a study's work (a run, a timing): ("done", its record), or, logged with ``label``,
+    ("over_budget", None) where the time budget ran out inside it and ("failed", None) where it raised:
+    one broken model (OOM, a kernel that fails to compile) must not end the study. The device's cache
+    is freed after either."""
+    try:
+        return "done", work()
+    except BudgetExhausted as err:
+        log(f"budget: {err}; {unsaved}")
+    except Exception as err:
+        log(f"failed: {label}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+        free_device(device)
+        return "failed", None
+    free_device(device)
+    return "over_budget", None
+
+
+def log_invocation(out: Path, command: str, device_name: str, started: float, counts: Dict[str, int],
+                   refusals: Optional[Sequence[str]] = None) -> float:
+    """Append this call's line to ``out``/invocations.jsonl (the command, device, versions, commit, start,
+    wall time, the outcome's ``counts`` and, where given, the refusals' reasons); returns the wall seconds."""
+    wall = time.time() - started
+    entry = {"command": command, "device": device_name, "versions": versions(), "git": git_commit(),
+             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)), "wall_seconds": wall, **counts}
+    if refusals is not None:
+        entry["refusals"] = sorted(set(refusals))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / INVOCATIONS, "a", encoding="utf-8") as log_file:
+        log_file.write(json.dumps(entry) + "\n")
+    return wall
+
+
 def warmup_cosine(step: int, steps: int, warmup: int) -> float:
     """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to 0."""
     if step < warmup:
@@ -1096,28 +1135,15 @@ class Study:
                         self.log(f"budget: {run.name} (~{estimate / 60:.1f} min) does not fit the time left; not started")
                         continue
                     self.log(f"budget: {run.name} (~{estimate / 60:.1f} min) may not fit the time left; started anyway")
-            try:
-                record = self.train(run, deadline)
-            except BudgetExhausted as err:
-                outcome["over_budget"].append(run.name)
-                self.log(f"budget: {err}; the run is not saved")
+            kind, record = attempt(lambda: self.train(run, deadline), run.name, self.log, self.device)
+            outcome[kind].append(run.name)
+            if kind == "over_budget":
                 break
-            except Exception as err:  # one broken model (OOM, a kernel that fails to compile) must not end the study
-                outcome["failed"].append(run.name)
-                self.log(f"failed: {run.name}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if kind == "failed":
                 continue
             factors = calibration(load_records(self.out), self.device_name)
-            outcome["done"].append(run.name)
             self.log(f"done: {run.name}: {summary_line(record)} ({record['seconds']['total']:.0f} s)")
-        wall = time.time() - started
-        entry = {"command": self.command, "device": self.device_name, "versions": versions(), "git": git_commit(),
-                 "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)), "wall_seconds": wall,
-                 **{k: len(v) for k, v in outcome.items()}}
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / INVOCATIONS, "a", encoding="utf-8") as log_file:
-            log_file.write(json.dumps(entry) + "\n")
+        wall = log_invocation(self.out, self.command, self.device_name, started, {k: len(v) for k, v in outcome.items()})
         self.log(f"runs: {len(outcome['done'])} done, {len(outcome['skipped'])} already finished (skipped), "
                  f"{len(outcome['refused'])} refused, {len(outcome['over_budget'])} over budget, "
                  f"{len(outcome['failed'])} failed; wall time {wall / 60:.1f} min")

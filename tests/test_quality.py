@@ -448,3 +448,22 @@ def test_lm_size_flags_reach_the_planned_runs():
         model = quality.build_model("mmrec", run.spec["vocab_size"], 48, 3, run.spec["intermediate_size"],
                                     run.spec["overrides"])
     assert model.config.pe_dim == 48 and quality.count_parameters(model) == run.params
+
+
+def test_a_failing_or_overrunning_unit_of_work_is_logged_and_the_study_goes_on():
+    lines = []
+
+    def broken():
+        raise RuntimeError("CUDA out of\nmemory")
+
+    def overrun():
+        raise quality.BudgetExhausted("the time budget ran out at step 3 of x")
+
+    cpu = torch.device("cpu")
+    assert quality.attempt(lambda: {"ok": 1}, "r", lines.append, cpu) == ("done", {"ok": 1}) and lines == []
+    assert quality.attempt(broken, "run-a", lines.append, cpu) == ("failed", None)
+    assert quality.attempt(overrun, "run-b", lines.append, cpu, unsaved="not recorded") == ("over_budget", None)
+    assert lines == ["failed: run-a: RuntimeError: CUDA out of memory",
+                     "budget: the time budget ran out at step 3 of x; not recorded"]
+    with pytest.raises(KeyboardInterrupt):  # only errors are caught: an interrupt still stops the call
+        quality.attempt(lambda: (_ for _ in ()).throw(KeyboardInterrupt()), "r", lines.append, cpu)
