@@ -22,6 +22,7 @@ import gc
 import json
 import platform
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -124,6 +125,9 @@ def run_study(models, size, device, dtype, cases, measure, mmrec_overrides=None,
                 result = measure(model, params, case)
             except torch.OutOfMemoryError:
                 result = {"note": "out of memory"}
+            except Exception as err:  # a model that fails (e.g. to compile) gets a row saying so; the others still run
+                traceback.print_exc()
+                result = {"note": f"failed: {type(err).__name__}"}
             rows.append({"model": name, "params_m": params / 1e6, **case, **result})
             if report is not None:
                 report(rows)
@@ -139,7 +143,11 @@ def train_study(args, device, models, report=None):
     peak = peak_bf16_tflops(device)
 
     def measure(model, params, case):
+        if args.compile:
+            # static shapes: one graph per case, compiled during the warm-up steps
+            model = torch.compile(model, dynamic=False)
         result = training_throughput(model, case["batch"], case["seq"], steps=args.steps, bf16=size == "gpu")
+        result["compiled"] = args.compile
         result["mfu"] = 6 * params * result["tokens_per_s"] / (peak * 1e12) if peak else None
         return result
 
@@ -213,6 +221,8 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--mmrec-overrides", type=json_object, metavar="JSON",
                         help="MMRecConfig fields over the gpu-130m preset, e.g. '{\"memory_block_size\": 32}'")
+    parser.add_argument("--compile", action="store_true",
+                        help="train every model through torch.compile (compiled in the warm-up steps, not timed)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args(argv)
     if args.steps < 1 or args.new_tokens < 1 or any(c < 64 for c in args.contexts):
@@ -236,19 +246,20 @@ def main(argv=None):
     header = [f"Command: `{command.strip()}`", "", f"Device: {device_name(device)}; {versions()}", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if device.type == "cuda" else "cpu"
+    suffix = "_compiled" if args.compile else ""
     for study in studies:
         def write(rows, study=study):
             table = train_table(rows) if study == "train" else generate_table(rows)
             text = "\n".join(header + table) + "\n"
-            (args.out / f"{study}_{tag}.md").write_text(text)
-            (args.out / f"{study}_{tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
+            (args.out / f"{study}_{tag}{suffix}.md").write_text(text)
+            (args.out / f"{study}_{tag}{suffix}.json").write_text(json.dumps(rows, indent=1) + "\n")
             return text
 
         rows = (train_study if study == "train" else generate_study)(args, device, models, report=write)
         print(write(rows))
         if study == "train":
             plot(rows, "seq", "tokens_per_s", ["model"], "sequence length (tokens)", "training tokens/s",
-                 f"training throughput, {device_name(device)}", args.out / f"train_{tag}.png")
+                 f"training throughput, {device_name(device)}", args.out / f"train_{tag}{suffix}.png")
         else:
             plot(rows, "context", "decode_tokens_per_s", ["model", "batch"], "context (tokens)", "generated tokens/s",
                  f"generate() decode throughput, {device_name(device)}", args.out / f"generate_{tag}.png")

@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--mmrec-overrides", type=json.loads, default=None, metavar="JSON")
+    parser.add_argument("--compile", action="store_true", help="profile the step through torch.compile (compiled in the warm-up)")
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -40,10 +41,11 @@ def main(argv=None) -> int:
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    forward = torch.compile(model, dynamic=False) if args.compile else model
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -62,7 +64,8 @@ def main(argv=None) -> int:
     kernels = sorted(((e.key, e.self_device_time_total, e.count) for e in events if e.self_device_time_total > 0),
                      key=lambda item: -item[1])
     total = sum(t for _, t, _ in kernels)
-    label = args.model + (f" {json.dumps(args.mmrec_overrides)}" if args.mmrec_overrides else "")
+    label = args.model + (f" {json.dumps(args.mmrec_overrides)}" if args.mmrec_overrides else "") + (
+        " (torch.compile)" if args.compile else "")
     print(f"{label}: {params / 1e6:.1f}M parameters, {args.seq} x {args.batch}; {1e3 * wall:.1f} ms per step under "
           f"the profiler ({args.batch * args.seq / wall / 1e3:.1f}k tokens/s); GPU time {total / 1e3 / args.steps:.1f} ms "
           "per step")
