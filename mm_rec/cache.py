@@ -22,11 +22,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .conv import conv_channels
-from .memory import MemoryState
+from .memory import MemoryState, with_pending_fold
 
 # 2 added each layer's ``conv``; version-1 files (no conv) still load for models without one.
-CACHE_FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3 added the memory's accumulated fold (fold_*), which older files get recomputed from their slots and summaries.
+CACHE_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+_FOLD_FIELDS = ("fold_key_sum", "fold_value_sum", "fold_keep")
 CACHE_FILE_FORMAT = "mmrec-cache"
 
 
@@ -88,9 +90,20 @@ class MMRecCache:
     # own class; is_mmrec_cache recognises any of them by this marker.
     _mmrec_cache_format = CACHE_FORMAT_VERSION
 
-    def __init__(self, layers: List[LayerState], position: Tensor):
+    def __init__(self, layers: List[LayerState], position: Tensor, stale_folds: bool = False):
         self.layers = layers
         self.position = position  # [B] long: the next real token's position per row
+        # read from a file older than the fold fields without a config: the model recomputes them
+        # (``refresh_folds``) before its first step
+        self.stale_folds = stale_folds
+
+    def refresh_folds(self, config) -> None:
+        """Recompute every layer's accumulated fold from its slots and summaries, for ``config``'s memory."""
+        folds = config.memory_levels in ("slots+blocks", "slots")
+        self.layers = [LayerState(h=layer.h, conv=layer.conv,
+                                  memory=with_pending_fold(layer.memory, config.memory_decay, folds))
+                       for layer in self.layers]
+        self.stale_folds = False
 
     @property
     def is_linear(self) -> List[bool]:
@@ -189,6 +202,8 @@ class MMRecCache:
                 raise ValueError(f"{where} has format version 1, written before the short convolution: it holds no "
                                  f"conv state, but the model has short_conv_size={config.short_conv_size}")
             names = [n for n in names if n != "conv"]
+        if version < 3:  # before the accumulated fold: recomputed below
+            names = [n for n in names if n not in _FOLD_FIELDS]
         expected = {"position"} | {f"layers.{i}.{n}" for i in range(num_layers) for n in names}
         missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
         if missing:
@@ -200,11 +215,17 @@ class MMRecCache:
             flat = {n: tensors[f"layers.{i}.{n}"] for n in names}
             if version == 1:
                 flat["conv"] = _empty_conv(flat["h"])
+            if version < 3:
+                slots = flat["slot_keys"]
+                flat.update(fold_key_sum=torch.zeros_like(slots), fold_value_sum=torch.zeros_like(slots),
+                            fold_keep=slots.new_ones(slots.shape[:2]))
             layers.append(LayerState.from_tensors(flat))
-        cache = cls(layers, tensors["position"])
+        cache = cls(layers, tensors["position"], stale_folds=version < 3)
         cache.check_consistent(where)
         if config is not None:
             cache.check_compatible(config, cache.batch_size)
+            if cache.stale_folds:
+                cache.refresh_folds(config)
         return cache
 
     def check_consistent(self, where: str = "MMRecCache") -> None:

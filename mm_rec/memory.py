@@ -22,6 +22,7 @@ computed by the scan op, which gives its gradients.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Dict, Tuple
 
@@ -47,20 +48,29 @@ class MemoryState:
     block_count: Tensor  # [B] how many of the C summaries are filled
     slot_keys: Tensor  # [B, S, d] long-term memory
     slot_values: Tensor  # [B, S, d]
+    # The fold of the completed summaries into the slots, accumulated as each block closes, so that a
+    # decode step never refolds the whole segment: at the segment's end the slots become
+    # fold_keep * slots + fold_sum. A function of the fields above (``MultiMemoryAttention.pending_fold``).
+    fold_key_sum: Tensor  # [B, S, d]
+    fold_value_sum: Tensor  # [B, S, d]
+    fold_keep: Tensor  # [B, S]: lam^m, m the blocks routed to the slot so far
 
     @staticmethod
     def shapes(B: int, d: int, C: int, S: int) -> Dict[str, tuple]:
         return {"open_key_sum": (B, d), "open_value_sum": (B, d), "open_count": (B,),
                 "block_keys": (B, C, d), "block_values": (B, C, d), "block_count": (B,),
-                "slot_keys": (B, S, d), "slot_values": (B, S, d)}
+                "slot_keys": (B, S, d), "slot_values": (B, S, d),
+                "fold_key_sum": (B, S, d), "fold_value_sum": (B, S, d), "fold_keep": (B, S)}
 
     def tensors(self) -> Dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def zeros(cls, B: int, d: int, C: int, S: int, device) -> "MemoryState":
-        return cls(**{name: torch.zeros(shape, dtype=torch.long if name.endswith("count") else torch.float32,
-                                        device=device) for name, shape in cls.shapes(B, d, C, S).items()})
+        """No blocks, zero slots and nothing to fold (fold_keep 1)."""
+        return cls(**{name: (torch.ones if name == "fold_keep" else torch.zeros)(
+            shape, dtype=torch.long if name.endswith("count") else torch.float32, device=device)
+            for name, shape in cls.shapes(B, d, C, S).items()})
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,6 +108,29 @@ def fold_into_slots(
     """Fold the selected block summaries [B, C, d], in order, into the slots [B, S, d]."""
     weight, keep = fold_weights(slot_keys, block_keys, selected, decay)
     return apply_fold(weight, keep, slot_keys, block_keys), apply_fold(weight, keep, slot_values, block_values)
+
+
+def pending_fold(slot_keys: Tensor, block_keys: Tensor, block_values: Tensor, block_count: Tensor,
+                 decay: float, folds: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fold of the first ``block_count`` [B] summaries [B, C, d] into the slots [B, S, d], not yet
+    applied: (fold_key_sum, fold_value_sum [B, S, d], fold_keep [B, S]), the ``MemoryState`` fields;
+    nothing to fold (0, 0, 1) where ``folds`` is False."""
+    B, S, d = slot_keys.shape
+    if not folds:
+        zeros = slot_keys.new_zeros(B, S, d)
+        return zeros, zeros, slot_keys.new_ones(B, S)
+    selected = torch.arange(block_keys.shape[1], device=block_keys.device)[None] < block_count[:, None]
+    weight, keep = fold_weights(slot_keys, block_keys, selected, decay)
+    blocks = torch.einsum("bcs,bce->bse", weight, torch.cat([block_keys, block_values], -1))
+    return blocks[..., :d], blocks[..., d:], keep
+
+
+def with_pending_fold(state: MemoryState, decay: float, folds: bool = True) -> MemoryState:
+    """``state`` with its fold fields recomputed from the slots and summaries it holds (for a cache
+    written before those fields existed)."""
+    fold_k, fold_v, fold_keep = pending_fold(state.slot_keys, state.block_keys, state.block_values, state.block_count,
+                                             decay, folds)
+    return dataclasses.replace(state, fold_key_sum=fold_k, fold_value_sum=fold_v, fold_keep=fold_keep)
 
 
 def route_segments_torch(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
@@ -415,6 +448,9 @@ class MultiMemoryAttention(nn.Module):
         if C < C_full:
             last_summaries = F.pad(last_summaries, (0, 0, 0, C_full - C))
         last_open = sums[rows, last_seg, open_block] * (open_count > 0).float()[:, None]
+        with torch.autocast(q.device.type, enabled=False):
+            fold_k, fold_v, fold_keep = self.pending_fold(last_slots[..., :d], last_summaries[..., :d],
+                                                          last_summaries[..., d:], filled)
         keep_old = ~seg.has_real
         pick = lambda old, new: torch.where(keep_old.view(-1, *[1] * (new.dim() - 1)), old, new)  # noqa: E731
         new_state = MemoryState(
@@ -426,8 +462,16 @@ class MultiMemoryAttention(nn.Module):
             block_count=pick(state.block_count, filled),
             slot_keys=pick(state.slot_keys, last_slots[..., :d]),
             slot_values=pick(state.slot_values, last_slots[..., d:]),
+            fold_key_sum=pick(state.fold_key_sum, fold_k),
+            fold_value_sum=pick(state.fold_value_sum, fold_v),
+            fold_keep=pick(state.fold_keep, fold_keep),
         )
         return m, new_state
+
+    def pending_fold(self, slot_keys: Tensor, block_keys: Tensor, block_values: Tensor,
+                     block_count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``pending_fold`` with this layer's decay (nothing to fold where the memory never folds)."""
+        return pending_fold(slot_keys, block_keys, block_values, block_count, self.decay, self.folds)
 
     def _segment_slots(self, summaries: Tensor, state: MemoryState, restart: Tensor) -> Tensor:
         """The slots of every layout segment [B, K, S, 2d] (keys | values), fp32: the routing (no
@@ -450,28 +494,27 @@ class MultiMemoryAttention(nn.Module):
         return torch.cat([start[:, None], later.view(B, K - 1, S, width)], 1)
 
     def _decode_step(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: MemoryState):
-        """One token per row (decoding): O((S + C) d). Folds and resets are always computed and
-        selected per row, so the step never asks the device a question (CUDA-graph safe)."""
+        """One token per row (decoding): O((S + C) d). A fold applies the fold accumulated as the
+        segment's blocks closed; folds and resets are computed and selected per row, so the step
+        never asks the device a question (CUDA-graph safe)."""
         B = q.shape[0]
-        N, L, C = self.block_size, self.segment_length, self.blocks_per_segment
+        N, C = self.block_size, self.blocks_per_segment
         pos, real, reset = layout.position[:, 0], layout.real[:, 0], layout.reset[:, 0]
         block = torch.arange(C, device=q.device)[None]
         summaries = block < state.block_count[:, None]  # [B, C]
 
-        boundary = (real & ~reset & (pos % L == 0) & (pos > 0))[:, None, None]  # a new segment starts
+        boundary = (real & ~reset & (pos % self.segment_length == 0) & (pos > 0))[:, None, None]  # a new segment
         fold = boundary & self.folds
         restart = reset[:, None, None]
         emptied = (boundary | restart)[:, 0]  # [B, 1]
-        slot_keys, slot_values = state.slot_keys, state.slot_values
-        # On CPU, asking whether any row folds or resets costs nothing and skips the fold on most
-        # steps; on CUDA the step never asks (it stays sync-free and graph-capturable).
-        if q.device.type != "cpu" or torch.compiler.is_compiling() or bool(emptied.any()):
-            with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
-                folded_k, folded_v = fold_into_slots(slot_keys, slot_values, state.block_keys,
-                                                     state.block_values, summaries, self.decay)
-            learned_k, learned_v = self.learned_slots()
-            slot_keys = torch.where(restart, learned_k, torch.where(fold, folded_k, slot_keys))
-            slot_values = torch.where(restart, learned_v, torch.where(fold, folded_v, slot_values))
+        learned_k, learned_v = self.learned_slots()
+        folded_k = state.fold_keep[..., None] * state.slot_keys + state.fold_key_sum
+        folded_v = state.fold_keep[..., None] * state.slot_values + state.fold_value_sum
+        slot_keys = torch.where(restart, learned_k, torch.where(fold, folded_k, state.slot_keys))
+        slot_values = torch.where(restart, learned_v, torch.where(fold, folded_v, state.slot_values))
+        fold_k = state.fold_key_sum.masked_fill(emptied[..., None], 0.0)
+        fold_v = state.fold_value_sum.masked_fill(emptied[..., None], 0.0)
+        fold_keep = state.fold_keep.masked_fill(emptied, 1.0)
         summaries = summaries & ~emptied
         block_count = state.block_count.masked_fill(emptied[:, 0], 0)
         open_k = state.open_key_sum.masked_fill(restart[:, 0], 0.0)
@@ -487,14 +530,24 @@ class MultiMemoryAttention(nn.Module):
         open_v = open_v + v[:, 0].float() * real[:, None]
         open_n = open_n + real.long()
         closes = open_n == N
+        closed_k, closed_v = self.close_blocks(open_k), self.close_blocks(open_v)
+        if self.folds:  # the closed block routes to its slot (argmax against this segment's slot keys): an EMA step
+            with torch.autocast(q.device.type, enabled=False):
+                scores = torch.einsum("bcd,bsd->bcs", closed_k[:, None], slot_keys)[:, 0]
+            routed = F.one_hot(scores.argmax(-1), S).to(fold_keep.dtype) * closes[:, None]  # [B, S]
+            kept = 1.0 - (1.0 - self.decay) * routed
+            fold_keep = fold_keep * kept
+            fold_k = fold_k * kept[..., None] + (1.0 - self.decay) * routed[..., None] * closed_k[:, None]
+            fold_v = fold_v * kept[..., None] + (1.0 - self.decay) * routed[..., None] * closed_v[:, None]
         write = ((block == block_count.clamp(max=C - 1)[:, None]) & closes[:, None])[..., None]  # [B, C, 1]
         new_state = MemoryState(
             open_key_sum=open_k.masked_fill(closes[:, None], 0.0),
             open_value_sum=open_v.masked_fill(closes[:, None], 0.0),
             open_count=open_n.masked_fill(closes, 0),
-            block_keys=torch.where(write, self.close_blocks(open_k)[:, None], state.block_keys),
-            block_values=torch.where(write, self.close_blocks(open_v)[:, None], state.block_values),
+            block_keys=torch.where(write, closed_k[:, None], state.block_keys),
+            block_values=torch.where(write, closed_v[:, None], state.block_values),
             block_count=block_count + closes.long(),
             slot_keys=slot_keys, slot_values=slot_values,
+            fold_key_sum=fold_k, fold_value_sum=fold_v, fold_keep=fold_keep,
         )
         return m, new_state

@@ -93,7 +93,7 @@ def _select_rows(cache: MMRecCache, rows: Tensor) -> MMRecCache:
     """A new cache holding ``cache``'s rows ``rows`` [B'] (copies: the original stays as it was)."""
     rows = rows.to(cache.position.device)
     return type(cache)([layer.map(lambda t: t.index_select(0, rows.to(t.device))) for layer in cache.layers],
-                       cache.position.index_select(0, rows))
+                       cache.position.index_select(0, rows), getattr(cache, "stale_folds", False))
 
 
 def _unseen_tail(cache: MMRecCache, num_inputs: int, attention_mask: Optional[Tensor]) -> Tuple[int, Tensor]:
@@ -378,6 +378,8 @@ class MMRecModel(MMRecPreTrainedModel):
 
         if cache is not None:
             cache.check_compatible(self.config, B)
+            if getattr(cache, "stale_folds", False):  # read from an older file without a config
+                cache.refresh_folds(self.config)
         mask_given = attention_mask is not None
         attention_mask = self._check_mask(attention_mask, B, T, hidden.device)
         offset = cache.position if cache is not None else torch.zeros(B, dtype=torch.long, device=hidden.device)

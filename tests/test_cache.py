@@ -15,6 +15,8 @@ import mm_rec
 from mm_rec import LayerState, MMRecCache
 from mm_rec.cache import CACHE_FORMAT_VERSION
 
+FOLD_FIELDS = ("fold_key_sum", "fold_value_sum", "fold_keep")  # added by version 3
+
 
 @pytest.mark.parametrize("conv,inputs,channels", [(0, "all", 32), (4, "all", 32), (4, "recurrence", 32 + 32 + 32)])
 def test_layer_state_flat_tensors_round_trip(conv, inputs, channels, tiny_model):
@@ -82,8 +84,9 @@ def _drop(name):
 
 BAD_CACHE_FILES = {
     "no version": (lambda t, m: m.pop("version"), "no 'version'"),
-    "newer version": (lambda t, m: m.update(version="3"), "format version 3 \\(written by a newer mm_rec\\)"),
-    "version 0": (lambda t, m: m.update(version="0"), "format version 0; this mm_rec reads versions 1, 2"),
+    "newer version": (lambda t, m: m.update(version=str(CACHE_FORMAT_VERSION + 1)),
+                      f"format version {CACHE_FORMAT_VERSION + 1} \\(written by a newer mm_rec\\)"),
+    "version 0": (lambda t, m: m.update(version="0"), "format version 0; this mm_rec reads versions 1, 2, 3"),
     "missing conv": (_drop("layers.0.conv"), "missing tensors \\['layers.0.conv'\\]"),
     "conv of another width": (lambda t, m: t.update({"layers.1.conv": torch.zeros(2, 3, 32)}),
                               "layer 1 conv has shape \\(2, 3, 32\\), expected \\(2, 0, 32\\)"),
@@ -148,9 +151,9 @@ def test_cache_of_the_other_conv_inputs_is_refused(tmp_path, tiny_model):
 
 
 def _as_version_1(path):
-    """Rewrite a cache file as version 1 wrote it: no conv tensors."""
+    """Rewrite a cache file as version 1 wrote it: no conv tensors (nor the fold fields of version 3)."""
     tensors, meta = load_file(path), {"format": "mmrec-cache", "version": "1", "num_layers": "2"}
-    _rewrite(path, {k: v for k, v in tensors.items() if not k.endswith(".conv")}, meta)
+    _rewrite(path, {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in ("conv", *FOLD_FIELDS)}, meta)
 
 
 def test_version_1_cache_file_loads_without_a_conv_and_is_refused_with_one(tmp_path, tiny_model):
@@ -170,6 +173,33 @@ def test_version_1_cache_file_loads_without_a_conv_and_is_refused_with_one(tmp_p
             assert (model(ids[:, 17:], cache=cache).logits - full[:, 17:]).abs().max() <= 1e-4
     with pytest.raises(ValueError, match=f"{path.name}.*version 1.*short_conv_size=4"):
         MMRecCache.load(path, config=tiny_model(short_conv_size=4).config)
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_version_2_cache_file_decodes_across_a_fold_exactly(with_config, tmp_path, tiny_model):
+    """A version-2 file holds no accumulated fold (fold_*, added by version 3): it is recomputed from the
+    slots and summaries, on load with a config or by the model's first step without one, so decoding token
+    by token across the segment's end folds exactly as the stream without a file (left-padded rows)."""
+    model = tiny_model(memory_decay=0.7)
+    ids = random_ids((2, 30), seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    path = tmp_path / "v2.safetensors"
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        model(ids[:, :11], attention_mask=mask[:, :11], use_cache=True).cache.save(path)
+        tensors = load_file(path)
+        _rewrite(path, {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in FOLD_FIELDS},
+                 {"format": "mmrec-cache", "version": "2", "num_layers": "2"})
+        cache = MMRecCache.load(path, **({"config": model.config} if with_config else {}))
+        assert cache.stale_folds != with_config
+        steps = []
+        for t in range(11, 30):  # positions 11..29 (10..26 in the padded row): a fold at 16
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits)
+    assert not cache.stale_folds
+    assert (torch.cat(steps, 1) - full[:, 11:]).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("inputs,gate,channels", [("all", "input", 32), ("recurrence", "input", 32 + 32 + 32),

@@ -131,6 +131,13 @@ def test_decode_step_matches_naive_memory(case, tiny_config):
         for name, i in (("open_key_sum", 0), ("open_value_sum", 1)):
             expected = sum((e[i] for e in final["open_block"]), torch.zeros(d, dtype=torch.float64))
             torch.testing.assert_close(getattr(state, name)[b].double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+        # the fold accumulated as the blocks closed, applied to the slots: the naive fold of the summaries
+        want_k, want_v = naive_fold(final["slot_keys"], final["slot_values"], final["summaries"], config.memory_decay)
+        keep = state.fold_keep[b, :, None].double()
+        torch.testing.assert_close(keep * state.slot_keys[b].double() + state.fold_key_sum[b].double(), want_k,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(keep * state.slot_values[b].double() + state.fold_value_sum[b].double(), want_v,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_packed_document_start_sees_only_learned_slots(tiny_config):
