@@ -281,9 +281,11 @@ def segment_layout(layout: TokenLayout, segment_length: int) -> SegmentLayout:
         K = (T + L - 1) // L + (0 if layout.fresh else 1)
     result = SegmentLayout(K, *(_segment_places_op if traced else _segment_places)(segment, *args, L, K))
     # Rows that start fresh, fill whole segments and hold no padding sit in the layout as they
-    # are: the relayout is then a reshape. (Checking the mask reads it on the host: free on CPU.)
-    result.identity = (not torch.compiler.is_compiling() and layout.real.device.type == "cpu" and layout.fresh
-                       and not layout.has_resets and T == K * L and bool(layout.real.all()))
+    # are: the relayout is then a reshape. (Where the caller does not know the rows are dense,
+    # checking the mask reads it on the host: free on CPU only.)
+    no_padding = layout.dense or (not torch.compiler.is_compiling() and layout.real.device.type == "cpu"
+                                  and bool(layout.real.all()))
+    result.identity = layout.fresh and not layout.has_resets and T == K * L and no_padding
     layout.memo[key] = result
     return result
 

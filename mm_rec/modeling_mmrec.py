@@ -387,8 +387,9 @@ class MMRecModel(MMRecPreTrainedModel):
             hidden = _check_embeds(hidden, attention_mask, mask_given, finite=inputs_embeds is not None)
         if position_ids is not None:
             _check_position_ids(position_ids, attention_mask, offset, B, T, cache is not None)
-        # Every token real: the short conv needs no gathers. Asked of the device in eager mode only.
-        dense = self.config.short_conv_size > 0 and (not mask_given or (_eager() and bool(attention_mask.all())))
+        # Every token real: the short conv needs no gathers, and a fresh row sits in the memory's segment
+        # layout as it is. Asked of the device in eager mode only (traced, only a missing mask says so).
+        dense = not mask_given or (_eager() and bool(attention_mask.all()))
         layout = token_layout(attention_mask, position_ids, offset, fresh=cache is None, dense=dense)
 
         all_hidden = [hidden] if output_hidden_states else None

@@ -50,12 +50,12 @@ PRESETS: Dict[str, dict] = {
     ),
     "gpu-small": dict(  # about 20M parameters
         vocab_size=8192, block_size=512, batch_size=32, max_steps=5000, learning_rate=1.5e-3, eval_steps=500,
-        eval_blocks=512, bf16=True,
+        eval_blocks=512, bf16=True, compile=True,
         model=dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, intermediate_size=832),
     ),
     "gpu-130m": dict(  # about 128M parameters
         vocab_size=32000, block_size=1024, batch_size=32, max_steps=20000, learning_rate=6e-4, eval_steps=1000,
-        eval_blocks=512, bf16=True,
+        eval_blocks=512, bf16=True, compile=True,
         model=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1664),
     ),
 }
@@ -91,6 +91,7 @@ class RunConfig:
     model: dict
     prompt: Optional[str] = None
     logging_steps: Optional[int] = None  # None: every min(10, eval_steps) steps
+    compile: bool = False  # train through torch.compile (Trainer's torch_compile)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "RunConfig":
@@ -101,6 +102,9 @@ class RunConfig:
 
         base = {k: v for k, v in PRESETS[preset].items()}
         base["bf16"] = base["bf16"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # compiled on a GPU only: the fused step is 1.4-1.6x faster there (docs/benchmarks/train_gpu_compiled.md),
+        # while on a CPU the compilation would outlast a short run
+        base["compile"] = base.get("compile", False) and torch.cuda.is_available()
         values = dict(preset=preset, data=None, text_field="text", max_works=None, validation_fraction=0.05,
                       tokenizer=None, seed=0, save_steps=None, prompt=None, **base)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -126,7 +130,7 @@ class RunConfig:
 
     def resumed_with(self, flags: Mapping[str, object]) -> "RunConfig":
         """This saved run with the flags given on the command line for ``--resume``: the run
-        length, evaluation, saving and bf16 may change; anything that changes the data, the
+        length, evaluation, saving, bf16 and compilation may change; anything that changes the data, the
         tokenizer or the model is refused."""
         given = {k: v for k, v in flags.items() if v is not None}
         candidate = RunConfig.from_preset(given.get("preset", self.preset), **{k: v for k, v in given.items() if k != "preset"})
@@ -135,7 +139,7 @@ class RunConfig:
                 raise ValueError(f"--resume: --{name.replace('_', '-')} {given[name]} differs from the saved run's "
                                  f"{getattr(self, name)!r}; resume with the saved value, or start a new --output-dir")
         changed = {k: getattr(candidate, k) for k in ("max_steps", "eval_steps", "save_steps", "eval_blocks", "bf16", "prompt",
-                                                      "logging_steps") if k in given}
+                                                      "logging_steps", "compile") if k in given}
         return dataclasses.replace(self, **changed)
 
 

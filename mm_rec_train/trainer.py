@@ -247,7 +247,7 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
         seed=run.seed, report_to="none", dataloader_num_workers=0, dataloader_pin_memory=False,
         ddp_find_unused_parameters=False,  # every parameter gets a gradient every step
         metric_for_best_model="loss", greater_is_better=False,  # the best step, for KeepTheBest
-        disable_tqdm=not terminal,
+        disable_tqdm=not terminal, torch_compile=run.compile,
     )
     processes = args.world_size
     if run.batch_size % processes:

@@ -54,6 +54,8 @@ def parse_args(argv):
                         "or --eval-steps if fewer)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (CPU or GPU; default: on for GPU presets where the GPU supports it)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="train through torch.compile (default: on for GPU presets on a GPU; the first steps compile)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--prompt", help="prompt of the sample printed at the end ('' starts a new document)")
     parser.add_argument("--resume", action="store_true",
@@ -76,8 +78,8 @@ def _main(argv) -> int:
         raise ValueError(f"argument --validation-fraction: expected a number in (0, 0.5), got {args.validation_fraction}")
     flags = {name: getattr(args, name) for name in (
         "preset", "data", "text_field", "max_works", "validation_fraction", "tokenizer", "vocab_size", "block_size",
-        "max_steps", "batch_size", "learning_rate", "eval_steps", "eval_blocks", "save_steps", "logging_steps", "bf16", "seed",
-        "prompt")}
+        "max_steps", "batch_size", "learning_rate", "eval_steps", "eval_blocks", "save_steps", "logging_steps", "bf16", "compile",
+        "seed", "prompt")}
     output_dir = runs.check_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         run = runs.RunConfig.load(output_dir).resumed_with(flags)

@@ -122,3 +122,31 @@ def test_overwrite_replaces_a_run_of_train_py(finished_run, data_dir, tmp_path, 
     assert {name for name in new if "/" not in name.rstrip("/")} == {
         name for name in old if "/" not in name.rstrip("/")} - {"model-00001-of-00002.safetensors", "vocab.json",
                                                                    ".results.json.tmp"}
+
+
+def test_gpu_presets_compile_on_a_gpu_only(monkeypatch):
+    """The GPU presets train through torch.compile where a GPU is (the fused step is faster there); on a
+    CPU nothing compiles unless asked, and --compile / --no-compile override the preset."""
+    assert not any(RunConfig.from_preset(preset).compile for preset in (*GPU_PRESETS, "laptop", "tiny"))
+    assert RunConfig.from_preset("tiny", compile=True).compile
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert all(RunConfig.from_preset(preset).compile for preset in GPU_PRESETS)
+    assert not RunConfig.from_preset("laptop").compile
+    assert not RunConfig.from_preset("gpu-small", compile=False).compile
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_like_the_eager_one(data_dir, tmp_path):
+    """--compile runs the main job through the Trainer's torch.compile (inductor on the CPU here): it
+    finishes, records the choice, and its training losses are the eager run's (same data and weights)."""
+    losses = {}
+    for flag in ("--no-compile", "--compile"):
+        out = tmp_path / flag
+        assert train_script.main([*QUICK, "--data", str(data_dir), "--max-steps", "3", "--eval-steps", "3",
+                                  "--logging-steps", "1", flag, "--output-dir", str(out)]) == 0
+        assert RunConfig.load(out).compile == (flag == "--compile")
+        state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+        losses[flag] = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses["--compile"]) == 3
+    assert losses["--compile"] == pytest.approx(losses["--no-compile"], rel=1e-3)
