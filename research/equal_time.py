@@ -3,11 +3,15 @@
     python research/equal_time.py --smoke                                    # tiny, CPU, seconds
     python research/equal_time.py --time-only                                # time every model's step, print the plan
     python research/equal_time.py --tokenizations bytes --models mmrec-default hgrn llama
+    python research/equal_time.py --tokenizations bytes --models mmrec-default+compile llama+compile  # compiled steps
     python research/equal_time.py --plan                                     # the plan from recorded timings, no GPU work
     python research/equal_time.py --report                                   # README.md + plot from OUT/runs
 
 Every model is trained for the same wall-clock budget of GPU time instead of the same number of steps,
-and scored by held-out bits per byte (bytes and BPE) at that budget. Three stages:
+and scored by held-out bits per byte (bytes and BPE) at that budget. A model named with ``+compile``
+(``mmrec-default+compile``, ``llama+compile``, ...) is the same model trained through torch.compile (the
+Trainer's ``torch_compile``), timed and recorded under its own name; the targets take each side's better
+of eager and compiled. Three stages:
 
 1. **Timing.** Each (tokenization, model) is timed alone: a fresh model of the quality study's LM protocol
    (``quality.LMProtocol``: hidden 384, 6 layers, rows of 32 x 512 tokens; MM-Rec and Llama matched to
@@ -66,26 +70,41 @@ PEERS = ("hgrn", "llama", "gdn")
 MODELS = (MMREC, *PEERS)                  # the order runs are made in: MM-Rec and the cheap peers first
 REFERENCES = ("hgrn", "llama")            # whose protocol-length run sets the budget: the first that can run
 PEER_TITLES = {"hgrn": "HGRN", "gdn": "Gated DeltaNet", "llama": "Llama"}
+COMPILED = "+compile"  # a model name's suffix: trained through torch.compile (the Trainer's torch_compile)
 # Steps of the timing pass: warm-up (compilation, autotuning) then the timed ones.
 WARMUP_STEPS, TIMED_STEPS = 10, 30
 SMOKE = dict(quality.SMOKE_LM, steps=16, eval_every=8)
 SMOKE_TIMING = dict(warmup=2, timed=4)
 
 
+def base_model(model: str) -> str:
+    """The model without the COMPILED suffix: ``llama+compile`` is Llama trained through torch.compile."""
+    return model.removesuffix(COMPILED)
+
+
+def compiled(model: str) -> bool:
+    return model.endswith(COMPILED)
+
+
 def family_of(model: str) -> str:
-    """"mmrec" for one of the quality study's MM-Rec variants, else the peer's name."""
-    if model in quality.MMREC_VARIANTS:
+    """"mmrec" for one of the quality study's MM-Rec variants, else the peer's name (either with COMPILED)."""
+    base = base_model(model)
+    if base in quality.MMREC_VARIANTS:
         return "mmrec"
-    if model in PEERS:
-        return model
-    raise ValueError(f"--models: unknown model {model!r}; known: {', '.join(MODELS)} or a quality.MMREC_VARIANTS name")
+    if base in PEERS:
+        return base
+    raise ValueError(f"--models: unknown model {model!r}; known: {', '.join(MODELS)} or a quality.MMREC_VARIANTS name, "
+                     f"each also with {COMPILED} (trained through torch.compile)")
+
+
+def mmrec_overrides(model: str) -> Optional[dict]:
+    """The MMRecConfig fields of an MM-Rec variant (None for a peer)."""
+    return quality.MMREC_VARIANTS[base_model(model)] if family_of(model) == "mmrec" else None
 
 
 def refusal(model: str, device: torch.device) -> Optional[str]:
     """Why ``model`` cannot run on ``device`` (one line), or None."""
-    family = family_of(model)
-    overrides = quality.MMREC_VARIANTS[model] if family == "mmrec" else None
-    return quality.refusal_reason(family, model, overrides, device)
+    return quality.refusal_reason(family_of(model), base_model(model), mmrec_overrides(model), device)
 
 
 def vocab_size(protocol: quality.LMProtocol, tokenization: str) -> int:
@@ -94,10 +113,8 @@ def vocab_size(protocol: quality.LMProtocol, tokenization: str) -> int:
 
 def size(model: str, protocol: quality.LMProtocol, tokenization: str) -> dict:
     """``quality.matched_size`` at the protocol's width and depth and the tokenization's vocabulary."""
-    family = family_of(model)
-    overrides = quality.MMREC_VARIANTS[model] if family == "mmrec" else None
-    return quality.matched_size(family, vocab_size(protocol, tokenization), protocol.hidden_size, protocol.layers,
-                                overrides)
+    return quality.matched_size(family_of(model), vocab_size(protocol, tokenization), protocol.hidden_size,
+                                protocol.layers, mmrec_overrides(model))
 
 
 def _digest(spec: dict) -> str:
@@ -191,7 +208,9 @@ def base_spec(model: str, tokenization: str, protocol: quality.LMProtocol, code:
             "bpe_vocab": protocol.bpe_vocab, "validation_fraction": protocol.validation_fraction,
             "max_works": protocol.max_works, "max_chars": protocol.max_chars, "protocol_version": PROTOCOL_VERSION}
     if family_of(model) == "mmrec":
-        spec.update(overrides=quality.MMREC_VARIANTS[model], mmrec_code=code)
+        spec.update(overrides=mmrec_overrides(model), mmrec_code=code)
+    if compiled(model):  # only then, so the names of the eager runs recorded before stay as they were
+        spec["compile"] = True
     return spec
 
 
@@ -303,7 +322,8 @@ class EqualTime:
 
         quality.train_loop(model, next_batch, lambda: {}, steps, s["lr"], eval_every=steps, weight_decay=p.weight_decay,
                            warmup_fraction=p.warmup_fraction, deadline=self.deadline, progress=self.progress,
-                           description=f"timing {timing.tokenization} {timing.model}", seed=0, batch_size=p.batch_size)
+                           description=f"timing {timing.tokenization} {timing.model}", seed=0, batch_size=p.batch_size,
+                           compile=compiled(timing.model))
         intervals = [b - a for a, b in zip(stamps, stamps[1:])][self.warmup:self.warmup + self.timed]
         if len(intervals) < self.timed:
             raise ValueError(f"timing {timing.name}: {len(stamps)} batches fetched, {steps} expected (the loss was "
@@ -444,7 +464,7 @@ class EqualTime:
             self.log(f"  refused: {reason}")
         for tokenization, budget in budgets.items():
             self.log(f"{tokenization}: budget {budget['text']}")
-            self.log(f"  {'model':<16} {'parameters':>10} {'ms/step':>8} {'tokens/s':>10} {'steps':>6} {'tokens':>8} "
+            self.log(f"  {'model':<22} {'parameters':>10} {'ms/step':>8} {'tokens/s':>10} {'steps':>6} {'tokens':>8} "
                      f"{'lr':>7} {'seed':>4} {'est. min':>8}  status  (lr rule)")
             for run in (r for r in runs if r.tokenization == tokenization):
                 plan, params = run.plan or {}, run.spec.get("parameters")
@@ -454,7 +474,7 @@ class EqualTime:
                          f"{plan['tokens_per_second']:,.0f}" if plan else "-", str(plan.get("steps", "-")),
                          _count(plan["tokens"]) if plan else "-",
                          f"{plan['estimate_seconds'] / 60:.1f}" if plan and status == "todo" else "-")
-                self.log(f"  {run.model:<16} {cells[0]:>10} {cells[1]:>8} {cells[2]:>10} {cells[3]:>6} {cells[4]:>8} "
+                self.log(f"  {run.model:<22} {cells[0]:>10} {cells[1]:>8} {cells[2]:>10} {cells[3]:>6} {cells[4]:>8} "
                          f"{run.lr:>7g} {run.seed:>4} {cells[5]:>8}  {status}" + ("" if run.refused else f"  ({run.lr_rule})"))
 
     # training --------------------------------------------------------------------------------------
@@ -516,7 +536,7 @@ class EqualTime:
 
         curve, steps_done = quality.train_loop(
             model, next_batch, evaluate, plan["steps"], run.lr, p.eval_every, p.weight_decay, p.warmup_fraction,
-            deadline=self.deadline, progress=self.progress, seed=run.seed, batch_size=p.batch_size,
+            deadline=self.deadline, progress=self.progress, seed=run.seed, batch_size=p.batch_size, compile=compiled(run.model),
             description=f"{run.tokenization} {run.model} lr {run.lr:g} s{run.seed} ({plan['steps']} steps)")
         self._sync()
         ended = time.time()
@@ -598,17 +618,23 @@ MET, MISSED, NOT_MEASURED = "met", "missed", "not measured"
 
 def targets(records: Sequence[dict], tokenizations: Sequence[str] = ("bytes", "bpe")) -> List[Tuple[str, str]]:
     """The issue's targets as (status, text): at equal GPU time, MM-Rec's held-out bits per byte (mean over
-    the seeds at its best rate) <= each peer's, per tokenization. Not measured where either is missing, or
-    where the two were planned on different devices or budgets (their times would not be equal)."""
+    the seeds at its best rate) <= each peer's, per tokenization; each side eager or compiled, whichever
+    scored better. Not measured where either is missing, or where the two were planned on different
+    devices or budgets (their times would not be equal)."""
     best = best_per_model(records)
     lines = []
     for tokenization in tokenizations:
         models = best.get(tokenization, {})
-        for peer in ("hgrn", "gdn", "llama"):
-            where = f"{tokenization}: MM-Rec ({MMREC}) <= {PEER_TITLES[peer]} at equal GPU time"
-            ours, theirs = models.get(MMREC), models.get(peer)
+
+        def better(name):  # (the name, its runs): eager or compiled, the lower mean bits per byte
+            recorded = [(m, models[m]) for m in (name, name + COMPILED) if models.get(m)]
+            return min(recorded, key=lambda item: mean_bpb(item[1]), default=(name, None))
+
+        for peer_family in ("hgrn", "gdn", "llama"):
+            (mine, ours), (peer, theirs) = better(MMREC), better(peer_family)
+            where = f"{tokenization}: MM-Rec ({mine}) <= {PEER_TITLES[peer_family]} ({peer}) at equal GPU time"
             if not ours or not theirs:
-                missing = " and ".join(m for m, runs in ((MMREC, ours), (peer, theirs)) if not runs)
+                missing = " and ".join(m for m, runs in ((mine, ours), (peer, theirs)) if not runs)
                 lines.append((NOT_MEASURED, f"{where} (no {missing} run recorded)"))
                 continue
             devices = {r["plan"]["timing_device"] for r in (*ours, *theirs)}

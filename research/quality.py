@@ -575,11 +575,12 @@ class StepBatches(torch.utils.data.IterableDataset):
 
 
 def study_arguments(output_dir: str, steps: int, lr: float, weight_decay: float, device: torch.device, seed: int = 0,
-                    batch_size: Optional[int] = None):
+                    batch_size: Optional[int] = None, compile: bool = False):
     """TrainingArguments of a study run: AdamW (betas 0.9/0.95; fused on CUDA) with weight decay on
     matrices (the Trainer's ``decays`` rule), gradient clipping at 1, ``steps`` steps of one batch
     each on one device; the Trainer evaluates, logs and saves nothing (the study's callback does
-    what it needs), no progress bar, no host syncs for logging."""
+    what it needs), no progress bar, no host syncs for logging. ``compile``: the Trainer's
+    ``torch_compile`` (the training step through torch.compile)."""
     from transformers import TrainingArguments
 
     extra = {} if batch_size is None else {"per_device_train_batch_size": batch_size}
@@ -589,7 +590,7 @@ def study_arguments(output_dir: str, steps: int, lr: float, weight_decay: float,
         optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", use_cpu=device.type != "cuda",
         seed=seed, eval_strategy="no", save_strategy="no", logging_strategy="no", logging_nan_inf_filter=False,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        remove_unused_columns=False, accelerator_config={"dispatch_batches": False}, **extra,
+        remove_unused_columns=False, accelerator_config={"dispatch_batches": False}, torch_compile=compile, **extra,
     )
     if args.n_gpu > 1:  # one GPU per run: several visible GPUs would make the Trainer split each batch (DataParallel)
         args._n_gpu = 1
@@ -706,13 +707,14 @@ def train_loop(model, next_batch: Callable[[int], Tuple[torch.Tensor, torch.Tens
                steps: int, lr: float, eval_every: int, weight_decay: float = 0.1, warmup_fraction: float = 0.05,
                stop: Optional[Callable[[dict], bool]] = None, deadline: Optional[float] = None,
                progress: bool = True, description: str = "", seed: int = 0,
-               batch_size: Optional[int] = None) -> Tuple[List[dict], int]:
+               batch_size: Optional[int] = None, compile: bool = False) -> Tuple[List[dict], int]:
     """Train ``model`` (already on its device) for ``steps`` steps on ``next_batch(step)`` ->
     (input_ids, HF labels), through the main job's Trainer (``study_trainer_class``); ``evaluate()``
     every ``eval_every`` steps and at the end. Stops early when ``stop(metrics)`` or when the
     training loss is not finite. Returns (curve, steps done): curve entries are {"step",
     "train_loss" (mean since the last evaluation), **metrics}. Raises BudgetExhausted past
-    ``deadline`` (time.time()). ``batch_size``: the rows of a batch, for the Trainer's bookkeeping."""
+    ``deadline`` (time.time()). ``batch_size``: the rows of a batch, for the Trainer's bookkeeping;
+    ``compile``: train through torch.compile (``study_arguments``)."""
     import tempfile
 
     from transformers import PrinterCallback
@@ -723,7 +725,7 @@ def train_loop(model, next_batch: Callable[[int], Tuple[torch.Tensor, torch.Tens
     try:
         with tempfile.TemporaryDirectory(prefix="mmrec-study-") as scratch:
             trainer = study_trainer_class()(
-                model=model, args=study_arguments(scratch, steps, lr, weight_decay, device, seed, batch_size),
+                model=model, args=study_arguments(scratch, steps, lr, weight_decay, device, seed, batch_size, compile),
                 train_dataset=StepBatches(next_batch, steps), callbacks=[callback],
                 warmup_steps=max(1, int(warmup_fraction * steps)), step_losses=losses)
             trainer.remove_callback(PrinterCallback)  # it would print the Trainer's closing metrics

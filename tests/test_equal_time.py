@@ -180,3 +180,38 @@ def _json(path):
     import json
 
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+def test_a_compiled_model_is_timed_and_trained_through_torch_compile(tmp_path, capsys, monkeypatch):
+    """``NAME+compile`` is the same model trained through torch.compile (the Trainer's torch_compile): its
+    timing and run are recorded under their own names beside the eager ones, its spec says so, the Trainer
+    really compiles it, and the targets compare the better of MM-Rec's eager and compiled runs."""
+    seen = []
+    original = quality.study_arguments
+
+    def spy(*args, **kwargs):
+        arguments = original(*args, **kwargs)
+        seen.append(arguments.torch_compile)
+        return arguments
+
+    monkeypatch.setattr(quality, "study_arguments", spy)
+    out = tmp_path / "equal_time"
+    models = ["mmrec-default", "mmrec-default+compile", "llama"]
+    assert et.main(["--smoke", "--threads", "1", "--no-progress", "--tokenizations", "bytes", "--models", *models,
+                    "--out", str(out)]) == 0
+    records = {r["model"]: r for r in et.load_records(out)}
+    assert set(records) == set(models)
+    assert records["mmrec-default+compile"]["spec"]["compile"] is True
+    assert "compile" not in records["mmrec-default"]["spec"]  # the eager runs' names are those recorded before
+    assert records["mmrec-default+compile"]["name"] != records["mmrec-default"]["name"]
+    assert seen.count(True) == 2 and seen.count(False) == 4  # timing + run each: compiled once, eager twice
+    better = min(("mmrec-default", "mmrec-default+compile"), key=lambda m: records[m]["final"]["bits_per_byte"])
+    assert any(f"MM-Rec ({better}) <= Llama (llama)" in text for _, text in et.targets(list(records.values()), ["bytes"]))
+
+
+def test_compiled_model_names():
+    assert et.family_of("llama+compile") == "llama" and et.family_of("mmrec-default+compile") == "mmrec"
+    assert et.compiled("hgrn+compile") and not et.compiled("hgrn")
+    with pytest.raises(ValueError, match="llama\\+fast"):
+        et.family_of("llama+fast")
