@@ -107,7 +107,7 @@ class MMRecBlock(GradientCheckpointingLayer):
             proj, conv = self._convolve_recurrence_inputs(proj, layout, conv)
         h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
                                self.state_gate, self.kernel_backend)
-        r = self.readout_norm(h).to(x.dtype)
+        r = self.readout_norm(h, proj.z.dtype)  # in the compute dtype (bf16 under autocast), as W_o reads it
         gate = F.silu(proj.out_gate) if proj.out_gate is not None else None
         if gate is not None and not self.gate_memory:
             r = r * gate

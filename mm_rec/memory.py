@@ -120,7 +120,8 @@ def pending_fold(slot_keys: Tensor, block_keys: Tensor, block_values: Tensor, bl
         zeros = slot_keys.new_zeros(B, S, d)
         return zeros, zeros, slot_keys.new_ones(B, S)
     selected = torch.arange(block_keys.shape[1], device=block_keys.device)[None] < block_count[:, None]
-    weight, keep = fold_weights(slot_keys, block_keys, selected, decay)
+    with torch.no_grad():  # the routing and its weights carry no gradient: autograd keeps no copy of the keys
+        weight, keep = fold_weights(slot_keys.detach(), block_keys.detach(), selected, decay)
     blocks = torch.einsum("bcs,bce->bse", weight, torch.cat([block_keys, block_values], -1))
     return blocks[..., :d], blocks[..., d:], keep
 
@@ -450,9 +451,12 @@ class MultiMemoryAttention(nn.Module):
         if C < C_full:
             last_summaries = F.pad(last_summaries, (0, 0, 0, C_full - C))
         last_open = sums[rows, last_seg, open_block] * (open_count > 0).float()[:, None]
-        with torch.autocast(q.device.type, enabled=False):
-            fold_k, fold_v, fold_keep = self.pending_fold(last_slots[..., :d], last_summaries[..., :d],
-                                                          last_summaries[..., d:], filled)
+        if layout.keeps_state:
+            with torch.autocast(q.device.type, enabled=False):
+                fold_k, fold_v, fold_keep = self.pending_fold(last_slots[..., :d], last_summaries[..., :d],
+                                                              last_summaries[..., d:], filled)
+        else:  # nobody continues this state (training): the fold it would carry is not computed
+            fold_k, fold_v, fold_keep = state.fold_key_sum, state.fold_value_sum, state.fold_keep
         keep_old = ~seg.has_real
         pick = lambda old, new: torch.where(keep_old.view(-1, *[1] * (new.dim() - 1)), old, new)  # noqa: E731
         new_state = MemoryState(

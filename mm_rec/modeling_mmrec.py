@@ -390,7 +390,8 @@ class MMRecModel(MMRecPreTrainedModel):
         # Every token real: the short conv needs no gathers, and a fresh row sits in the memory's segment
         # layout as it is. Asked of the device in eager mode only (traced, only a missing mask says so).
         dense = not mask_given or (_eager() and bool(attention_mask.all()))
-        layout = token_layout(attention_mask, position_ids, offset, fresh=cache is None, dense=dense)
+        layout = token_layout(attention_mask, position_ids, offset, fresh=cache is None, dense=dense,
+                              keeps_state=bool(use_cache))
 
         all_hidden = [hidden] if output_hidden_states else None
         new_states = []

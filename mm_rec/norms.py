@@ -1,6 +1,6 @@
 """RMS norms: the block's pre-norms and the per-head readout norm of the state.
 
-Both compute in float32 whatever the input dtype, through ``F.rms_norm`` (one fused kernel
+Both normalise in float32 whatever the input dtype, through ``F.rms_norm`` (one fused kernel
 forward and backward on CUDA instead of a chain of elementwise ones).
 """
 
@@ -22,10 +22,8 @@ class RMSNorm(nn.Module):
 
 
 class GroupRMSNorm(nn.Module):
-    """RMS norm per head: h [..., H * d_h] is normalised within each of the H groups.
-
-    Returns float32 (the state is float32); the caller casts to the model dtype.
-    """
+    """RMS norm per head: h [..., H * d_h] is normalised within each of the H groups (in float32, the
+    state's dtype), then scaled in ``dtype`` (default float32), the dtype its reader computes in."""
 
     def __init__(self, dim: int, num_groups: int, eps: float):
         super().__init__()
@@ -33,7 +31,8 @@ class GroupRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         grouped = h.float().unflatten(-1, (self.num_groups, -1))
         normed = F.rms_norm(grouped, (grouped.shape[-1],), eps=self.eps)
-        return normed.flatten(-2) * self.weight.float()
+        # scaled after the cast: the backward keeps the normalised h in ``dtype``, not in float32
+        return normed.flatten(-2).to(dtype) * self.weight.to(dtype)

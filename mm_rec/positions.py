@@ -26,6 +26,8 @@ class TokenLayout:
     has_resets: bool = False  # position_ids were given, so ``reset`` may hold True anywhere
     fresh: bool = False  # no cache: every row starts at position 0 (offset is all zeros)
     dense: bool = False  # every token is real and none starts a document (the short conv needs no index)
+    keeps_state: bool = True  # the caller returns the state after the last token (use_cache): else the memory
+    # leaves out the parts of it that only a continuation reads (the accumulated fold)
     memo: dict = field(default_factory=dict, repr=False)  # per-forward values shared by all layers
 
     def next_position(self, offset: Tensor) -> Tensor:
@@ -38,7 +40,8 @@ class TokenLayout:
 
 
 def token_layout(
-    attention_mask: Tensor, position_ids: Optional[Tensor], offset: Tensor, fresh: bool = False, dense: bool = False
+    attention_mask: Tensor, position_ids: Optional[Tensor], offset: Tensor, fresh: bool = False, dense: bool = False,
+    keeps_state: bool = True,
 ) -> TokenLayout:
     """attention_mask: [B, T] (1 = real token); position_ids: [B, T] or None; offset: [B] long.
 
@@ -46,7 +49,7 @@ def token_layout(
     they are taken as given and every real token at position 0 starts a new document.
     ``fresh``: the caller knows that ``offset`` is all zeros (no cache), which lets the memory
     size its layout without asking the device. ``dense``: the caller knows that every token is
-    real; it holds only without position_ids.
+    real; it holds only without position_ids. ``keeps_state``: the state after the last token is returned.
     """
     real = attention_mask.bool()
     if position_ids is None:
@@ -57,4 +60,4 @@ def token_layout(
         reset = real & (position == 0)
     position = position.masked_fill(~real, 0)
     return TokenLayout(position=position, real=real, reset=reset, offset=offset, has_resets=position_ids is not None,
-                       fresh=fresh, dense=dense and position_ids is None)
+                       fresh=fresh, dense=dense and position_ids is None, keeps_state=keeps_state)
