@@ -513,14 +513,19 @@ class MultiMemoryAttention(nn.Module):
         fold = boundary & self.folds
         restart = reset[:, None, None]
         emptied = (boundary | restart)[:, 0]  # [B, 1]
-        learned_k, learned_v = self.learned_slots()
-        folded_k = state.fold_keep[..., None] * state.slot_keys + state.fold_key_sum
-        folded_v = state.fold_keep[..., None] * state.slot_values + state.fold_value_sum
-        slot_keys = torch.where(restart, learned_k, torch.where(fold, folded_k, state.slot_keys))
-        slot_values = torch.where(restart, learned_v, torch.where(fold, folded_v, state.slot_values))
-        fold_k = state.fold_key_sum.masked_fill(emptied[..., None], 0.0)
-        fold_v = state.fold_value_sum.masked_fill(emptied[..., None], 0.0)
-        fold_keep = state.fold_keep.masked_fill(emptied, 1.0)
+        slot_keys, slot_values = state.slot_keys, state.slot_values
+        fold_k, fold_v, fold_keep = state.fold_key_sum, state.fold_value_sum, state.fold_keep
+        # On CPU, asking whether any row folds or resets costs nothing and skips this on most steps; on
+        # CUDA the step never asks (it stays sync-free and graph-capturable).
+        if q.device.type != "cpu" or torch.compiler.is_compiling() or bool(emptied.any()):
+            learned_k, learned_v = self.learned_slots()
+            folded_k = torch.addcmul(fold_k, fold_keep[..., None], slot_keys)  # fold_keep * slots + fold_sum
+            folded_v = torch.addcmul(fold_v, fold_keep[..., None], slot_values)
+            slot_keys = torch.where(restart, learned_k, torch.where(fold, folded_k, slot_keys))
+            slot_values = torch.where(restart, learned_v, torch.where(fold, folded_v, slot_values))
+            fold_k = fold_k.masked_fill(emptied[..., None], 0.0)
+            fold_v = fold_v.masked_fill(emptied[..., None], 0.0)
+            fold_keep = fold_keep.masked_fill(emptied, 1.0)
         summaries = summaries & ~emptied
         block_count = state.block_count.masked_fill(emptied[:, 0], 0)
         open_k = state.open_key_sum.masked_fill(restart[:, 0], 0.0)
@@ -540,11 +545,11 @@ class MultiMemoryAttention(nn.Module):
         if self.folds:  # the closed block routes to its slot (argmax against this segment's slot keys): an EMA step
             with torch.autocast(q.device.type, enabled=False):
                 scores = torch.einsum("bcd,bsd->bcs", closed_k[:, None], slot_keys)[:, 0]
-            routed = F.one_hot(scores.argmax(-1), S).to(fold_keep.dtype) * closes[:, None]  # [B, S]
-            kept = 1.0 - (1.0 - self.decay) * routed
-            fold_keep = fold_keep * kept
-            fold_k = fold_k * kept[..., None] + (1.0 - self.decay) * routed[..., None] * closed_k[:, None]
-            fold_v = fold_v * kept[..., None] + (1.0 - self.decay) * routed[..., None] * closed_v[:, None]
+            # weight 1 - lam on the routed slot of a row whose block closed, 0 elsewhere: fold <- fold + w (k - fold)
+            weight = F.one_hot(scores.argmax(-1), S).to(fold_keep.dtype) * ((1.0 - self.decay) * closes[:, None])
+            fold_keep = fold_keep - fold_keep * weight
+            fold_k = torch.lerp(fold_k, closed_k[:, None], weight[..., None])
+            fold_v = torch.lerp(fold_v, closed_v[:, None], weight[..., None])
         write = ((block == block_count.clamp(max=C - 1)[:, None]) & closes[:, None])[..., None]  # [B, C, 1]
         new_state = MemoryState(
             open_key_sum=open_k.masked_fill(closes[:, None], 0.0),
