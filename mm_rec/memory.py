@@ -506,6 +506,8 @@ class MultiMemoryAttention(nn.Module):
         B = q.shape[0]
         N, C = self.block_size, self.blocks_per_segment
         pos, real, reset = layout.position[:, 0], layout.real[:, 0], layout.reset[:, 0]
+        if self._decodes_in_one_kernel(k, v, state):
+            return self._decode_step_triton(q, k, v, pos, real, reset, state)
         block = torch.arange(C, device=q.device)[None]
         summaries = block < state.block_count[:, None]  # [B, C]
 
@@ -562,3 +564,29 @@ class MultiMemoryAttention(nn.Module):
             fold_key_sum=fold_k, fold_value_sum=fold_v, fold_keep=fold_keep,
         )
         return m, new_state
+
+    def _decodes_in_one_kernel(self, k: Tensor, v: Tensor, state: MemoryState) -> bool:
+        """The step's state update runs as one Triton kernel (``memory_triton.decode_step_triton``) where the
+        backend resolves to Triton, eagerly and without gradients (the kernel has no backward)."""
+        if torch.compiler.is_compiling() or resolve_backend(self.kernel_backend, k.device) != "triton":
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, *state.tensors().values())))
+
+    def _decode_step_triton(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, real: Tensor, reset: Tensor,
+                            state: MemoryState):
+        """``_decode_step`` with its state update in one launch, which writes the attention's entries
+        [slots, summaries] in one buffer per keys and values; the new state's slots and summaries are views of it."""
+        from .memory_triton import decode_step_triton
+
+        S, C = self.slot_keys.shape[0], self.blocks_per_segment
+        learned_k, learned_v = self.learned_slots()
+        keys, values, visible, fields = decode_step_triton(state, k[:, 0], v[:, 0], pos, real, reset, learned_k,
+                                                           learned_v, self.block_size, self.segment_length, self.decay,
+                                                           self.folds)
+        sees = torch.arange(C, device=q.device)[None] < visible[:, None]  # the summaries completed before this token
+        if not self.reads_blocks:
+            sees = torch.zeros_like(sees)
+        mask = torch.cat([sees.new_ones(q.shape[0], S), sees], 1)[:, None, None]  # [B, 1, 1, S + C]
+        m = self._attend(q, keys, values, mask)
+        return m, MemoryState(slot_keys=keys[:, :S], slot_values=values[:, :S], block_keys=keys[:, S:],
+                              block_values=values[:, S:], **fields)

@@ -19,6 +19,14 @@ so each segment is two launches that spread its work over the GPU:
 It writes only the weights and the per-slot decays; memory.py turns them into the
 differentiable slot trajectory with the scan op. Nothing here needs a gradient: the routing is
 an argmax.
+
+``decode_step_triton`` is the state update of one decode step (``MultiMemoryAttention._decode_step``)
+in one launch instead of some sixty small PyTorch kernels a layer, whose launches, not their work,
+set a decoded token's time: one program per (row, slice of channels) applies the fold or restart
+to the slots, routes the block the token closes (each program scores it over every channel, so no
+program waits for another) and takes the fold's EMA step, and copies the summaries with the closed
+block written, into one [B, S + C, d] buffer per keys and values that is the attention's entries and,
+as views, the new state. It runs without gradients (generation), the PyTorch step otherwise.
 """
 
 import math
@@ -139,3 +147,145 @@ def route_segments_triton(block_keys: Tensor, slot_keys: Tensor, init_keys: Tens
                                               keep[s - 1], C, S, D, log2_decay, one_minus_decay,
                                               BC=BC, BS=BS, BD=BD, num_warps=4)
     return weight.transpose(0, 1), keep.transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------- one decode step
+
+if AVAILABLE:
+
+    @triton.jit
+    def _new_slot_tile(slots, s_sb, s_ss, fold, f_sb, f_ss, learned, b, o_s, o_d, mask, kept, is_fold, is_restart, D):
+        """The slots [BS, BD] after this step's fold or restart: the learned ones at a document start,
+        fold_keep * slots + fold_sum at a segment's first token, else as they were."""
+        tile = tl.load(slots + b * s_sb + o_s[:, None] * s_ss + o_d[None, :], mask=mask, other=0.0)
+        folded = kept[:, None] * tile + tl.load(fold + b * f_sb + o_s[:, None] * f_ss + o_d[None, :], mask=mask, other=0.0)
+        tile = tl.where(is_fold, folded, tile)
+        return tl.where(is_restart, tl.load(learned + o_s[:, None] * D + o_d[None, :], mask=mask, other=0.0), tile)
+
+    @triton.jit
+    def _decode_half(opened, new, stride_kb, slots, s_sb, s_ss, fold, f_sb, f_ss, blocks, b_sb, b_sc, learned,
+                     out_open, out, out_fold, b, o_s, o_d, mask, mask_d, D, S, C, N, is_real, is_reset, is_fold,
+                     emptied, closes, filled, folding, weight, BC: tl.constexpr):
+        """The keys' (or the values') half of ``_decode_kernel`` for its channel slice o_d."""
+        total = tl.where(is_reset, 0.0, tl.load(opened + b * D + o_d, mask=mask_d, other=0.0))
+        total += tl.where(is_real, tl.load(new + b * stride_kb + o_d, mask=mask_d, other=0.0).to(tl.float32), 0.0)
+        closed = total / N
+        tl.store(out_open + b * D + o_d, tl.where(closes, 0.0, total), mask=mask_d)
+        tile = _new_slot_tile(slots, s_sb, s_ss, fold, f_sb, f_ss, learned, b, o_s, o_d, mask, folding, is_fold,
+                              is_reset, D)
+        tl.store(out + (b * (S + C) + o_s[:, None]) * D + o_d[None, :], tile, mask=mask)
+        pending = tl.load(fold + b * f_sb + o_s[:, None] * f_ss + o_d[None, :], mask=mask, other=0.0)
+        pending = tl.where(emptied, 0.0, pending)
+        pending += weight[:, None] * (closed[None, :] - pending)  # the EMA step of the routed slot
+        tl.store(out_fold + (b * S + o_s[:, None]) * D + o_d[None, :], pending, mask=mask)
+        at = tl.minimum(filled, C - 1)
+        o_b = tl.arange(0, BC)
+        for c0 in range(0, C, BC):  # the summaries, with the closed block written at `filled`
+            rows = c0 + o_b
+            bmask = (rows < C)[:, None] & mask_d[None, :]
+            tile = tl.load(blocks + b * b_sb + rows[:, None] * b_sc + o_d[None, :], mask=bmask, other=0.0)
+            tile = tl.where(((rows == at) & closes)[:, None], closed[None, :], tile)
+            tl.store(out + (b * (S + C) + S + rows[:, None]) * D + o_d[None, :], tile, mask=bmask)
+
+    @triton.jit
+    def _decode_kernel(pos, real, reset, k, v, stride_kb,
+                       open_k, open_v, open_n, count, keep,
+                       slot_k, slot_v, s_sb, s_ss, fold_k, fold_v, f_sb, f_ss, block_k, block_v, b_sb, b_sc,
+                       learned_k, learned_v,
+                       out_open_k, out_open_v, out_open_n, out_count, out_visible, out_keep,
+                       out_k, out_v, out_fold_k, out_fold_v,
+                       D, S, C, N, L, one_minus_decay, folds,
+                       FOLDS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
+        """One decode step of the memory state for row b, channels d0 .. d0 + BD (program (b, slice)).
+        out_k, out_v [B, S + C, D]: the slots after this step's fold or restart, then the block summaries
+        with the block this token closes written (the attention's entries and the new state at once)."""
+        b = tl.program_id(0).to(tl.int64)
+        d0 = tl.program_id(1) * BD
+        o_s = tl.arange(0, BS)
+        o_dd = tl.arange(0, BD)
+        o_d = d0 + o_dd
+        mask_s = o_s < S
+        mask_d = o_d < D
+        p = tl.load(pos + b)
+        is_real = tl.load(real + b) != 0
+        is_reset = tl.load(reset + b) != 0
+        boundary = is_real & (~is_reset) & (p % L == 0) & (p > 0)
+        is_fold = boundary & (folds != 0)  # folds: FOLDS as a value
+        emptied = boundary | is_reset
+        filled = tl.where(emptied, 0, tl.load(count + b))
+        n = tl.where(is_reset, 0, tl.load(open_n + b)) + is_real.to(tl.int64)
+        closes = n == N
+        folding = tl.load(keep + b * S + o_s, mask=mask_s, other=1.0)  # lam^m of the fold this step may apply
+        kept = tl.where(emptied, 1.0, folding)  # ... and of the fold that goes on accumulating
+        weight = tl.zeros([BS], dtype=tl.float32)  # 1 - lam on the slot the closed block routes to
+        if FOLDS:
+            # the closed block's key over every channel against the new slot keys: its slot (ties to the lowest)
+            scores = tl.zeros([BS], dtype=tl.float32)
+            for c0 in range(0, D, BD):
+                o_c = c0 + o_dd
+                mask_c = o_c < D
+                mask = mask_s[:, None] & mask_c[None, :]
+                key = tl.where(is_reset, 0.0, tl.load(open_k + b * D + o_c, mask=mask_c, other=0.0))
+                key = (key + tl.where(is_real, tl.load(k + b * stride_kb + o_c, mask=mask_c, other=0.0).to(tl.float32),
+                                      0.0)) / N
+                tile = _new_slot_tile(slot_k, s_sb, s_ss, fold_k, f_sb, f_ss, learned_k, b, o_s, o_c, mask, folding,
+                                      is_fold, is_reset, D)
+                scores += tl.sum(tile * key[None, :], axis=1)
+            best = tl.argmax(tl.where(mask_s, scores, float("-inf")), axis=0, tie_break_left=True)
+            weight = tl.where((o_s == best) & closes, one_minus_decay, 0.0)
+        mask = mask_s[:, None] & mask_d[None, :]
+        _decode_half(open_k, k, stride_kb, slot_k, s_sb, s_ss, fold_k, f_sb, f_ss, block_k, b_sb, b_sc, learned_k,
+                     out_open_k, out_k, out_fold_k, b, o_s, o_d, mask, mask_d, D, S, C, N, is_real, is_reset, is_fold,
+                     emptied, closes, filled, folding, weight, BC)
+        _decode_half(open_v, v, stride_kb, slot_v, s_sb, s_ss, fold_v, f_sb, f_ss, block_v, b_sb, b_sc, learned_v,
+                     out_open_v, out_v, out_fold_v, b, o_s, o_d, mask, mask_d, D, S, C, N, is_real, is_reset, is_fold,
+                     emptied, closes, filled, folding, weight, BC)
+        if d0 == 0:
+            tl.store(out_open_n + b, tl.where(closes, 0, n))
+            tl.store(out_count + b, filled + closes.to(tl.int64))
+            tl.store(out_visible + b, filled)
+            tl.store(out_keep + b * S + o_s, kept * (1.0 - weight), mask=mask_s)
+
+
+def decode_step_triton(state, k: Tensor, v: Tensor, position: Tensor, real: Tensor, reset: Tensor,
+                       learned_keys: Tensor, learned_values: Tensor, block_size: int, segment_length: int,
+                       decay: float, folds: bool):
+    """The state update of ``MultiMemoryAttention._decode_step`` in one launch: k, v [B, d] (the token's, any
+    float dtype, rows of stride k.stride(0)); position [B] long; real, reset [B] bool; learned_* [S, d] fp32.
+    Returns (keys, values [B, S + C, d] fp32: the attention's entries, slots then summaries; visible [B]
+    long: the summaries the token sees; the new state's fields as a dict)."""
+    B, D = k.shape
+    S, C = state.slot_keys.shape[1], state.block_keys.shape[1]
+    device = k.device
+    f32 = dict(dtype=torch.float32, device=device)
+    out_k, out_v = torch.empty(B, S + C, D, **f32), torch.empty(B, S + C, D, **f32)
+    fields = {"open_key_sum": torch.empty(B, D, **f32), "open_value_sum": torch.empty(B, D, **f32),
+              "open_count": torch.empty(B, dtype=torch.long, device=device),
+              "block_count": torch.empty(B, dtype=torch.long, device=device),
+              "fold_keep": torch.empty(B, S, **f32), "fold_key_sum": torch.empty(B, S, D, **f32),
+              "fold_value_sum": torch.empty(B, S, D, **f32)}
+    visible = torch.empty(B, dtype=torch.long, device=device)
+    slot_k, slot_v = state.slot_keys, state.slot_values
+    fold_k, fold_v = state.fold_key_sum, state.fold_value_sum
+    block_k, block_v = state.block_keys, state.block_values
+    # the kernel reads each pair with one set of strides: make them agree (states from a step or a cache file do)
+    if slot_k.stride() != slot_v.stride() or slot_k.stride(-1) != 1:
+        slot_k, slot_v = slot_k.contiguous(), slot_v.contiguous()
+    if fold_k.stride() != fold_v.stride() or fold_k.stride(-1) != 1:
+        fold_k, fold_v = fold_k.contiguous(), fold_v.contiguous()
+    if block_k.stride() != block_v.stride() or block_k.stride(-1) != 1:
+        block_k, block_v = block_k.contiguous(), block_v.contiguous()
+    if k.stride(-1) != 1 or v.stride() != k.stride():
+        k, v = k.contiguous(), v.contiguous()
+    BD = min(64, triton.next_power_of_2(D))
+    _decode_kernel[(B, triton.cdiv(D, BD))](
+        position.contiguous(), real.to(torch.int8), reset.to(torch.int8), k, v, k.stride(0),
+        state.open_key_sum.contiguous(), state.open_value_sum.contiguous(), state.open_count.contiguous(),
+        state.block_count.contiguous(), state.fold_keep.contiguous(),
+        slot_k, slot_v, slot_k.stride(0), slot_k.stride(1), fold_k, fold_v, fold_k.stride(0), fold_k.stride(1),
+        block_k, block_v, block_k.stride(0), block_k.stride(1), learned_keys.contiguous(), learned_values.contiguous(),
+        fields["open_key_sum"], fields["open_value_sum"], fields["open_count"], fields["block_count"], visible,
+        fields["fold_keep"], out_k, out_v, fields["fold_key_sum"], fields["fold_value_sum"],
+        D, S, C, block_size, segment_length, 1.0 - decay, int(folds),
+        FOLDS=folds, BS=triton.next_power_of_2(S), BD=BD, BC=32, num_warps=4)
+    return out_k, out_v, visible, fields

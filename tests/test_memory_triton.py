@@ -58,3 +58,84 @@ def test_gpu_realistic_width(B, K, C):
     ref_weight, ref_keep = route_segments_torch(block_keys.double(), slot_keys.double(), init.double(), restart, 0.99)
     torch.testing.assert_close(weight.double(), ref_weight, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(keep.double(), ref_keep, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the decode step
+
+def _random_state(B, d, C, S, N, seed):
+    from mm_rec.memory import MemoryState
+
+    g = torch.Generator().manual_seed(seed)
+    state = MemoryState.zeros(B, d, C, S, "cpu")
+    for name in ("open_key_sum", "open_value_sum", "block_keys", "block_values", "slot_keys", "slot_values",
+                 "fold_key_sum", "fold_value_sum"):
+        getattr(state, name).copy_(torch.randn(getattr(state, name).shape, generator=g))
+    state.fold_keep.copy_(0.3 + 0.7 * torch.rand(B, S, generator=g))
+    state.open_count.copy_(torch.randint(0, N, (B,), generator=g))
+    state.open_count[0] = N - 1  # row 0 closes a block this step
+    state.block_count.copy_(torch.randint(0, C, (B,), generator=g))
+    return state
+
+
+@pytest.mark.parametrize("block, levels", [(4, "slots+blocks"), (1, "slots+blocks"), (4, "blocks"), (1, "slots")])
+def test_decode_kernel_step_equals_the_torch_step(block, levels):
+    """One decode step of the memory, the state update in one kernel (memory_triton.decode_step_triton), against
+    the PyTorch step: the read m and every field of the new state, for rows that close a block, start a segment
+    (the accumulated fold applies), start a document, or are padding."""
+    from common import tiny_config
+
+    from mm_rec.memory import MultiMemoryAttention
+    from mm_rec.positions import token_layout
+
+    config = tiny_config(memory_block_size=block, memory_levels=levels, memory_decay=0.7)
+    memory = MultiMemoryAttention(config)
+    with torch.no_grad():
+        memory.slot_keys.normal_()
+        memory.slot_values.normal_()
+    B, d, C, S = 5, config.hidden_size, config.blocks_per_segment, config.num_memory_slots
+    state = _random_state(B, d, C, S, block, seed=block)
+    q, k, v = (torch.randn(B, 1, d, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    for offsets, real, position_ids in (
+        ([5, 7, 3, 9, 2], [1, 1, 1, 1, 1], None),
+        ([16, 32, 17, 48, 16], [1, 1, 0, 1, 0], None),  # segment starts, two of them padded (no fold)
+        ([16, 40, 17, 48, 16], [1, 1, 1, 1, 1], [0, 3, 0, 0, 5]),  # document starts (rows 0, 2, 3)
+    ):
+        layout = token_layout(torch.tensor(real)[:, None], None if position_ids is None else torch.tensor(position_ids)[:, None],
+                              torch.tensor(offsets))
+        results = {}
+        for backend in ("torch", "triton"):
+            memory.kernel_backend = backend
+            with torch.no_grad():
+                results[backend] = memory._decode_step(q, k, v, layout, state)
+        (m_ref, ref), (m, got) = results["torch"], results["triton"]
+        rows = torch.tensor(real, dtype=torch.bool)
+        torch.testing.assert_close(m[rows], m_ref[rows], rtol=1e-5, atol=1e-5)
+        for name, want in ref.tensors().items():
+            torch.testing.assert_close(got.tensors()[name], want, rtol=1e-5, atol=1e-5, msg=f"{offsets}: {name}")
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_triton_decoding_of_padded_packed_rows_equals_the_parallel_forward(block):
+    """Token by token with kernel_backend="triton" (the one-kernel decode step, over the views it leaves in the
+    state): left padding, holes, packed documents and two segment folds give the parallel forward's logits."""
+    from common import VOCAB, tiny_model
+
+    model = tiny_model(kernel_backend="triton", memory_block_size=block, memory_decay=0.7)
+    ids = torch.randint(2, VOCAB, (2, 40), generator=torch.Generator().manual_seed(block))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[0, [9, 23]] = 0
+    position_ids = torch.zeros(2, 40, dtype=torch.long)
+    for b in range(2):
+        real = mask[b].bool()
+        lengths = (22, 40) if b == 0 else (40,)
+        position_ids[b, real] = torch.cat([torch.arange(n) for n in lengths])[: int(real.sum())]
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        cache, steps = None, []
+        for t in range(40):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=position_ids[:, t:t + 1],
+                        cache=cache, use_cache=True)
+            cache, steps = out.cache, steps + [out.logits]
+    real = mask.bool()
+    assert (torch.cat(steps, 1) - full)[real].abs().max() <= 1e-4

@@ -777,12 +777,12 @@ def test_compile_fullgraph_with_the_default_kernel_backend_on_gpu(block, tiny_mo
 TRITON_KERNELS = {"scan_triton": ("scan_fwd", "scan_bwd"),
                   "recurrence_triton": ("recurrence_inputs_fwd", "recurrence_inputs_bwd"),
                   "state_gate_triton": ("state_gate_fwd", "state_gate_bwd"),
-                  "memory_triton": ("route_segments_triton",),
+                  "memory_triton": ("route_segments_triton", "decode_step_triton"),
                   "conv_triton": ("short_conv_fwd", "short_conv_bwd")}
 KERNELS_OF_GATE = {"input": {"scan_fwd", "scan_bwd", "recurrence_inputs_fwd", "recurrence_inputs_bwd",
-                             "route_segments_triton", "short_conv_fwd", "short_conv_bwd"},
+                             "route_segments_triton", "decode_step_triton", "short_conv_fwd", "short_conv_bwd"},
                    "state": {"state_gate_fwd", "state_gate_bwd", "scan_fwd", "scan_bwd", "route_segments_triton",
-                             "short_conv_fwd", "short_conv_bwd"}}
+                             "decode_step_triton", "short_conv_fwd", "short_conv_bwd"}}
 
 
 def _triton_runs_here() -> bool:
@@ -812,8 +812,8 @@ def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_mode
     """The whole model, forward and backward, once with kernel_backend="torch" and once with
     "triton" (interpreted on CPU): "torch" runs no Triton kernel, "triton" runs every kernel the
     configuration has (the scan, the recurrence's inputs or the state gate's walk, the memory's
-    routing, the convolution's dense path, which the unpadded row takes), and both give the same
-    logits and gradients."""
+    routing and its decode step, the convolution's dense path, which the unpadded row takes), and both
+    give the same logits, gradients and decoded logits."""
     import importlib
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -836,11 +836,15 @@ def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_mode
         dense = model(ids[:1]).logits  # no padding: the convolution's dense path
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         (loss + F.cross_entropy(dense[0, :-1], ids[0, 1:])).backward()
+        with torch.no_grad():  # decoding: the memory's step (one kernel with "triton") over a fold at 16
+            cache = model(ids[:, :15], attention_mask=mask[:, :15], use_cache=True).cache
+            steps = [model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache).logits for t in range(15, 20)]
         results[backend] = (torch.cat([logits.detach(), dense.detach()]), {n: p.grad for n, p in model.named_parameters()},
-                            set(ran))
+                            set(ran), torch.cat(steps, 1))
     assert results["torch"][2] == set()
     assert results["triton"][2] == KERNELS_OF_GATE[gate]
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results["triton"][3], results["torch"][3], rtol=1e-4, atol=1e-5)
     for name, grad in results["torch"][1].items():
         torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
