@@ -21,7 +21,7 @@ differentiable slot trajectory with the scan op. Nothing here needs a gradient: 
 an argmax.
 
 ``decode_step_triton`` is the state update of one decode step (``MultiMemoryAttention._decode_step``)
-in one launch instead of some sixty small PyTorch kernels a layer, whose launches, not their work,
+in one launch instead of dozens of small PyTorch kernels a layer, whose launches, not their work,
 set a decoded token's time: one program per (row, slice of channels) applies the fold or restart
 to the slots, routes the block the token closes (each program scores it over every channel, so no
 program waits for another) and takes the fold's EMA step, and copies the summaries with the closed

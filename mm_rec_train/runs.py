@@ -102,7 +102,7 @@ class RunConfig:
 
         base = {k: v for k, v in PRESETS[preset].items()}
         base["bf16"] = base["bf16"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        # compiled on a GPU only: the fused step is 1.4-1.6x faster there (docs/benchmarks/train_gpu_compiled.md),
+        # compiled on a GPU only: the fused step is faster there (docs/benchmarks/train_gpu_compiled.md),
         # while on a CPU the compilation would outlast a short run
         base["compile"] = base.get("compile", False) and torch.cuda.is_available()
         values = dict(preset=preset, data=None, text_field="text", max_works=None, validation_fraction=0.05,
