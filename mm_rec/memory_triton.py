@@ -183,9 +183,9 @@ if AVAILABLE:
         for c0 in range(0, C, BC):  # the summaries, with the closed block written at `filled`
             rows = c0 + o_b
             bmask = (rows < C)[:, None] & mask_d[None, :]
-            tile = tl.load(blocks + b * b_sb + rows[:, None] * b_sc + o_d[None, :], mask=bmask, other=0.0)
-            tile = tl.where(((rows == at) & closes)[:, None], closed[None, :], tile)
-            tl.store(out + (b * (S + C) + S + rows[:, None]) * D + o_d[None, :], tile, mask=bmask)
+            summaries = tl.load(blocks + b * b_sb + rows[:, None] * b_sc + o_d[None, :], mask=bmask, other=0.0)
+            summaries = tl.where(((rows == at) & closes)[:, None], closed[None, :], summaries)
+            tl.store(out + (b * (S + C) + S + rows[:, None]) * D + o_d[None, :], summaries, mask=bmask)
 
     @triton.jit
     def _decode_kernel(pos, real, reset, k, v, stride_kb,
