@@ -4,8 +4,9 @@ The CPU tests run the kernels in Triton's interpreter, which checks what they co
 they compile: a kernel can run interpreted and still be refused by the compiler (a loop-carried value
 whose shape changes, say). Here the whole model runs once with kernel_backend="triton" (forward and
 backward in both gate modes, padded and dense rows, decode steps over a fold), every kernel launch is
-recorded with its argument types and constants, and a fresh process without the interpreter compiles
-each kernel ahead of time for an H100 (sm_90: Triton's own compiler down to a cubin, no device needed).
+recorded with its argument types and constants (float32, and bfloat16 under autocast), and a fresh
+process without the interpreter compiles each kernel ahead of time for an H100 (sm_90: Triton's own
+compiler down to a cubin, no device needed).
 """
 
 import inspect
@@ -75,7 +76,8 @@ def test_every_kernel_compiles_for_an_h100(monkeypatch):
     run = interpreter.InterpretedFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        key = (self.fn.__module__, self.fn.__name__)
+        dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        key = (self.fn.__module__, self.fn.__name__, dtypes)
         if key not in launches:
             launches[key] = _describe(self.fn, args, dict(kwargs))
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -84,15 +86,17 @@ def test_every_kernel_compiles_for_an_h100(monkeypatch):
     ids = random_ids((2, 20))
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, :3] = 0
-    for gate in ("input", "state"):
+    for gate, bf16 in (("input", False), ("state", False), ("input", True)):  # bf16: autocast, as on a GPU
         model = tiny_model(kernel_backend="triton", recurrence_gate=gate).train()
-        loss = model(ids, attention_mask=mask, labels=ids).loss + model(ids[:1], labels=ids[:1]).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(ids, attention_mask=mask, labels=ids).loss + model(ids[:1], labels=ids[:1]).loss
         loss.backward()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             cache = model(ids[:, :15], attention_mask=mask[:, :15], use_cache=True).cache
             for t in range(15, 18):
                 cache = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache).cache
-    names = {name for _, name in launches}
+    names = {name for _, name, _ in launches}
+    assert any(dtype == "torch.bfloat16" for _, _, dtypes in launches for dtype in dtypes)
     assert {"_decode_kernel", "_route_kernel", "_fold_kernel", "_short_conv_fwd_kernel", "_short_conv_bwd_kernel",
             "_recurrence_inputs_fwd_kernel", "_recurrence_inputs_bwd_kernel"} <= names, names
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
