@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .conv import conv_channels
-from .memory import MemoryState, with_pending_fold
+from .memory import MemoryState, memory_folds, with_pending_fold
 
 # 2 added each layer's ``conv``; version-1 files (no conv) still load for models without one.
 # 3 added the memory's accumulated fold (fold_*), which older files get recomputed from their slots and summaries.
@@ -99,7 +99,7 @@ class MMRecCache:
 
     def refresh_folds(self, config) -> None:
         """Recompute every layer's accumulated fold from its slots and summaries, for ``config``'s memory."""
-        folds = config.memory_levels in ("slots+blocks", "slots")
+        folds = memory_folds(config.memory_levels)
         self.layers = [LayerState(h=layer.h, conv=layer.conv,
                                   memory=with_pending_fold(layer.memory, config.memory_decay, folds))
                        for layer in self.layers]

@@ -50,7 +50,7 @@ class MemoryState:
     slot_values: Tensor  # [B, S, d]
     # The fold of the completed summaries into the slots, accumulated as each block closes, so that a
     # decode step never refolds the whole segment: at the segment's end the slots become
-    # fold_keep * slots + fold_sum. A function of the fields above (``MultiMemoryAttention.pending_fold``).
+    # fold_keep * slots + fold_sum. A function of the fields above (``pending_fold``).
     fold_key_sum: Tensor  # [B, S, d]
     fold_value_sum: Tensor  # [B, S, d]
     fold_keep: Tensor  # [B, S]: lam^m, m the blocks routed to the slot so far
@@ -108,6 +108,11 @@ def fold_into_slots(
     """Fold the selected block summaries [B, C, d], in order, into the slots [B, S, d]."""
     weight, keep = fold_weights(slot_keys, block_keys, selected, decay)
     return apply_fold(weight, keep, slot_keys, block_keys), apply_fold(weight, keep, slot_values, block_values)
+
+
+def memory_folds(memory_levels: str) -> bool:
+    """Whether a memory of these ``config.memory_levels`` folds finished segments into its slots."""
+    return memory_levels in ("slots+blocks", "slots")
 
 
 def pending_fold(slot_keys: Tensor, block_keys: Tensor, block_values: Tensor, block_count: Tensor,
@@ -331,7 +336,7 @@ class MultiMemoryAttention(nn.Module):
         # memory_levels (ablations): "slots" hides the block summaries from the attention, "blocks"
         # never folds (the slots stay the learned ones)
         self.reads_blocks = config.memory_levels in ("slots+blocks", "blocks")
-        self.folds = config.memory_levels in ("slots+blocks", "slots")
+        self.folds = memory_folds(config.memory_levels)
         # initialised by MMRecPreTrainedModel._init_weights
         self.slot_keys = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
         self.slot_values = nn.Parameter(torch.empty(config.num_memory_slots, config.hidden_size))
@@ -453,8 +458,8 @@ class MultiMemoryAttention(nn.Module):
         last_open = sums[rows, last_seg, open_block] * (open_count > 0).float()[:, None]
         if layout.keeps_state:
             with torch.autocast(q.device.type, enabled=False):
-                fold_k, fold_v, fold_keep = self.pending_fold(last_slots[..., :d], last_summaries[..., :d],
-                                                              last_summaries[..., d:], filled)
+                fold_k, fold_v, fold_keep = pending_fold(last_slots[..., :d], last_summaries[..., :d],
+                                                         last_summaries[..., d:], filled, self.decay, self.folds)
         else:  # nobody continues this state (training): the fold it would carry is not computed
             fold_k, fold_v, fold_keep = state.fold_key_sum, state.fold_value_sum, state.fold_keep
         keep_old = ~seg.has_real
@@ -473,11 +478,6 @@ class MultiMemoryAttention(nn.Module):
             fold_keep=pick(state.fold_keep, fold_keep),
         )
         return m, new_state
-
-    def pending_fold(self, slot_keys: Tensor, block_keys: Tensor, block_values: Tensor,
-                     block_count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``pending_fold`` with this layer's decay (nothing to fold where the memory never folds)."""
-        return pending_fold(slot_keys, block_keys, block_values, block_count, self.decay, self.folds)
 
     def _segment_slots(self, summaries: Tensor, state: MemoryState, restart: Tensor) -> Tensor:
         """The slots of every layout segment [B, K, S, 2d] (keys | values), fp32: the routing (no

@@ -194,7 +194,7 @@ if AVAILABLE:
                        learned_k, learned_v,
                        out_open_k, out_open_v, out_open_n, out_count, out_visible, out_keep,
                        out_k, out_v, out_fold_k, out_fold_v,
-                       D, S, C, N, L, one_minus_decay, folds,
+                       D, S, C, N, L, one_minus_decay,
                        FOLDS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr):
         """One decode step of the memory state for row b, channels d0 .. d0 + BD (program (b, slice)).
         out_k, out_v [B, S + C, D]: the slots after this step's fold or restart, then the block summaries
@@ -210,7 +210,7 @@ if AVAILABLE:
         is_real = tl.load(real + b) != 0
         is_reset = tl.load(reset + b) != 0
         boundary = is_real & (~is_reset) & (p % L == 0) & (p > 0)
-        is_fold = boundary & (folds != 0)  # folds: FOLDS as a value
+        is_fold = boundary & FOLDS
         emptied = boundary | is_reset
         filled = tl.where(emptied, 0, tl.load(count + b))
         n = tl.where(is_reset, 0, tl.load(open_n + b)) + is_real.to(tl.int64)
@@ -286,6 +286,6 @@ def decode_step_triton(state, k: Tensor, v: Tensor, position: Tensor, real: Tens
         block_k, block_v, block_k.stride(0), block_k.stride(1), learned_keys.contiguous(), learned_values.contiguous(),
         fields["open_key_sum"], fields["open_value_sum"], fields["open_count"], fields["block_count"], visible,
         fields["fold_keep"], out_k, out_v, fields["fold_key_sum"], fields["fold_value_sum"],
-        D, S, C, block_size, segment_length, 1.0 - decay, int(folds),
+        D, S, C, block_size, segment_length, 1.0 - decay,
         FOLDS=folds, BS=triton.next_power_of_2(S), BD=BD, BC=32, num_warps=4)
     return out_k, out_v, visible, fields
