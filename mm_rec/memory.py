@@ -355,7 +355,7 @@ class MultiMemoryAttention(nn.Module):
 
     def close_blocks(self, sums: Tensor) -> Tensor:
         """A completed block's summary: the mean of its N keys (values) from their fp32 sums."""
-        return sums / self.block_size
+        return sums / self.block_size if self.block_size > 1 else sums
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
                 state: MemoryState) -> Tuple[Tensor, MemoryState]:
@@ -418,14 +418,17 @@ class MultiMemoryAttention(nn.Module):
         # summaries are carried, and the open block's sums add to block block_count.
         sums = kv_l.view(B, K, C, N, 2 * d).sum(3, dtype=torch.float32)  # [B, K, C, 2d]
         block = torch.arange(C, device=q.device)[None]
-        carried = block < state.block_count[:, None]  # [B, C]
-        at_open = (block == state.block_count[:, None]).float()[..., None]
-        open_sums = torch.cat([state.open_key_sum, state.open_value_sum], -1)[:, None]
-        first_sums = sums[:, 0] + at_open * open_sums
-        sums = torch.cat([first_sums[:, None], sums[:, 1:]], 1)
-        carried_summaries = torch.cat([state.block_keys, state.block_values], -1)[:, :C]
-        first = torch.where(carried[..., None], carried_summaries, self.close_blocks(first_sums))
-        summaries = torch.cat([first[:, None], self.close_blocks(sums[:, 1:])], 1)  # [B, K, C, 2d]
+        if layout.fresh:  # no cache: the carried state holds no summaries and no open block
+            summaries = self.close_blocks(sums)
+        else:
+            carried = block < state.block_count[:, None]  # [B, C]
+            at_open = (block == state.block_count[:, None]).float()[..., None]
+            open_sums = torch.cat([state.open_key_sum, state.open_value_sum], -1)[:, None]
+            first_sums = sums[:, 0] + at_open * open_sums
+            sums = torch.cat([first_sums[:, None], sums[:, 1:]], 1)
+            carried_summaries = torch.cat([state.block_keys, state.block_values], -1)[:, :C]
+            first = torch.where(carried[..., None], carried_summaries, self.close_blocks(first_sums))
+            summaries = torch.cat([first[:, None], self.close_blocks(sums[:, 1:])], 1)  # [B, K, C, 2d]
 
         with torch.autocast(q.device.type, enabled=False):  # the memory state is float32
             slots = self._segment_slots(summaries, state, seg.restart)  # [B, K, S, 2d]
@@ -445,6 +448,8 @@ class MultiMemoryAttention(nn.Module):
         else:
             m = relayout(m_l.reshape(B * K * L, d), seg.scatter_index, seg.gather_index).view(B, T, d)
 
+        if not layout.keeps_state:  # nobody continues the state (training): it is not computed
+            return m, state
         # The state after the row's last real token (unchanged for a row of padding only).
         rows = torch.arange(B, device=q.device)
         last_seg, p = seg.last_segment, seg.last_position
@@ -456,12 +461,9 @@ class MultiMemoryAttention(nn.Module):
         if C < C_full:
             last_summaries = F.pad(last_summaries, (0, 0, 0, C_full - C))
         last_open = sums[rows, last_seg, open_block] * (open_count > 0).float()[:, None]
-        if layout.keeps_state:
-            with torch.autocast(q.device.type, enabled=False):
-                fold_k, fold_v, fold_keep = pending_fold(last_slots[..., :d], last_summaries[..., :d],
-                                                         last_summaries[..., d:], filled, self.decay, self.folds)
-        else:  # nobody continues this state (training): the fold it would carry is not computed
-            fold_k, fold_v, fold_keep = state.fold_key_sum, state.fold_value_sum, state.fold_keep
+        with torch.autocast(q.device.type, enabled=False):
+            fold_k, fold_v, fold_keep = pending_fold(last_slots[..., :d], last_summaries[..., :d],
+                                                     last_summaries[..., d:], filled, self.decay, self.folds)
         keep_old = ~seg.has_real
         pick = lambda old, new: torch.where(keep_old.view(-1, *[1] * (new.dim() - 1)), old, new)  # noqa: E731
         new_state = MemoryState(

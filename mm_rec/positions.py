@@ -27,7 +27,7 @@ class TokenLayout:
     fresh: bool = False  # no cache: every row starts at position 0 (offset is all zeros)
     dense: bool = False  # every token is real and none starts a document (the short conv needs no index)
     keeps_state: bool = True  # the caller returns the state after the last token (use_cache): else the memory
-    # leaves out the parts of it that only a continuation reads (the accumulated fold)
+    # does not compute its state after the call (nobody reads it) and returns the one it was given
     memo: dict = field(default_factory=dict, repr=False)  # per-forward values shared by all layers
 
     def next_position(self, offset: Tensor) -> Tensor:
