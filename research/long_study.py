@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import long_context as lc
+import memory_variants
 import quality
 import torch
 
@@ -74,8 +75,12 @@ ABLATIONS: Dict[str, dict] = {
     "segment-256": {"memory_segment_length": 256},
     "segment-1024": {"memory_segment_length": 1024},
     "fold-decay-0.9": {"memory_decay": 0.9},
+    "fold-decay-0.5": {"memory_decay": 0.5},        # each routed block replaces half its slot: recent blocks dominate
 }
 MMREC_VARIANTS: Dict[str, dict] = {f"mmrec-{name}": {**MMREC_BASE, **fields} for name, fields in ABLATIONS.items()}
+# Prototypes of the memory's write rule (research/memory_variants.py): the default config, then the prototype
+# applied to the built model. Parallel forward only: scored on whole rows from a fresh state, as every task is.
+MMREC_VARIANTS.update({f"mmrec-{name}": dict(MMREC_BASE) for name in memory_variants.PROTOTYPES})
 PEERS = ("hgrn", "gdn", "llama")
 # Most informative first: the model, its no-fold ablation and the peers, then the other ablations.
 MODELS = ("mmrec-default", "mmrec-no-fold", "hgrn", "gdn", "llama",
@@ -99,8 +104,14 @@ def variant_overrides(model: str, segment_length: Optional[int] = None) -> dict:
     fields = dict(MMREC_BASE)
     if segment_length is not None:
         fields["memory_segment_length"] = segment_length
-    fields.update(ABLATIONS[model.removeprefix("mmrec-")])
+    fields.update(ABLATIONS.get(model.removeprefix("mmrec-"), {}))
     return fields
+
+
+def prototype_of(model: str) -> Optional[str]:
+    """The memory_variants prototype an MM-Rec variant applies, or None."""
+    name = model.removeprefix("mmrec-")
+    return name if model.startswith("mmrec-") and name in memory_variants.PROTOTYPES else None
 
 
 def segment_of(model: str, segment_length: Optional[int]) -> int:
@@ -640,6 +651,7 @@ def plan_runs(tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int],
     for model in models:
         family_of(model)
     code = quality.code_fingerprint()
+    memory_variants_code = hashlib.sha256(Path(memory_variants.__file__).read_bytes()).hexdigest()[:12]
     runs = []
     for task in tasks:
         for protocol in by_task[task]:
@@ -650,6 +662,8 @@ def plan_runs(tasks: Sequence[str], models: Sequence[str], seeds: Sequence[int],
                             "seed": seed, "protocol": dataclasses.asdict(protocol), "protocol_version": PROTOCOL_VERSION}
                     if family_of(model) == "mmrec":
                         spec.update(overrides=variant_overrides(model, protocol.segment_length), mmrec_code=code)
+                        if prototype_of(model):
+                            spec.update(prototype=prototype_of(model), prototype_code=memory_variants_code)
                     if reason is None:
                         try:
                             spec.update(size(model, protocol))
@@ -736,7 +750,10 @@ class LongStudy:
         torch.manual_seed(run.seed)
         longest = protocol.max_train_length
         model = quality.build_model(run.family, protocol.vocab_size, protocol.hidden_size, protocol.layers,
-                                    s["intermediate_size"], s.get("overrides"), max_length=longest).to(self.device)
+                                    s["intermediate_size"], s.get("overrides"), max_length=longest)
+        if s.get("prototype"):
+            model = memory_variants.PROTOTYPES[s["prototype"]](model)
+        model = model.to(self.device)
         parameters = quality.count_parameters(model)
         # Llama's positions end at its longest training row; the recurrent models have no such limit
         max_positions = longest if run.family == "llama" else None

@@ -1,0 +1,61 @@
+"""research/memory_variants.py: the write-gate prototype against the model's own fold (a constant write rate of
+1 - memory_decay is the EMA fold) and against its definition (a block written at full strength replaces its slot)."""
+
+import math
+
+import pytest
+import torch
+from common import tiny_model
+
+from mm_rec.memory import fold_into_slots
+
+
+def test_a_constant_write_rate_is_the_model_s_ema_fold():
+    from memory_variants import gated_fold
+
+    torch.manual_seed(0)
+    B, S, C, d, decay = 3, 4, 9, 8, 0.9
+    slot_keys, slot_values = torch.randn(B, S, d), torch.randn(B, S, d)
+    block_keys, block_values = torch.randn(B, C, d), torch.randn(B, C, d)
+    keys, values = fold_into_slots(slot_keys, slot_values, block_keys, block_values,
+                                   torch.ones(B, C, dtype=torch.bool), decay)
+    folded = gated_fold(torch.cat([slot_keys, slot_values], -1), torch.cat([block_keys, block_values], -1),
+                        torch.full((B, C), 1.0 - decay), d)
+    torch.testing.assert_close(folded, torch.cat([keys, values], -1))
+
+
+def test_a_block_written_at_full_strength_replaces_its_slot():
+    from memory_variants import gated_fold
+
+    slots = torch.tensor([[[1.0, 0.0, 5.0, 5.0], [0.0, 1.0, 6.0, 6.0]]])  # two slots, keys | values (d = 2)
+    blocks = torch.tensor([[[0.2, 0.9, 7.0, 8.0], [0.1, 0.8, 1.0, 2.0]]])  # both route to slot 1
+    folded = gated_fold(slots, blocks, torch.tensor([[1.0, 0.5]]), 2)
+    # slot 1: the first block replaces it, the second takes half of what is left; slot 0 is not touched
+    expected = 0.5 * blocks[0, 0] + 0.5 * blocks[0, 1]
+    torch.testing.assert_close(folded[0, 1], expected)
+    torch.testing.assert_close(folded[0, 0], slots[0, 0])
+
+
+def test_the_prototype_at_the_model_s_rate_gives_its_logits_and_trains_the_gate():
+    from memory_variants import write_gate
+
+    model = tiny_model(memory_block_size=1)
+    ids = torch.randint(2, model.config.vocab_size, (2, 56))  # 3.5 segments of 16: three folds
+    reference = model(ids).logits
+    decay = model.config.memory_decay
+    write_gate(model, initial_rate=1.0 - decay)
+    torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    memory = model.model.layers[0].memory
+    assert memory.write_bias.grad is not None and memory.write_weight.grad.abs().sum() > 0
+    assert math.isclose(torch.sigmoid(memory.write_bias).item(), 1.0 - decay, rel_tol=1e-5)
+
+
+def test_the_prototype_needs_a_memory_and_a_rate_in_the_open_interval():
+    from memory_variants import write_gate
+
+    with pytest.raises(ValueError, match="initial_rate"):
+        write_gate(tiny_model(), initial_rate=1.0)
+    with pytest.raises(ValueError, match="no memory"):
+        write_gate(tiny_model(memory_levels="none"))
