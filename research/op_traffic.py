@@ -28,11 +28,9 @@ import warnings
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from timing import mmrec_config  # noqa: E402
+from saved_activations import add_step_arguments, step_model  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
-
-from mm_rec import MMRecForCausalLM  # noqa: E402
 
 GEMMS = {"mm", "bmm", "addmm", "embedding", "embedding_dense_backward"}
 FREE = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
@@ -83,41 +81,33 @@ def count_traffic(model, ids, bf16: bool = True) -> Traffic:
     """One training forward (labels = ids) and backward of ``model`` under the counter."""
     import mm_rec.memory as memory
 
-    # SDPA's CausalBias is a tensor subclass, which cannot be made inside a dispatch mode: make it once, before
-    memory.causal_lower_right = functools.lru_cache(None)(memory.causal_lower_right)
+    # SDPA's CausalBias is a tensor subclass, which cannot be made inside a dispatch mode: the warm-up makes
+    # it, a cache keeps it for the counted step, and the module's own function is put back afterwards
+    original = memory.causal_lower_right
+    memory.causal_lower_right = functools.lru_cache(None)(original)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    with autocast:  # warm-up: the cached bias, Triton's interpreter set-up
-        model(ids, labels=ids).loss.backward()
-    model.zero_grad(set_to_none=True)
     counter = Traffic()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # anomaly mode's warning: it records each node's forward line
-        with counter, torch.autograd.detect_anomaly(check_nan=False):
-            with autocast:
-                loss = model(ids, labels=ids).loss
-            counter.phase = "backward"
-            loss.backward()
+    try:
+        with autocast:  # warm-up: the cached bias, Triton's interpreter set-up
+            model(ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # anomaly mode's warning: it records each node's forward line
+            with counter, torch.autograd.detect_anomaly(check_nan=False):
+                with autocast:
+                    loss = model(ids, labels=ids).loss
+                counter.phase = "backward"
+                loss.backward()
+    finally:
+        memory.causal_lower_right = original
     return counter
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--backend", choices=["triton", "torch"], default="triton")
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    parser.add_argument("--top", type=int, default=30)
+    add_step_arguments(parser, top=30)
     args = parser.parse_args(argv)
-    if min(args.hidden, args.layers, args.heads, args.batch, args.seq, args.vocab, args.top) < 1:
-        parser.error("--hidden, --layers, --heads, --batch, --seq, --vocab and --top must be positive")
-    torch.manual_seed(0)
-    config = mmrec_config(args.hidden, args.layers, args.heads, args.vocab, {"kernel_backend": args.backend})
-    model = MMRecForCausalLM(config).train()
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    model, ids = step_model(parser, args)
     counter = count_traffic(model, ids, bf16=not args.fp32)
     per = args.batch * args.seq * args.hidden
     for phase in ("forward", "backward"):

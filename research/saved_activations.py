@@ -48,8 +48,8 @@ def saved_bytes(model, ids, bf16: bool = True):
     return sum(where.values()), where
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(parser: argparse.ArgumentParser, top: int) -> None:
+    """The flags of a CPU look at one training step of the default MM-Rec (this script's and op_traffic.py's)."""
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
@@ -58,14 +58,24 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=1000)
     parser.add_argument("--backend", choices=["triton", "torch"], default="triton")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    parser.add_argument("--top", type=int, default=25)
-    args = parser.parse_args(argv)
+    parser.add_argument("--top", type=int, default=top)
+
+
+def step_model(parser: argparse.ArgumentParser, args):
+    """(the default MM-Rec at the flags' size in training mode, its input ids), seeded; a one-line error
+    for a size below 1."""
     if min(args.hidden, args.layers, args.heads, args.batch, args.seq, args.vocab, args.top) < 1:
-        parser.error("sizes and --top must be positive")
+        parser.error("--hidden, --layers, --heads, --batch, --seq, --vocab and --top must be positive")
     torch.manual_seed(0)
     config = mmrec_config(args.hidden, args.layers, args.heads, args.vocab, {"kernel_backend": args.backend})
-    model = MMRecForCausalLM(config).train()
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    return MMRecForCausalLM(config).train(), torch.randint(0, args.vocab, (args.batch, args.seq))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(parser, top=25)
+    args = parser.parse_args(argv)
+    model, ids = step_model(parser, args)
     total, where = saved_bytes(model, ids, bf16=not args.fp32)
     unit = args.batch * args.seq * args.hidden
     print(f"MM-Rec defaults, hidden {args.hidden}, {args.layers} layer(s), {args.batch} x {args.seq} tokens, backend "
