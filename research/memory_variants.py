@@ -14,31 +14,50 @@ i_1 .. i_m routed to it (the model's argmax routing), becomes
 the EMA with a per-block rate: with beta = 1 - memory_decay everywhere it is the model's fold. A block
 with beta near 1 replaces its slot; near 0 it is not written. b starts at logit(0.1) (ten times the
 default's rate), w at zero.
+
+``address``: the model's EMA fold, but each block routes to argmax_j <K^L_j, k_i> against the layer's
+learned slot keys K^L (fixed addresses) instead of the slots as the earlier folds left them. The routes
+then no longer depend on the fold history: every segment's routing is one batched product and the
+whole fold one scan, with no sequential step (issue 27's alternative to the per-segment routing
+kernels). ``address-gate``: the same routes with the write-gate's per-block strengths.
 """
 
 from __future__ import annotations
 
 import math
 import types
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mm_rec.scan import scan
+
+
+def routes(block_keys: Tensor, addresses: Tensor) -> Tensor:
+    """The one-hot route [..., C, S] of each block [..., C, d] to its argmax_j <addresses_j, k_i> (ties to the
+    lowest j), addresses [..., S, d]; no gradient."""
+    with torch.no_grad():
+        scores = torch.einsum("...cd,...sd->...cs", block_keys, addresses)
+        return F.one_hot(scores.argmax(-1), addresses.shape[-2]).to(block_keys.dtype)
+
+
+def gated_weights(route: Tensor, beta: Tensor) -> Tuple[Tensor, Tensor]:
+    """The fold with per-block write strengths as weights: route [..., C, S] one-hot, beta [..., C] in (0, 1) ->
+    (weight [..., C, S], keep [..., S]) with new slots = keep * slots + weight^T @ blocks (as ``fold_weights``)."""
+    beta = beta.clamp(max=1.0 - 1e-6)  # a saturated sigmoid: log(1 - beta) stays finite
+    log_kept = route * torch.log1p(-beta)[..., None]  # log(1 - beta) on the routed slot
+    later = log_kept.flip(-2).cumsum(-2).flip(-2) - log_kept  # sum over the later blocks of the same slot
+    return route * beta[..., None] * torch.exp(later), torch.exp(log_kept.sum(-2))
 
 
 def gated_fold(slots: Tensor, summaries: Tensor, beta: Tensor, keys_width: int) -> Tensor:
     """One segment's fold with per-block write strengths. slots: [B, S, 2d] (keys | values) at the segment's
     start; summaries: [B, C, 2d]; beta: [B, C] in (0, 1). Routing as the model's (argmax against the slot keys,
     ties to the lowest, no gradient). Returns the slots after the fold [B, S, 2d]."""
-    d, S = keys_width, slots.shape[1]
-    beta = beta.clamp(max=1.0 - 1e-6)  # a saturated sigmoid: log(1 - beta) stays finite
-    with torch.no_grad():
-        route = F.one_hot(torch.einsum("bcd,bsd->bcs", summaries[..., :d], slots[..., :d]).argmax(-1), S)
-    log_kept = route.to(slots.dtype) * torch.log1p(-beta)[..., None]  # [B, C, S]: log(1 - beta) on the routed slot
-    later = log_kept.flip(1).cumsum(1).flip(1) - log_kept  # sum over the later blocks of the same slot
-    weight = route * beta[..., None] * torch.exp(later)
-    keep = torch.exp(log_kept.sum(1))  # [B, S]
+    d = keys_width
+    weight, keep = gated_weights(routes(summaries[..., :d], slots[..., :d]), beta)
     return keep[..., None] * slots + torch.einsum("bcs,bce->bse", weight, summaries)
 
 
@@ -58,21 +77,72 @@ def _write_gated_segment_slots(self, summaries: Tensor, state, restart: Tensor) 
     return torch.stack(out, 1)
 
 
-def write_gate(model: nn.Module, initial_rate: float = 0.1) -> nn.Module:
-    """Give every memory of ``model`` (an MMRecForCausalLM) the ``write-gate`` fold, in place; returns it."""
-    if not 0.0 < initial_rate < 1.0:
-        raise ValueError(f"initial_rate must be in (0, 1), got {initial_rate}")
+def _addressed_segment_slots(self, summaries: Tensor, state, restart: Tensor) -> Tensor:
+    """``MultiMemoryAttention._segment_slots`` with the routes taken against the learned slot keys: every
+    segment's weights at once, then the model's scan (no loop over segments). With ``self.write_weight``
+    (``address-gate``) the weights are the write gate's, else the model's EMA."""
+    B, K, C, width = summaries.shape
+    d, S = width // 2, self.slot_keys.shape[0]
+    start = torch.cat([state.slot_keys, state.slot_values], -1)
+    if K == 1 or not self.folds:
+        return start[:, None].expand(B, K, S, width)
+    learned = self.learned_slots()
+    blocks = summaries[:, :-1]  # [B, K-1, C, 2d]: segment s - 1 folds into segment s
+    route = routes(blocks[..., :d], learned[0])
+    if hasattr(self, "write_weight"):
+        beta = torch.sigmoid(blocks[..., :d] @ self.write_weight.float() + self.write_bias.float())
+        weight, keep = gated_weights(route, beta)
+    else:
+        count = route.sum(-2, keepdim=True)  # m_j; a block's rank among its slot's blocks, 1-based
+        rank = (route.cumsum(-2) * route).sum(-1, keepdim=True)
+        weight = route * (1.0 - self.decay) * self.decay ** ((route * count).sum(-1, keepdim=True) - rank)
+        keep = self.decay ** count.squeeze(-2)
+    fresh = restart[:, 1:, None, None]
+    inputs = torch.where(fresh, torch.cat(learned, -1), torch.einsum("bkcs,bkce->bkse", weight, blocks))
+    log_keep = torch.log(keep)[..., None].masked_fill(fresh, float("-inf")).expand(-1, -1, -1, width)
+    later, _ = scan(inputs.flatten(2), log_keep.flatten(2), start.flatten(1), backend=self.kernel_backend)
+    return torch.cat([start[:, None], later.view(B, K - 1, S, width)], 1)
+
+
+def _memories(model: nn.Module, prototype: str) -> list:
     memories = [layer.memory for layer in model.model.layers if layer.memory is not None]
     if not memories:
-        raise ValueError("write_gate: the model has no memory (memory_levels='none')")
-    for memory in memories:
-        d = memory.slot_keys.shape[1]
-        device, dtype = memory.slot_keys.device, memory.slot_keys.dtype
-        memory.write_weight = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
-        memory.write_bias = nn.Parameter(torch.tensor(math.log(initial_rate / (1.0 - initial_rate)), device=device,
-                                                      dtype=dtype))
+        raise ValueError(f"{prototype}: the model has no memory (memory_levels='none')")
+    return memories
+
+
+def _add_gate(memory: nn.Module, initial_rate: float) -> None:
+    if not 0.0 < initial_rate < 1.0:
+        raise ValueError(f"initial_rate must be in (0, 1), got {initial_rate}")
+    d = memory.slot_keys.shape[1]
+    device, dtype = memory.slot_keys.device, memory.slot_keys.dtype
+    memory.write_weight = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+    memory.write_bias = nn.Parameter(torch.tensor(math.log(initial_rate / (1.0 - initial_rate)), device=device,
+                                                  dtype=dtype))
+
+
+def write_gate(model: nn.Module, initial_rate: float = 0.1) -> nn.Module:
+    """Give every memory of ``model`` (an MMRecForCausalLM) the ``write-gate`` fold, in place; returns it."""
+    for memory in _memories(model, "write_gate"):
+        _add_gate(memory, initial_rate)
         memory._segment_slots = types.MethodType(_write_gated_segment_slots, memory)
     return model
 
 
-PROTOTYPES: Dict[str, Callable[[nn.Module], nn.Module]] = {"write-gate": write_gate}
+def address(model: nn.Module) -> nn.Module:
+    """Give every memory of ``model`` the ``address`` fold (routes against the learned slot keys), in place."""
+    for memory in _memories(model, "address"):
+        memory._segment_slots = types.MethodType(_addressed_segment_slots, memory)
+    return model
+
+
+def address_gate(model: nn.Module, initial_rate: float = 0.1) -> nn.Module:
+    """``address`` with the write gate's per-block strengths, in place."""
+    for memory in _memories(model, "address_gate"):
+        _add_gate(memory, initial_rate)
+        memory._segment_slots = types.MethodType(_addressed_segment_slots, memory)
+    return model
+
+
+PROTOTYPES: Dict[str, Callable[[nn.Module], nn.Module]] = {"write-gate": write_gate, "address": address,
+                                                           "address-gate": address_gate}

@@ -59,3 +59,43 @@ def test_the_prototype_needs_a_memory_and_a_rate_in_the_open_interval():
         write_gate(tiny_model(), initial_rate=1.0)
     with pytest.raises(ValueError, match="no memory"):
         write_gate(tiny_model(memory_levels="none"))
+
+
+def test_fixed_addresses_fold_as_a_loop_over_segments_routed_against_the_learned_keys():
+    from memory_variants import address
+
+    from mm_rec.memory import apply_fold, fold_weights
+
+    torch.manual_seed(1)
+    model = tiny_model(memory_block_size=1)
+    memory = model.model.layers[0].memory
+    address(model)
+    B, K, C, d = 2, 4, model.config.blocks_per_segment, model.config.hidden_size
+    summaries = torch.randn(B, K, C, 2 * d)
+    restart = torch.zeros(B, K, dtype=torch.bool)
+    restart[1, 2] = True  # row 1: a document starts at segment 2
+    state = memory.fresh_state(B)
+    slots = memory._segment_slots(summaries, state, restart)
+    learned_keys, learned_values = memory.learned_slots()
+    learned = torch.cat([learned_keys, learned_values], -1)
+    expected = [torch.cat([state.slot_keys, state.slot_values], -1)]
+    for s in range(1, K):
+        weight, keep = fold_weights(learned_keys.expand(B, -1, -1), summaries[:, s - 1, :, :d],
+                                    torch.ones(B, C, dtype=torch.bool), memory.decay)
+        folded = apply_fold(weight, keep, expected[-1], summaries[:, s - 1])
+        expected.append(torch.where(restart[:, s, None, None], learned, folded))
+    torch.testing.assert_close(slots, torch.stack(expected, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_addresses_change_nothing_while_only_the_learned_slots_have_been_folded_into():
+    from memory_variants import address, address_gate
+
+    model = tiny_model(memory_block_size=1)
+    ids = torch.randint(2, model.config.vocab_size, (2, 24))  # 1.5 segments of 16: one fold, from the learned slots
+    reference = model(ids).logits
+    torch.testing.assert_close(address(model)(ids).logits, reference, rtol=1e-5, atol=1e-5)
+    longer = torch.randint(2, model.config.vocab_size, (2, 56))  # three folds: the addresses now differ
+    routed_by_history = model.__class__(model.config).eval()
+    routed_by_history.load_state_dict(model.state_dict())
+    gated = address_gate(routed_by_history, initial_rate=1.0 - model.config.memory_decay)
+    torch.testing.assert_close(gated(longer).logits, model(longer).logits, rtol=1e-5, atol=1e-5)
