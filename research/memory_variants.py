@@ -45,11 +45,13 @@ def routes(block_keys: Tensor, addresses: Tensor) -> Tensor:
 
 def gated_weights(route: Tensor, beta: Tensor) -> Tuple[Tensor, Tensor]:
     """The fold with per-block write strengths as weights: route [..., C, S] one-hot, beta [..., C] in (0, 1) ->
-    (weight [..., C, S], keep [..., S]) with new slots = keep * slots + weight^T @ blocks (as ``fold_weights``)."""
+    (weight [..., C, S], log_keep [..., S]) with new slots = exp(log_keep) * slots + weight^T @ blocks (as
+    ``fold_weights``, whose keep is exp(log_keep)). The log, not keep: a slot written at nearly full strength
+    keeps exp(-large), which underflows to 0, whose log has no finite gradient."""
     beta = beta.clamp(max=1.0 - 1e-6)  # a saturated sigmoid: log(1 - beta) stays finite
     log_kept = route * torch.log1p(-beta)[..., None]  # log(1 - beta) on the routed slot
     later = log_kept.flip(-2).cumsum(-2).flip(-2) - log_kept  # sum over the later blocks of the same slot
-    return route * beta[..., None] * torch.exp(later), torch.exp(log_kept.sum(-2))
+    return route * beta[..., None] * torch.exp(later), log_kept.sum(-2)
 
 
 def gated_fold(slots: Tensor, summaries: Tensor, beta: Tensor, keys_width: int) -> Tensor:
@@ -57,8 +59,8 @@ def gated_fold(slots: Tensor, summaries: Tensor, beta: Tensor, keys_width: int) 
     start; summaries: [B, C, 2d]; beta: [B, C] in (0, 1). Routing as the model's (argmax against the slot keys,
     ties to the lowest, no gradient). Returns the slots after the fold [B, S, 2d]."""
     d = keys_width
-    weight, keep = gated_weights(routes(summaries[..., :d], slots[..., :d]), beta)
-    return keep[..., None] * slots + torch.einsum("bcs,bce->bse", weight, summaries)
+    weight, log_keep = gated_weights(routes(summaries[..., :d], slots[..., :d]), beta)
+    return torch.exp(log_keep)[..., None] * slots + torch.einsum("bcs,bce->bse", weight, summaries)
 
 
 def _write_gated_segment_slots(self, summaries: Tensor, state, restart: Tensor) -> Tensor:
@@ -91,15 +93,15 @@ def _addressed_segment_slots(self, summaries: Tensor, state, restart: Tensor) ->
     route = routes(blocks[..., :d], learned[0])
     if hasattr(self, "write_weight"):
         beta = torch.sigmoid(blocks[..., :d] @ self.write_weight.float() + self.write_bias.float())
-        weight, keep = gated_weights(route, beta)
+        weight, log_keep = gated_weights(route, beta)
     else:
         count = route.sum(-2, keepdim=True)  # m_j; a block's rank among its slot's blocks, 1-based
         rank = (route.cumsum(-2) * route).sum(-1, keepdim=True)
         weight = route * (1.0 - self.decay) * self.decay ** ((route * count).sum(-1, keepdim=True) - rank)
-        keep = self.decay ** count.squeeze(-2)
+        log_keep = count.squeeze(-2) * math.log(self.decay)
     fresh = restart[:, 1:, None, None]
     inputs = torch.where(fresh, torch.cat(learned, -1), torch.einsum("bkcs,bkce->bkse", weight, blocks))
-    log_keep = torch.log(keep)[..., None].masked_fill(fresh, float("-inf")).expand(-1, -1, -1, width)
+    log_keep = log_keep[..., None].masked_fill(fresh, float("-inf")).expand(-1, -1, -1, width)
     later, _ = scan(inputs.flatten(2), log_keep.flatten(2), start.flatten(1), backend=self.kernel_backend)
     return torch.cat([start[:, None], later.view(B, K - 1, S, width)], 1)
 

@@ -99,3 +99,4 @@ def test_fixed_addresses_change_nothing_while_only_the_learned_slots_have_been_f
     routed_by_history.load_state_dict(model.state_dict())
     gated = address_gate(routed_by_history, initial_rate=1.0 - model.config.memory_decay)
     torch.testing.assert_close(gated(longer).logits, model(longer).logits, rtol=1e-5, atol=1e-5)
+
