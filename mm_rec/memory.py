@@ -416,11 +416,14 @@ class MultiMemoryAttention(nn.Module):
         kv_l = to_layout(torch.cat([k, v], -1))  # [B, K, L, 2d]
         # Block sums (fp32); segment 0 continues the carried state: its first block_count
         # summaries are carried, and the open block's sums add to block block_count.
-        sums = kv_l.view(B, K, C, N, 2 * d).sum(3, dtype=torch.float32)  # [B, K, C, 2d]
         block = torch.arange(C, device=q.device)[None]
-        if layout.fresh:  # no cache: the carried state holds no summaries and no open block
+        if layout.fresh and N == 1:  # a block is its token: the summaries are k, v as they are (the fold
+            sums = summaries = kv_l  # reads them as float32, which is exact), with no float32 copy to attend to
+        elif layout.fresh:  # no cache: the carried state holds no summaries and no open block
+            sums = kv_l.view(B, K, C, N, 2 * d).sum(3, dtype=torch.float32)  # [B, K, C, 2d]
             summaries = self.close_blocks(sums)
         else:
+            sums = kv_l.view(B, K, C, N, 2 * d).sum(3, dtype=torch.float32)
             carried = block < state.block_count[:, None]  # [B, C]
             at_open = (block == state.block_count[:, None]).float()[..., None]
             open_sums = torch.cat([state.open_key_sum, state.open_value_sum], -1)[:, None]
@@ -491,6 +494,7 @@ class MultiMemoryAttention(nn.Module):
         start = torch.cat([state.slot_keys, state.slot_values], -1)  # [B, S, 2d]
         if K == 1 or not self.folds:
             return start[:, None].expand(B, K, S, width)
+        summaries = summaries.float()
         learned = self.learned_slots()
         weight, keep = route_segments(summaries[..., :d], state.slot_keys, learned[0], restart, self.decay,
                                       self.kernel_backend)

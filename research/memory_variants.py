@@ -70,6 +70,7 @@ def _write_gated_segment_slots(self, summaries: Tensor, state, restart: Tensor) 
     start = torch.cat([state.slot_keys, state.slot_values], -1)
     if K == 1 or not self.folds:
         return start[:, None].expand(B, K, -1, width)
+    summaries = summaries.float()  # blocks of one token arrive in the compute dtype
     beta = torch.sigmoid(summaries[..., :d] @ self.write_weight.float() + self.write_bias.float())  # [B, K, C]
     learned = torch.cat(self.learned_slots(), -1)
     slots, out = start, [start]
@@ -89,7 +90,7 @@ def _addressed_segment_slots(self, summaries: Tensor, state, restart: Tensor) ->
     if K == 1 or not self.folds:
         return start[:, None].expand(B, K, S, width)
     learned = self.learned_slots()
-    blocks = summaries[:, :-1]  # [B, K-1, C, 2d]: segment s - 1 folds into segment s
+    blocks = summaries[:, :-1].float()  # [B, K-1, C, 2d]: segment s - 1 folds into segment s
     route = routes(blocks[..., :d], learned[0])
     if hasattr(self, "write_weight"):
         beta = torch.sigmoid(blocks[..., :d] @ self.write_weight.float() + self.write_bias.float())
