@@ -46,8 +46,8 @@ def routes(block_keys: Tensor, addresses: Tensor) -> Tensor:
 def gated_weights(route: Tensor, beta: Tensor) -> Tuple[Tensor, Tensor]:
     """The fold with per-block write strengths as weights: route [..., C, S] one-hot, beta [..., C] in (0, 1) ->
     (weight [..., C, S], log_keep [..., S]) with new slots = exp(log_keep) * slots + weight^T @ blocks (as
-    ``fold_weights``, whose keep is exp(log_keep)). The log, not keep: a slot written at nearly full strength
-    keeps exp(-large), which underflows to 0, whose log has no finite gradient."""
+    ``fold_weights``, whose keep is exp(log_keep)). The log, which the scan takes, rather than keep: a slot
+    written at nearly full strength keeps exp(-large), which underflows to 0 in float32."""
     beta = beta.clamp(max=1.0 - 1e-6)  # a saturated sigmoid: log(1 - beta) stays finite
     log_kept = route * torch.log1p(-beta)[..., None]  # log(1 - beta) on the routed slot
     later = log_kept.flip(-2).cumsum(-2).flip(-2) - log_kept  # sum over the later blocks of the same slot
