@@ -249,11 +249,12 @@ def test_route_segments_passes_opcheck(backend):
     torch.library.opcheck(torch.ops.mm_rec.route_segments.default, (blocks, slots, init, restart, 0.9, backend))
 
 
-def test_cache_stays_float32_and_exact_under_bf16_autocast(tiny_config):
+@pytest.mark.parametrize("block_size", [2, 1])  # 1: the parallel path reads the summaries in bf16, as k and v
+def test_cache_stays_float32_and_exact_under_bf16_autocast(tiny_config, block_size):
     """Under autocast the memory state (slots, summaries, sums) stays float32, so the cache is
     accepted back, and the token-by-token state equals the parallel one."""
     torch.manual_seed(0)
-    model = MMRecForCausalLM(tiny_config(hidden_size=16, num_hidden_layers=1, memory_block_size=2,
+    model = MMRecForCausalLM(tiny_config(hidden_size=16, num_hidden_layers=1, memory_block_size=block_size,
                                          memory_segment_length=4, num_memory_slots=3)).eval()
     ids = random_ids((2, 11))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -262,7 +263,8 @@ def test_cache_stays_float32_and_exact_under_bf16_autocast(tiny_config):
         for t in range(11):
             stepped = model(ids[:, t:t + 1], use_cache=True, cache=stepped).cache
     for a, b in zip(parallel.layers, stepped.layers):
-        filled = (torch.arange(2)[None] < a.memory.block_count[:, None])[..., None]  # summaries past the count are unused
+        # summaries past the count are unused
+        filled = (torch.arange(model.config.blocks_per_segment)[None] < a.memory.block_count[:, None])[..., None]
         for name, t in a.tensors().items():
             assert t.dtype == (torch.long if name.endswith("count") else torch.float32), name
             other = b.tensors()[name]
