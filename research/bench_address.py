@@ -5,13 +5,11 @@ routing kernels), eager, bf16 autocast, in one process: default, address, defaul
     python research/bench_address.py
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from benchmark import build  # noqa: E402
-from memory_variants import address  # noqa: E402
-from timing import training_throughput  # noqa: E402
+import torch
+from benchmark import build
+from memory_variants import address
+from timing import training_throughput
 
 
 def main() -> int:

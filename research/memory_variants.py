@@ -91,15 +91,11 @@ def _addressed_segment_slots(self, summaries: Tensor, state, restart: Tensor) ->
         return start[:, None].expand(B, K, S, width)
     learned = self.learned_slots()
     blocks = summaries[:, :-1].float()  # [B, K-1, C, 2d]: segment s - 1 folds into segment s
-    route = routes(blocks[..., :d], learned[0])
     if hasattr(self, "write_weight"):
         beta = torch.sigmoid(blocks[..., :d] @ self.write_weight.float() + self.write_bias.float())
-        weight, log_keep = gated_weights(route, beta)
-    else:
-        count = route.sum(-2, keepdim=True)  # m_j; a block's rank among its slot's blocks, 1-based
-        rank = (route.cumsum(-2) * route).sum(-1, keepdim=True)
-        weight = route * (1.0 - self.decay) * self.decay ** ((route * count).sum(-1, keepdim=True) - rank)
-        log_keep = count.squeeze(-2) * math.log(self.decay)
+    else:  # the EMA: every block at the model's constant rate
+        beta = blocks.new_full(blocks.shape[:-1], 1.0 - self.decay)
+    weight, log_keep = gated_weights(routes(blocks[..., :d], learned[0]), beta)
     fresh = restart[:, 1:, None, None]
     inputs = torch.where(fresh, torch.cat(learned, -1), torch.einsum("bkcs,bkce->bkse", weight, blocks))
     log_keep = log_keep[..., None].masked_fill(fresh, float("-inf")).expand(-1, -1, -1, width)
