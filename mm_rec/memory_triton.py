@@ -5,16 +5,23 @@ Importing this module never fails: without Triton, AVAILABLE is False and memory
 
 The fold's routing is the only sequential step of the memory: which slot each block of a
 segment goes to depends on the slots at that segment's start, which depend on every earlier
-fold. The sequential part is only the [S, d] slot keys carried from one segment to the next,
-so each segment is two launches that spread its work over the GPU:
+fold. The sequential part is only the [S, d] slot keys carried from one segment to the next.
+Each segment has two phases, each spread over many programs of a row:
 
-* ``_route_kernel``, one program per (row, chunk of BC blocks): the scores of the chunk's block
-  summaries against the row's slot keys (fp32 products and sums, so the argmax agrees with the
-  PyTorch reference) and their argmax (ties to the lowest slot).
-* ``_fold_kernel``, one program per (row, slice of BD channels): the per-slot counts and each
-  block's rank among its slot's blocks from the routes, the closed-form EMA weights, and the
-  new slot keys of its channel slice (the learned ones where a document starts). The program
-  of slice 0 also writes the weights and the per-slot decays.
+* routing, per chunk of blocks (``_route_chunk``): the scores of the chunk's block summaries
+  against the row's slot keys (fp32 products, so the argmax agrees with the PyTorch reference)
+  and their argmax (ties to the lowest slot);
+* fold, per slice of channels (``_fold_slice``): the per-slot counts and each block's rank among
+  its slot's blocks from the routes, the closed-form EMA weights, and the new slot keys of its
+  channel slice (the learned ones where a document starts). The slice at channel 0 also writes
+  the weights and the per-slot decays.
+
+On CUDA one launch does every segment (``_routing_kernel``): a row's programs run a phase, wait
+for one another at a barrier in global memory, and go on, so a 32k-token row of 64 segments is
+one launch a layer instead of 126 (at batch 1 their launch times, not their work, set the cost).
+It needs every program of the grid resident at once, so it runs when the grid fits on the SMs;
+more rows than that, and the interpreter, take two launches a segment (``_route_kernel``,
+``_fold_kernel``) over all rows.
 
 It writes only the weights and the per-slot decays; memory.py turns them into the
 differentiable slot trajectory with the scan op. Nothing here needs a gradient: the routing is
@@ -30,7 +37,7 @@ as views, the new state. It runs without gradients (generation), the PyTorch ste
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -47,12 +54,12 @@ except ImportError:  # CPU-only machines load the model without Triton
 if AVAILABLE:
 
     @triton.jit
-    def _route_kernel(blocks, stride_b, stride_c, keys, best_at, C, S, D,
-                      BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
-        """blocks: one segment's summaries [B, C, D] (strides stride_b, stride_c, 1), keys [B, S, D]
-        -> best_at [B, C] int32: the slot of each block."""
-        b = tl.program_id(0).to(tl.int64)
-        c0 = tl.program_id(1) * BC
+    def _route_chunk(blocks, stride_b, stride_c, keys, best_at, b, c0, C, S, D,
+                     BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+        """The slots of blocks c0 .. c0 + BC of row b: their summaries (blocks [B, C, D], strides stride_b,
+        stride_c, 1) against the slot keys [B, S, D], fp32 products (so the argmax agrees with the PyTorch
+        reference), argmax with ties to the lowest slot -> best_at [B, C] int32. The keys are read past
+        the SM's L1 (".cg"): in the one-launch routing another program wrote them."""
         o_c = c0 + tl.arange(0, BC)
         o_s = tl.arange(0, BS)
         o_d = tl.arange(0, BD)
@@ -62,10 +69,10 @@ if AVAILABLE:
         for d0 in range(0, D, BD):
             mask_d = d0 + o_d < D
             k_tile = tl.load(keys + (b * S + o_s[:, None]) * D + d0 + o_d[None, :],
-                             mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+                             mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
             b_tile = tl.load(blocks + b * stride_b + o_c[:, None] * stride_c + d0 + o_d[None, :],
                              mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-            scores += tl.sum(b_tile[:, None, :] * k_tile[None, :, :], axis=2)
+            scores = tl.dot(b_tile, tl.trans(k_tile), scores, input_precision="ieee")
         scores = tl.where(mask_s[None, :], scores, float("-inf"))
         best = tl.argmax(scores, axis=1, tie_break_left=True)
         tl.store(best_at + b * C + o_c, best.to(tl.int32), mask=mask_c)
@@ -74,17 +81,15 @@ if AVAILABLE:
     def _chunk_routes(best_at, b, c0, o_c, o_s, C):
         """The one-hot routes [BC, BS] of blocks c0 .. c0 + BC (zero rows past C)."""
         mask_c = c0 + o_c < C
-        best = tl.load(best_at + b * C + c0 + o_c, mask=mask_c, other=-1)
+        best = tl.load(best_at + b * C + c0 + o_c, mask=mask_c, other=-1, cache_modifier=".cg")
         return (o_s[None, :] == best[:, None]).to(tl.float32)
 
     @triton.jit
-    def _fold_kernel(blocks, stride_b, stride_c, keys, init_keys, restart, best_at, weight, keep, C, S, D,
-                     log2_decay, one_minus_decay, BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
-        """From the routes best_at [B, C]: weight [B, C, S] and keep [B, S] of this fold (written by
-        slice 0), and the new slot keys of channels d0 .. d0 + BD, in place in keys [B, S, D]
+    def _fold_slice(blocks, stride_b, stride_c, keys, init_keys, restart, best_at, weight, keep, b, d0, C, S, D,
+                    log2_decay, one_minus_decay, BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+        """From the routes best_at [B, C]: weight [B, C, S] and keep [B, S] of this fold (written where
+        d0 == 0), and the new slot keys of row b's channels d0 .. d0 + BD, in place in keys [B, S, D]
         (init_keys [S, D] where restart [B] is set)."""
-        b = tl.program_id(0).to(tl.int64)
-        d0 = tl.program_id(1) * BD
         o_c = tl.arange(0, BC)
         o_s = tl.arange(0, BS)
         o_d = d0 + tl.arange(0, BD)
@@ -96,7 +101,7 @@ if AVAILABLE:
         kept = tl.exp2(log2_decay * count)
         tile_mask = mask_s[:, None] & mask_d[None, :]
         at = (b * S + o_s[:, None]) * D + o_d[None, :]
-        new = kept[:, None] * tl.load(keys + at, mask=tile_mask, other=0.0)
+        new = kept[:, None] * tl.load(keys + at, mask=tile_mask, other=0.0, cache_modifier=".cg")
         before = tl.zeros([BS], dtype=tl.float32)  # blocks routed to each slot in earlier chunks
         for c0 in range(0, C, BC):  # the weights (1 - lam) lam^(m_j - rank) and the new keys
             mask_c = c0 + o_c < C
@@ -110,18 +115,81 @@ if AVAILABLE:
                          mask=mask_c[:, None] & mask_s[None, :])
             b_tile = tl.load(blocks + b * stride_b + (c0 + o_c[:, None]) * stride_c + o_d[None, :],
                              mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-            new += tl.sum(w[:, :, None] * b_tile[:, None, :], axis=0)
+            new = tl.dot(tl.trans(w), b_tile, new, input_precision="ieee")
         if d0 == 0:
             tl.store(keep + b * S + o_s, kept, mask=mask_s)
         if tl.load(restart + b) != 0:  # a document starts: the learned slots again
             new = tl.load(init_keys + o_s[:, None] * D + o_d[None, :], mask=tile_mask, other=0.0)
         tl.store(keys + at, new, mask=tile_mask)
 
+    @triton.jit
+    def _route_kernel(blocks, stride_b, stride_c, keys, best_at, C, S, D,
+                      BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+        """One segment's routing, program (row, chunk of BC blocks)."""
+        _route_chunk(blocks, stride_b, stride_c, keys, best_at, tl.program_id(0).to(tl.int64), tl.program_id(1) * BC,
+                     C, S, D, BC, BS, BD)
+
+    @triton.jit
+    def _fold_kernel(blocks, stride_b, stride_c, keys, init_keys, restart, best_at, weight, keep, C, S, D,
+                     log2_decay, one_minus_decay, BC: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+        """One segment's fold, program (row, slice of BD channels)."""
+        _fold_slice(blocks, stride_b, stride_c, keys, init_keys, restart, best_at, weight, keep,
+                    tl.program_id(0).to(tl.int64), tl.program_id(1) * BD, C, S, D, log2_decay, one_minus_decay,
+                    BC, BS, BD)
+
+    @triton.jit
+    def _row_barrier(arrived, target):
+        """Wait until the row's programs have all arrived here (``arrived`` reaches ``target``); what each
+        wrote before is then visible to the others (release / acquire at GPU scope)."""
+        tl.debug_barrier()  # every thread of this program has issued its stores
+        tl.atomic_add(arrived, 1, sem="release", scope="gpu")
+        while tl.atomic_add(arrived, 0, sem="acquire", scope="gpu") < target:
+            pass
+        tl.debug_barrier()
+
+    @triton.jit
+    def _routing_kernel(blocks, stride_b, stride_k, stride_c, keys, init_keys, restart, best_at, weight, keep,
+                        arrived, B, K, C, S, D, log2_decay, one_minus_decay,
+                        RC: tl.constexpr, RD: tl.constexpr, FC: tl.constexpr, FD: tl.constexpr, BS: tl.constexpr):
+        """Every segment transition of row b in one launch: its P = num_programs(1) programs route a
+        segment's blocks (chunks of RC, spread over the programs), wait for one another, fold it (slices of
+        FD channels), wait again, and go on to the next segment. Launched only with every program resident
+        (grid <= the SM count), so the waits cannot starve."""
+        b = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1)
+        P = tl.num_programs(1)
+        row_arrived = arrived + b
+        for s in range(1, K):
+            segment = blocks + (s - 1) * stride_k
+            for c0 in range(p * RC, C, P * RC):
+                _route_chunk(segment, stride_b, stride_c, keys, best_at, b, c0, C, S, D, RC, BS, RD)
+            _row_barrier(row_arrived, (2 * s - 1) * P)
+            for d0 in range(p * FD, D, P * FD):
+                _fold_slice(segment, stride_b, stride_c, keys, init_keys, restart + s * B, best_at,
+                            weight + (s - 1) * B * C * S, keep + (s - 1) * B * S, b, d0, C, S, D,
+                            log2_decay, one_minus_decay, FC, BS, FD)
+            _row_barrier(row_arrived, 2 * s * P)
+
+
+def _routing_tiles(C: int, S: int, D: int):
+    """Tile sizes, each at least 16 (tl.dot's smallest): (blocks, channels) of a routing chunk, (blocks,
+    channels) of a fold slice, slots. Small slices give a segment many programs: with blocks of one token
+    (C = 512) and D = 768, 32 routing chunks and 48 fold slices."""
+    pow2 = triton.next_power_of_2
+    return (max(16, min(16, pow2(C))), max(16, min(128, pow2(D))), max(16, min(128, pow2(C))),
+            max(16, min(16, pow2(D))), max(16, pow2(S)))
+
 
 def route_segments_triton(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
-                          decay: float) -> Tuple[Tensor, Tensor]:
+                          decay: float, programs_per_row: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Same contract as memory.route_segments_torch: block_keys [B, K, C, d], slot_keys [B, S, d],
-    init_keys [S, d] (fp32), restart [B, K] bool -> (weight [B, K-1, C, S], keep [B, K-1, S])."""
+    init_keys [S, d] (fp32), restart [B, K] bool -> (weight [B, K-1, C, S], keep [B, K-1, S]).
+
+    On CUDA, one launch routes every segment (``_routing_kernel``) when the rows' programs fit on the
+    SMs at once; otherwise (many rows, or the interpreter, whose programs run one after another) each
+    segment is two launches, routing then fold, over every row. ``programs_per_row`` forces the one
+    launch with that many programs a row (the tests: 1 runs under the interpreter, where a row's
+    programs would otherwise wait for one another forever)."""
     B, K, C, D = block_keys.shape
     S = slot_keys.shape[1]
     device = block_keys.device
@@ -134,18 +202,25 @@ def route_segments_triton(block_keys: Tensor, slot_keys: Tensor, init_keys: Tens
     weight = torch.empty(K - 1, B, C, S, dtype=torch.float32, device=device)
     keep = torch.empty(K - 1, B, S, dtype=torch.float32, device=device)
     best = torch.empty(B, C, dtype=torch.int32, device=device)
-    BS = triton.next_power_of_2(S)
-    BC = min(triton.next_power_of_2(C), max(1, 256 // BS))  # [BC, BS, BD] products stay 16k values
-    BD = min(64, triton.next_power_of_2(D))
+    RC, RD, FC, FD, BS = _routing_tiles(C, S, D)
     log2_decay, one_minus_decay = math.log2(decay), 1.0 - decay
+    if programs_per_row is None and device.type == "cuda":
+        resident = torch.cuda.get_device_properties(device).multi_processor_count // B  # a row's share of the SMs
+        programs_per_row = min(max(triton.cdiv(C, RC), triton.cdiv(D, FD)), resident) or None
+    if K > 1 and programs_per_row:
+        arrived = torch.zeros(B, dtype=torch.int32, device=device)
+        _routing_kernel[(B, programs_per_row)](
+            blocks, blocks.stride(0), blocks.stride(1), blocks.stride(2), keys, init_keys, restarts, best, weight, keep,
+            arrived, B, K, C, S, D, log2_decay, one_minus_decay, RC=RC, RD=RD, FC=FC, FD=FD, BS=BS, num_warps=4)
+        return weight.transpose(0, 1), keep.transpose(0, 1)
     for s in range(1, K):
         segment = blocks[:, s - 1]  # [B, C, D], a view
         strides = (segment.stride(0), segment.stride(1))
-        _route_kernel[(B, triton.cdiv(C, BC))](segment, *strides, keys, best, C, S, D, BC=BC, BS=BS, BD=BD,
+        _route_kernel[(B, triton.cdiv(C, RC))](segment, *strides, keys, best, C, S, D, BC=RC, BS=BS, BD=RD,
                                                num_warps=4)
-        _fold_kernel[(B, triton.cdiv(D, BD))](segment, *strides, keys, init_keys, restarts[s], best, weight[s - 1],
+        _fold_kernel[(B, triton.cdiv(D, FD))](segment, *strides, keys, init_keys, restarts[s], best, weight[s - 1],
                                               keep[s - 1], C, S, D, log2_decay, one_minus_decay,
-                                              BC=BC, BS=BS, BD=BD, num_warps=4)
+                                              BC=FC, BS=BS, BD=FD, num_warps=4)
     return weight.transpose(0, 1), keep.transpose(0, 1)
 
 

@@ -246,6 +246,8 @@ def test_route_segments_passes_opcheck(backend):
     g = torch.Generator().manual_seed(1)
     blocks, slots, init = torch.randn(2, 4, 3, 6, generator=g), torch.randn(2, 5, 6, generator=g), torch.randn(5, 6, generator=g)
     restart = torch.tensor([[False, True, False, False], [False, False, False, True]])
+    if torch.cuda.is_available():  # on a GPU machine the Triton backend needs CUDA tensors (no interpreter there)
+        blocks, slots, init, restart = (t.cuda() for t in (blocks, slots, init, restart))
     torch.library.opcheck(torch.ops.mm_rec.route_segments.default, (blocks, slots, init, restart, 0.9, backend))
 
 
