@@ -20,6 +20,14 @@ learned slot keys K^L (fixed addresses) instead of the slots as the earlier fold
 then no longer depend on the fold history: every segment's routing is one batched product and the
 whole fold one scan, with no sequential step (issue 27's alternative to the per-segment routing
 kernels). ``address-gate``: the same routes with the write-gate's per-block strengths.
+
+``window``: level 1 reads two segments. With blocks of one token a segment's first tokens see no
+earlier token of the stream exactly (only h, the slots and the convolution), which shows as a rise of
+the loss at every segment start. Here each token also attends to every block of the previous segment
+of its document (none at a row's first segment or where its segment starts a document): entries
+[slots, previous segment's blocks, this segment's earlier blocks]. The fold is the model's. A decode
+state for it would carry the previous segment's C summaries beside the current ones (still a fixed
+size); the prototype has none, so only whole rows from a fresh state are exact.
 """
 
 from __future__ import annotations
@@ -103,6 +111,42 @@ def _addressed_segment_slots(self, summaries: Tensor, state, restart: Tensor) ->
     return torch.cat([start[:, None], later.view(B, K - 1, S, width)], 1)
 
 
+def _windowed_segment_slots(self, summaries: Tensor, state, restart: Tensor) -> Tensor:
+    """The model's own ``_segment_slots``; it also keeps the segment layout (rows, segments, which segments
+    start a document) for ``_attend_tokens_windowed``, which sees the segments flattened into one axis."""
+    self._window_layout = (summaries.shape[0], summaries.shape[1], restart)
+    return type(self)._segment_slots(self, summaries, state, restart)
+
+
+def _attend_tokens_windowed(self, q: Tensor, slots: Tensor, blocks: Tensor) -> Tensor:
+    """``_attend_tokens`` over [slots, the previous segment's C blocks, this segment's blocks 0 .. C - 2]: the token
+    at offset j sees every slot, every block of the previous segment of its document, and the blocks c < j.
+    q: [G, L, d]; slots: [G, S, 2d]; blocks: [G, C, 2d], G = B * K segments, in order."""
+    B, K, restart = self._window_layout
+    G, L, d = q.shape
+    S, C = slots.shape[1], blocks.shape[1]
+    per_row = blocks.view(B, K, C, -1)
+    previous = torch.cat([torch.zeros_like(per_row[:, :1]), per_row[:, :-1]], 1).view(G, C, -1)
+    has_previous = torch.ones(B, K, dtype=torch.bool, device=q.device)
+    has_previous[:, 0] = False
+    has_previous &= ~restart  # a segment that starts a document reads nothing of the one before
+    entries = torch.cat([slots.to(q.dtype), previous.to(q.dtype), blocks[:, :-1].to(q.dtype)], 1)
+    E = entries.shape[1]
+    mask = torch.ones(L, E, dtype=torch.bool, device=q.device).tril(E - L).expand(G, L, E).clone()
+    mask[:, :, S:S + C] &= has_previous.view(G, 1, 1)
+    return self._attend(q, entries[..., :d], entries[..., d:], mask[:, None])
+
+
+def window(model: nn.Module) -> nn.Module:
+    """Give every memory of ``model`` a level 1 of two segments (``window``), in place; returns it."""
+    if model.config.memory_block_size != 1:
+        raise ValueError(f"window: needs memory_block_size=1 (blocks of one token), got {model.config.memory_block_size}")
+    for memory in _memories(model, "window"):
+        memory._segment_slots = types.MethodType(_windowed_segment_slots, memory)
+        memory._attend_tokens = types.MethodType(_attend_tokens_windowed, memory)
+    return model
+
+
 def _memories(model: nn.Module, prototype: str) -> list:
     memories = [layer.memory for layer in model.model.layers if layer.memory is not None]
     if not memories:
@@ -144,4 +188,4 @@ def address_gate(model: nn.Module, initial_rate: float = 0.1) -> nn.Module:
 
 
 PROTOTYPES: Dict[str, Callable[[nn.Module], nn.Module]] = {"write-gate": write_gate, "address": address,
-                                                           "address-gate": address_gate}
+                                                           "address-gate": address_gate, "window": window}

@@ -100,3 +100,47 @@ def test_fixed_addresses_change_nothing_while_only_the_learned_slots_have_been_f
     gated = address_gate(routed_by_history, initial_rate=1.0 - model.config.memory_decay)
     torch.testing.assert_close(gated(longer).logits, model(longer).logits, rtol=1e-5, atol=1e-5)
 
+
+
+def test_the_two_segment_window_attends_as_a_per_token_loop():
+    """``window``: the token at offset j of segment k reads every slot of segment k, every token of segment k - 1
+    (unless k is a row's first segment or starts a document) and the tokens before it in segment k."""
+    from memory_variants import window
+
+    from mm_rec.positions import token_layout
+
+    model = tiny_model(memory_block_size=1)
+    window(model)
+    memory = model.model.layers[0].memory
+    L, d, H = memory.segment_length, model.config.hidden_size, model.config.num_attention_heads
+    B, K = 2, 4
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, K * L, d, generator=g) for _ in range(3))
+    position_ids = torch.arange(K * L).repeat(B, 1)
+    position_ids[1, L:] -= L  # row 1: a second document from segment 1 on
+    layout = token_layout(torch.ones(B, K * L, dtype=torch.long), position_ids, torch.zeros(B, dtype=torch.long))
+    with torch.no_grad():
+        m, _ = memory(q, k, v, layout, memory.fresh_state(B))
+        restart = torch.zeros(B, K, dtype=torch.bool)
+        restart[1, 1] = True
+        kv = torch.cat([k, v], -1)
+        slots = type(memory)._segment_slots(memory, kv.view(B, K, L, 2 * d), memory.fresh_state(B), restart)
+    for b in range(B):
+        for t in range(K * L):
+            seg, j = divmod(t, L)
+            seen = [slots[b, seg]]
+            if seg > 0 and not restart[b, seg]:
+                seen.append(kv[b, (seg - 1) * L:seg * L])
+            seen.append(kv[b, seg * L:seg * L + j])
+            entries = torch.cat(seen)
+            heads = lambda x: x.view(x.shape[0], H, -1).transpose(0, 1)  # noqa: E731
+            keys, values, query = heads(entries[:, :d]), heads(entries[:, d:]), q[b, t].view(H, 1, -1)
+            weights = torch.softmax(query @ keys.transpose(1, 2) / math.sqrt(d // H), -1)
+            torch.testing.assert_close(m[b, t], (weights @ values).flatten(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_window_needs_blocks_of_one_token():
+    from memory_variants import window
+
+    with pytest.raises(ValueError, match="memory_block_size=1"):
+        window(tiny_model(memory_block_size=2))
