@@ -160,13 +160,14 @@ if AVAILABLE:
         P = tl.num_programs(1)
         row_arrived = arrived + b
         for s in range(1, K):
-            segment = blocks + (s - 1) * stride_k
+            before = tl.cast(s - 1, tl.int64)  # the segment that folds; offsets in int64 (long rows)
+            segment = blocks + before * stride_k
             for c0 in range(p * RC, C, P * RC):
                 _route_chunk(segment, stride_b, stride_c, keys, best_at, b, c0, C, S, D, RC, BS, RD)
             _row_barrier(row_arrived, (2 * s - 1) * P)
             for d0 in range(p * FD, D, P * FD):
-                _fold_slice(segment, stride_b, stride_c, keys, init_keys, restart + s * B, best_at,
-                            weight + (s - 1) * B * C * S, keep + (s - 1) * B * S, b, d0, C, S, D,
+                _fold_slice(segment, stride_b, stride_c, keys, init_keys, restart + (before + 1) * B, best_at,
+                            weight + before * B * C * S, keep + before * B * S, b, d0, C, S, D,
                             log2_decay, one_minus_decay, FC, BS, FD)
             _row_barrier(row_arrived, 2 * s * P)
 
@@ -174,10 +175,10 @@ if AVAILABLE:
 def _routing_tiles(C: int, S: int, D: int):
     """Tile sizes, each at least 16 (tl.dot's smallest): (blocks, channels) of a routing chunk, (blocks,
     channels) of a fold slice, slots. Small slices give a segment many programs: with blocks of one token
-    (C = 512) and D = 768, 32 routing chunks and 48 fold slices."""
+    (C = 512) and D = 768, 32 routing chunks and 48 fold slices (larger tiles measured slower on an H100,
+    docs/benchmarks/train_gpu.md)."""
     pow2 = triton.next_power_of_2
-    return (max(16, min(16, pow2(C))), max(16, min(128, pow2(D))), max(16, min(128, pow2(C))),
-            max(16, min(16, pow2(D))), max(16, pow2(S)))
+    return 16, max(16, min(128, pow2(D))), max(16, min(128, pow2(C))), 16, max(16, pow2(S))
 
 
 def route_segments_triton(block_keys: Tensor, slot_keys: Tensor, init_keys: Tensor, restart: Tensor,
