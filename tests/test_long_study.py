@@ -36,7 +36,7 @@ def test_each_variant_is_the_default_config_but_its_ablated_field():
                "mmrec-slots-64": {"num_memory_slots": 64}, "mmrec-segment-256": {"memory_segment_length": 256},
                "mmrec-segment-1024": {"memory_segment_length": 1024}, "mmrec-fold-decay-0.9": {"memory_decay": 0.9},
                "mmrec-fold-decay-0.5": {"memory_decay": 0.5}, "mmrec-write-gate": {}, "mmrec-address": {},
-               "mmrec-address-gate": {}}
+               "mmrec-address-gate": {}, "mmrec-window": {}}
     assert set(ls.MMREC_VARIANTS) == set(ablated)
     for name, fields in ablated.items():
         with torch.device("meta"):
