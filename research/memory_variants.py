@@ -132,9 +132,10 @@ def _attend_tokens_windowed(self, q: Tensor, slots: Tensor, blocks: Tensor) -> T
     has_previous &= ~restart  # a segment that starts a document reads nothing of the one before
     entries = torch.cat([slots.to(q.dtype), previous.to(q.dtype), blocks[:, :-1].to(q.dtype)], 1)
     E = entries.shape[1]
-    mask = torch.ones(L, E, dtype=torch.bool, device=q.device).tril(E - L).expand(G, L, E).clone()
-    mask[:, :, S:S + C] &= has_previous.view(G, 1, 1)
-    return self._attend(q, entries[..., :d], entries[..., d:], mask[:, None])
+    columns = torch.ones(G, E, dtype=torch.bool, device=q.device)
+    columns[:, S:S + C] = has_previous.view(G, 1)
+    causal = torch.ones(L, E, dtype=torch.bool, device=q.device).tril(E - L)  # the token at j sees e < E - L + j
+    return self._attend(q, entries[..., :d], entries[..., d:], (causal & columns[:, None])[:, None])
 
 
 def window(model: nn.Module) -> nn.Module:

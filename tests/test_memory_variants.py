@@ -101,7 +101,6 @@ def test_fixed_addresses_change_nothing_while_only_the_learned_slots_have_been_f
     torch.testing.assert_close(gated(longer).logits, model(longer).logits, rtol=1e-5, atol=1e-5)
 
 
-
 def test_the_two_segment_window_attends_as_a_per_token_loop():
     """``window``: the token at offset j of segment k reads every slot of segment k, every token of segment k - 1
     (unless k is a row's first segment or starts a document) and the tokens before it in segment k."""
@@ -125,6 +124,7 @@ def test_the_two_segment_window_attends_as_a_per_token_loop():
         restart[1, 1] = True
         kv = torch.cat([k, v], -1)
         slots = type(memory)._segment_slots(memory, kv.view(B, K, L, 2 * d), memory.fresh_state(B), restart)
+    heads = lambda x: x.view(x.shape[0], H, -1).transpose(0, 1)  # noqa: E731  [n, d] -> [H, n, d / H]
     for b in range(B):
         for t in range(K * L):
             seg, j = divmod(t, L)
@@ -133,7 +133,6 @@ def test_the_two_segment_window_attends_as_a_per_token_loop():
                 seen.append(kv[b, (seg - 1) * L:seg * L])
             seen.append(kv[b, seg * L:seg * L + j])
             entries = torch.cat(seen)
-            heads = lambda x: x.view(x.shape[0], H, -1).transpose(0, 1)  # noqa: E731
             keys, values, query = heads(entries[:, :d]), heads(entries[:, d:]), q[b, t].view(H, 1, -1)
             weights = torch.softmax(query @ keys.transpose(1, 2) / math.sqrt(d // H), -1)
             torch.testing.assert_close(m[b, t], (weights @ values).flatten(), rtol=1e-4, atol=1e-5)
