@@ -4,6 +4,10 @@ Training never materialises the logits of the whole batch: rows are taken ``chun
 a time, their logits computed, turned into the loss and, at once, into the gradients of the
 hidden states and of the head's weight, and dropped. The backward only scales those
 gradients. Peak memory is set by the chunk, not by batch x length x vocabulary.
+
+Where ``backend`` (``config.kernel_backend``) resolves to Triton, a chunk's logits stay in the
+compute dtype and one kernel turns them into the row losses and, in place, their gradient
+(loss_triton.py); elsewhere PyTorch does it on a float32 copy.
 """
 
 from __future__ import annotations
@@ -13,15 +17,33 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .loss_triton import AVAILABLE as KERNEL_AVAILABLE
+from .loss_triton import cross_entropy_rows_
+from .scan import resolve_backend
+
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32)
+CHUNK_BYTES = 1 << 27  # one chunk's logits: 128 MiB (float32 on the PyTorch path, the compute dtype in the kernel)
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's logits (it computes in float32)
+
+
+def _chunk_loss_and_gradient(logits: Tensor, target: Tensor, acc: torch.dtype):
+    """The summed loss (in ``acc``) of a chunk's rows and its gradient with respect to their logits [n, V] (in the
+    logits' dtype), computed in ``acc``."""
+    dtype, logits = logits.dtype, logits.to(acc)
+    valid = target != IGNORE_INDEX
+    log_z = torch.logsumexp(logits, -1)
+    safe = target.clamp(min=0)
+    loss = ((log_z - logits.gather(1, safe[:, None])[:, 0]) * valid).sum()
+    grad = logits.sub_(log_z[:, None]).exp_()  # softmax, in place
+    grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
+    return loss, (grad * valid[:, None]).to(dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-        """hidden: [R, d]; weight: [V, d] (same dtype); targets: [R] long, IGNORE_INDEX skipped.
-        Returns the summed cross-entropy (an fp32 scalar; fp64 for fp64 inputs)."""
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, fused: bool) -> Tensor:
+        """hidden: [R, d]; weight: [V, d] (same dtype); targets: [R] long, IGNORE_INDEX skipped; fused: each
+        chunk through loss_triton's kernel. Returns the summed cross-entropy (an fp32 scalar; fp64 for fp64 inputs)."""
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -31,20 +53,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_rows):
                 h = hidden[start:start + chunk_rows]
                 target = targets[start:start + chunk_rows]
-                valid = target != IGNORE_INDEX
-                logits = (h @ weight.T).to(acc)
-                log_z = torch.logsumexp(logits, -1)
-                safe = target.clamp(min=0)
-                picked = logits.gather(1, safe[:, None])[:, 0]
-                total += ((log_z - picked) * valid).sum()
-                if needs_hidden or needs_weight:
-                    grad = logits.sub_(log_z[:, None]).exp_()  # softmax, in place
-                    grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
-                    grad = (grad * valid[:, None]).to(hidden.dtype)
-                    if needs_hidden:
-                        d_hidden[start:start + chunk_rows] = grad @ weight
-                    if needs_weight:
-                        d_weight += (grad.T @ h).to(acc)
+                if fused:  # the kernel leaves the rows' gradient in place of their logits (compute dtype)
+                    grad = h @ weight.T
+                    total += cross_entropy_rows_(grad, target, IGNORE_INDEX).sum()
+                else:
+                    loss, grad = _chunk_loss_and_gradient(h @ weight.T, target, acc)
+                    total += loss
+                if needs_hidden:
+                    torch.mm(grad, weight, out=d_hidden[start:start + chunk_rows])
+                if needs_weight:
+                    d_weight += (grad.T @ h).to(acc)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -54,18 +72,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         d_hidden, d_weight = ctx.saved_tensors
         d_hidden = None if d_hidden is None else d_hidden * grad_total.to(d_hidden.dtype)
         d_weight = None if d_weight is None else (d_weight * grad_total).to(ctx.weight_dtype)
-        return d_hidden, d_weight, None, None
+        return d_hidden, d_weight, None, None, None
 
 
 def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, num_items_in_batch: Optional[Tensor | int] = None,
-                   chunk_rows: Optional[int] = None) -> Tensor:
+                   chunk_rows: Optional[int] = None, backend: str = "auto") -> Tensor:
     """Mean next-token cross-entropy of ``hidden @ weight.T`` against ``labels`` shifted by one,
     as transformers' causal-LM loss computes it (IGNORE_INDEX skipped; divided by
     ``num_items_in_batch`` when given, for gradient accumulation; NaN when no label is scored and
     ``num_items_in_batch`` is not given, with zero gradients), without the logits.
 
     hidden: [B, T, d]; weight: [V, d]; labels: [B, T] long. Under autocast the product runs
-    in the autocast dtype; the loss and its accumulation are fp32.
+    in the autocast dtype; the loss and its accumulation are fp32. ``backend``: the scan's choices
+    (``config.kernel_backend``); Triton runs each chunk's softmax in one kernel (float32, bfloat16 and
+    float16 products; float64 stays on the PyTorch path).
     """
     B, T, d = hidden.shape
     if torch.is_autocast_enabled(hidden.device.type):
@@ -74,8 +94,11 @@ def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, num_items_in_
     elif weight.dtype != hidden.dtype:
         hidden = hidden.to(weight.dtype)
     targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    total = _LinearCrossEntropy.apply(hidden.reshape(B * T, d), weight, targets, rows)
+    fused = hidden.dtype in FUSED_DTYPES and resolve_backend(backend, hidden.device) == "triton"
+    fused = fused and KERNEL_AVAILABLE
+    logit_bytes = hidden.element_size() if fused else 4
+    rows = chunk_rows or max(1, CHUNK_BYTES // (logit_bytes * weight.shape[0]))
+    total = _LinearCrossEntropy.apply(hidden.reshape(B * T, d), weight, targets, rows, fused)
     # total / divisor, as transformers' loss: NaN with nothing to score and no num_items_in_batch
     # (0 / 0). A zero divisor's gradient is taken as zero (transformers' is), not 0 * inf = NaN.
     if num_items_in_batch is None:

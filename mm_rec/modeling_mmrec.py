@@ -523,7 +523,8 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
         if labels is not None and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # training: the loss and its gradients chunk by chunk, never [B, T, vocab] logits
             # (under torch.compile the plain loss below is traced instead: the compiler plans its memory)
-            loss = causal_lm_loss(hidden, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+            loss = causal_lm_loss(hidden, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"),
+                                  backend=self.config.kernel_backend)
         else:
             logits = self.lm_head(hidden).float()
             if labels is not None:

@@ -21,13 +21,13 @@ import argparse
 import collections
 import functools
 import os
-import re
 import traceback
 import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+from profile_train import line_of_node  # noqa: E402
 from saved_activations import add_step_arguments, step_model  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
@@ -36,15 +36,6 @@ GEMMS = {"mm", "bmm", "addmm", "embedding", "embedding_dense_backward"}
 FREE = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
         "squeeze", "as_strided", "split", "split_with_sizes", "chunk", "unbind", "alias", "detach", "empty",
         "empty_like", "new_empty", "empty_strided", "lift_fresh", "unflatten", "flatten"}
-
-
-def _line_of_node() -> str:
-    """The mm_rec line whose forward made the running autograd node ('' if none)."""
-    node = torch._C._current_autograd_node()
-    stack = node.metadata.get("traceback_", []) if node is not None else []
-    frames = [re.search(r'mm_rec/(\w+\.py)", line (\d+)', entry) for entry in stack if "mm_rec/" in entry]
-    frames = [f for f in frames if f]
-    return f"{frames[-1].group(1)}:{frames[-1].group(2)} (backward)" if frames else ""
 
 
 class Traffic(TorchDispatchMode):
@@ -67,7 +58,7 @@ class Traffic(TorchDispatchMode):
         frames = [f for f in traceback.extract_stack()[:-1] if "mm_rec/" in f.filename]
         if frames and "_triton.py" in frames[-1].filename:  # the interpreter's own copies of a kernel's arguments
             return out
-        line = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else _line_of_node()
+        line = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else line_of_node()
         if name in GEMMS:
             self.gemm_bytes[self.phase] += moved
         else:

@@ -6,17 +6,73 @@
 
 Runs warm-up steps, then ``--steps`` steps (bf16 autocast, AdamW) under torch.profiler and prints
 the ``--top`` kernels by total CUDA time, their share of it, the step time and tokens/s; with
-``--trace FILE`` also writes a Chrome trace.
+``--trace FILE`` also writes a Chrome trace. ``--by-line`` also charges each kernel to the line of ``mm_rec``
+that ran it (forward) or whose forward made its autograd node (backward), the way ``op_traffic.py`` counts bytes:
+
+    python research/profile_train.py --by-line --top 30                      # GPU ms per source line
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import functools
 import json
+import re
 import time
+import traceback
+import warnings
 
 import torch
 from benchmark import build
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mm_rec.memory as memory
+
+_MARK = "line "
+
+
+def line_of_node() -> str:
+    """The mm_rec line whose forward made the running autograd node ('' if none)."""
+    node = torch._C._current_autograd_node()
+    stack = node.metadata.get("traceback_", []) if node is not None else []
+    frames = [re.search(r'mm_rec/(\w+\.py)", line (\d+)', entry) for entry in stack if "mm_rec/" in entry]
+    frames = [f for f in frames if f]
+    return f"{frames[-1].group(1)}:{frames[-1].group(2)} (backward)" if frames else ""
+
+
+class LineRanges(TorchDispatchMode):
+    """Runs every aten operation inside a profiler range named after the mm_rec line that ran it (forward) or
+    whose forward made the running autograd node (backward; anomaly mode records it): the range's kernels are
+    that line's GPU time. Outside mm_rec (the loss's callers, the optimiser) the range names the operation."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "mm_rec/" in f.filename]
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            line = line_of_node() or "(outside mm_rec) (backward)"
+        else:
+            line = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "(outside mm_rec)"
+        with torch.profiler.record_function(f"{_MARK}{line}|{func.overloadpacket.__name__}"):
+            return func(*args, **(kwargs or {}))
+
+
+def by_line(profile, steps: int, total_us: float, top: int) -> None:
+    """Prints GPU ms per step for each line (``LineRanges``), with the operations that ran there, and the kernels
+    launched outside any operation (the Triton kernels, by name)."""
+    times, ops = collections.Counter(), collections.defaultdict(collections.Counter)
+    for event in profile.events():  # the ranges on the host (the profiler mirrors each on the GPU as well)
+        if event.name.startswith(_MARK) and event.device_type == torch.autograd.DeviceType.CPU:
+            line, op = event.name[len(_MARK):].rsplit("|", 1)
+            times[line] += event.device_time_total
+            ops[line][op] += 1
+    print(f"\nGPU time by line: {sum(times.values()) / 1e3 / steps:.1f} of {total_us / 1e3 / steps:.1f} ms per step "
+          "in aten operations; the rest is launched directly (Triton kernels, above)")
+    print("| line | ms per step | share | operations per step |\n|---|---|---|---|")
+    for line, time_us in times.most_common(top):
+        names = " ".join(f"{op} x{n // steps}" for op, n in ops[line].most_common(6))
+        print(f"| {line} | {time_us / 1e3 / steps:.2f} | {100 * time_us / total_us:.1f}% | {names} |")
 
 
 def main(argv=None) -> int:
@@ -30,7 +86,10 @@ def main(argv=None) -> int:
     parser.add_argument("--mmrec-overrides", type=json.loads, default=None, metavar="JSON")
     parser.add_argument("--compile", action="store_true", help="profile the step through torch.compile (compiled in the warm-up)")
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
+    parser.add_argument("--by-line", action="store_true", help="also GPU time per mm_rec line (eager only)")
     args = parser.parse_args(argv)
+    if args.by_line and args.compile:
+        parser.error("--by-line: eager steps only (a compiled step runs no aten operations one by one)")
     if not torch.cuda.is_available():
         parser.error("profiling needs a CUDA device")
     device = torch.device("cuda")
@@ -50,17 +109,26 @@ def main(argv=None) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if args.by_line:  # SDPA's CausalBias, a tensor subclass, cannot be made inside a dispatch mode: made once, kept
+        memory.causal_lower_right = functools.lru_cache(None)(memory.causal_lower_right)
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as profile:
-        for _ in range(args.steps):
-            step()
+        with contextlib.ExitStack() as stack:
+            if args.by_line:
+                stack.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")  # anomaly mode's warning: it records each node's forward line
+                stack.enter_context(LineRanges())
+                stack.enter_context(torch.autograd.detect_anomaly(check_nan=False))
+            for _ in range(args.steps):
+                step()
         torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / args.steps
-    events = [e for e in profile.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = [e for e in profile.key_averages()  # kernels, not the GPU mirrors of the --by-line ranges
+              if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith(_MARK)]
     kernels = sorted(((e.key, e.self_device_time_total, e.count) for e in events if e.self_device_time_total > 0),
                      key=lambda item: -item[1])
     total = sum(t for _, t, _ in kernels)
@@ -72,6 +140,8 @@ def main(argv=None) -> int:
     print("| kernel | ms per step | share | calls per step |\n|---|---|---|---|")
     for name, time_us, count in kernels[:args.top]:
         print(f"| {name[:90]} | {time_us / 1e3 / args.steps:.2f} | {100 * time_us / total:.1f}% | {count // args.steps} |")
+    if args.by_line:
+        by_line(profile, args.steps, total, args.top)
     if args.trace:
         profile.export_chrome_trace(args.trace)
     return 0

@@ -10,6 +10,9 @@ from common import VOCAB, random_ids
 from naive import naive_causal_lm_loss
 
 from mm_rec.loss import causal_lm_loss
+from mm_rec.loss_triton import MAX_BLOCK, cross_entropy_rows_
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel: interpreted on CPU (conftest)
 
 
 def inputs(seed, B=3, T=17, d=8, V=50):
@@ -52,6 +55,61 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
     assert loss.dtype == torch.float32
     ref = naive_causal_lm_loss(hidden.double(), weight.double(), labels)
     assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())  # bf16 operands
+
+
+@pytest.mark.parametrize("V", [50, MAX_BLOCK + 77])  # one block with a masked tail; two blocks
+def test_kernel_row_losses_and_gradients_equal_log_softmax(V):
+    """loss_triton's kernel against the definition: loss = -log_softmax at the target, gradient =
+    softmax - one-hot, both zero for an ignored row; large logits (an online maximum that moves)
+    included."""
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(5, V, generator=g) * 4.0
+    logits[1, V - 1] = 300.0  # the row's maximum in its last block
+    logits[2] -= 1000.0
+    targets = torch.tensor([0, V - 1, 3, -100, V - 2])
+    got = logits.clone().to(DEVICE)
+    losses = cross_entropy_rows_(got, targets.to(DEVICE), -100).cpu()
+    log_p = logits.double().log_softmax(-1)
+    valid = targets != -100
+    want = torch.where(valid, -log_p.gather(1, targets.clamp(min=0)[:, None])[:, 0], 0.0)
+    torch.testing.assert_close(losses.double(), want, rtol=1e-5, atol=1e-5)
+    grad = (log_p.exp() - F.one_hot(targets.clamp(min=0), V)) * valid[:, None]
+    # float32 logits near -1000 carry their exponent to 6e-5 (one ulp): the softmax to about that, relatively
+    torch.testing.assert_close(got.cpu().double(), grad, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_kernel_path_equals_the_definition(chunk_rows):
+    """causal_lm_loss with the kernel (backend "triton"): loss and gradients against the definition, in
+    float32 (the kernel's arithmetic)."""
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in inputs(4))
+    got, want = [], []
+    for fn, out in ((lambda h, w: causal_lm_loss(h, w, labels.to(DEVICE), 29, chunk_rows=chunk_rows, backend="triton"),
+                     got),
+                    (lambda h, w: naive_causal_lm_loss(h.double(), w.double(), labels, 29), want)):
+        device = DEVICE if out is got else "cpu"
+        h, w = hidden.clone().to(device).requires_grad_(), weight.clone().to(device).requires_grad_()
+        loss = fn(h, w)
+        (3.0 * loss).backward()
+        out.extend(t.detach().cpu().double() for t in (loss, h.grad, w.grad))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_path_in_bf16_equals_the_pytorch_path():
+    """Under bf16 autocast the kernel reads the bf16 logits the PyTorch path upcasts: the same loss and
+    gradients up to float32 summation order and one bf16 rounding of the gradient."""
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in inputs(5, T=40, d=32, V=300))
+    results = []
+    for backend in ("torch", "triton"):
+        h, w = hidden.clone().to(DEVICE).requires_grad_(), weight.clone().to(DEVICE).requires_grad_()
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            loss = causal_lm_loss(h, w, labels.to(DEVICE), chunk_rows=16, backend=backend)
+        loss.backward()
+        results.append([t.detach().cpu() for t in (loss, h.grad, w.grad)])
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[1][1:], results[0][1:]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
 
 
 def test_model_training_loss_equals_the_logits_loss(tiny_model):

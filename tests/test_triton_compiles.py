@@ -102,8 +102,9 @@ def test_every_kernel_compiles_for_an_h100(monkeypatch):
                           torch.zeros(2, 3, dtype=torch.bool), 0.9, programs_per_row=1)
     names = {name for _, name, _ in launches}
     assert any(dtype == "torch.bfloat16" for _, _, dtypes in launches for dtype in dtypes)
-    assert {"_decode_kernel", "_route_kernel", "_fold_kernel", "_routing_kernel", "_short_conv_fwd_kernel",
-            "_short_conv_bwd_kernel", "_recurrence_inputs_fwd_kernel", "_recurrence_inputs_bwd_kernel"} <= names, names
+    assert {"_decode_kernel", "_route_kernel", "_fold_kernel", "_routing_kernel", "_cross_entropy_kernel",
+            "_short_conv_fwd_kernel", "_short_conv_bwd_kernel", "_recurrence_inputs_fwd_kernel",
+            "_recurrence_inputs_bwd_kernel"} <= names, names
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(list(launches.values())), env=env,
                           capture_output=True, text=True, timeout=900)
