@@ -113,7 +113,7 @@ class MMRecBlock(GradientCheckpointingLayer):
             r = r * gate
         memory = state.memory
         if self.memory is not None:
-            m, memory = self.memory(proj.q, proj.k, proj.v, layout, state.memory)
+            m, memory = self.memory(proj.q, proj.kv, layout, state.memory)
             r = r + m
         if gate is not None and self.gate_memory:  # the gate covers the memory read too
             r = r * gate

@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 
 class Projections(NamedTuple):
-    q: Optional[Tensor]  # q, k, v: None with memory_levels="none"
-    k: Optional[Tensor]
-    v: Optional[Tensor]
+    q: Optional[Tensor]  # q, kv: None with memory_levels="none"
+    kv: Optional[Tensor]  # k then v, [..., 2d]: one slice of the fused output, as the memory reads them
     z: Tensor
     gate: Optional[Tensor]  # g~ before the sigmoid; None in "state" gate mode
     out_gate: Optional[Tensor]  # og before the silu; None without output_gate
@@ -64,12 +63,16 @@ class HEMProjection(nn.Module):
 
     def forward(self, u: Tensor) -> Projections:
         """u: [B, T, d] -> Projections of [B, T, width] each."""
-        if self.use_hem:
-            parts = torch.split(self.W_fused(u), [w for _, w in self.layout], dim=-1)
-            out: Dict[str, Tensor] = {name: part for (name, _), part in zip(self.layout, parts)}
+        if self.use_hem:  # k and v are adjacent rows of W_fused: one slice, "k" below
+            width = dict(self.layout)
+            names = [name for name, _ in self.layout if name != "v"]
+            sizes = [width[name] + width["v"] if name == "k" else width[name] for name in names]
+            out: Dict[str, Tensor] = dict(zip(names, torch.split(self.W_fused(u), sizes, dim=-1)))
+            kv = out.get("k")
         else:
             out = {name: getattr(self, f"W_{name}")(u) for name, _ in self.layout}
-        return Projections(out.get("q"), out.get("k"), out.get("v"), out["z"], out.get("g"), out.get("og"), out["p"])
+            kv = torch.cat([out["k"], out["v"]], -1) if "k" in out else None
+        return Projections(out.get("q"), kv, out["z"], out.get("g"), out.get("og"), out["p"])
 
 
 _FUSED_KEY = re.compile(r"^(?P<prefix>.*\.)?hem\.W_fused\.(?P<kind>weight|bias)$")

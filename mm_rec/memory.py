@@ -357,12 +357,14 @@ class MultiMemoryAttention(nn.Module):
         """A completed block's summary: the mean of its N keys (values) from their fp32 sums."""
         return sums / self.block_size if self.block_size > 1 else sums
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
-                state: MemoryState) -> Tuple[Tensor, MemoryState]:
-        """q, k, v: [B, T, d]; returns (m [B, T, d] in q.dtype, the memory after the last token)."""
+    def forward(self, q: Tensor, kv: Tensor, layout: TokenLayout, state: MemoryState) -> Tuple[Tensor, MemoryState]:
+        """q: [B, T, d]; kv: [B, T, 2d], keys then values (HEM's adjacent k, v slices, one view: the layout
+        takes them as they are, with no concatenation); returns (m [B, T, d] in q.dtype, the memory after
+        the last token)."""
         if q.shape[1] == 1:
-            return self._decode_step(q, k, v, layout, state)
-        return self._parallel(q, k, v, layout, state)
+            d = q.shape[-1]
+            return self._decode_step(q, kv[..., :d], kv[..., d:], layout, state)
+        return self._parallel(q, kv, layout, state)
 
     def _attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """Per-head softmax attention. q: [..., W, d]; keys, values: [..., E, d]; mask broadcasts to [..., W, E]
@@ -377,14 +379,21 @@ class MultiMemoryAttention(nn.Module):
         is seen by no token of its segment). That is a causal mask aligned to the lower right, which
         SDPA runs in its fused (flash) kernels eagerly; traced, it is a tensor mask.
         q: [G, L, d]; slots: [G, S, 2d]; blocks: [G, C, 2d]."""
-        L, d = q.shape[1], q.shape[-1]
-        entries = torch.cat([slots.to(q.dtype), blocks[:, :-1].to(q.dtype)], 1)  # [G, S + C - 1, 2d]
-        E = entries.shape[1]
+        L = q.shape[1]
+        keys, values = self._entries(slots.to(q.dtype), blocks[:, :-1].to(q.dtype))  # [G, S + C - 1, d] each
+        E = keys.shape[1]
         if torch.compiler.is_compiling():  # CausalBias does not trace; the same mask as a tensor
             mask = torch.ones(L, E, dtype=torch.bool, device=q.device).tril(E - L)
         else:
             mask = causal_lower_right(L, E)
-        return self._attend(q, entries[..., :d], entries[..., d:], mask)
+        return self._attend(q, keys, values, mask)
+
+    @staticmethod
+    def _entries(slots: Tensor, blocks: Tensor) -> Tuple[Tensor, Tensor]:
+        """The attention's keys and values, [slots, blocks] along dim -2 each, from [..., 2d] (keys | values)
+        halves: concatenated apart, so that their gradients come back as views, not as slices padded to 2d."""
+        d = slots.shape[-1] // 2
+        return (torch.cat([slots[..., :d], blocks[..., :d]], -2), torch.cat([slots[..., d:], blocks[..., d:]], -2))
 
     def _visible(self, device: torch.device) -> Tensor:
         """[L, S + C] bool: the token at offset j of a segment sees every slot, and block c iff (c + 1) N <= j."""
@@ -394,7 +403,7 @@ class MultiMemoryAttention(nn.Module):
         sees_slot = torch.ones(self.segment_length, self.slot_keys.shape[0], dtype=torch.bool, device=device)
         return torch.cat([sees_slot, sees_block], 1)
 
-    def _parallel(self, q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, state: MemoryState):
+    def _parallel(self, q: Tensor, kv: Tensor, layout: TokenLayout, state: MemoryState):
         B, T, d = q.shape
         N, L, C_full = self.block_size, self.segment_length, self.blocks_per_segment
         S = self.slot_keys.shape[0]
@@ -413,7 +422,7 @@ class MultiMemoryAttention(nn.Module):
             return out if W == L else out[:, :, :W]
 
         q_l = to_layout(q)
-        kv_l = to_layout(torch.cat([k, v], -1))  # [B, K, L, 2d]
+        kv_l = to_layout(kv)  # [B, K, L, 2d]
         # Block sums (fp32); segment 0 continues the carried state: its first block_count
         # summaries are carried, and the open block's sums add to block block_count.
         block = torch.arange(C, device=q.device)[None]
@@ -441,9 +450,9 @@ class MultiMemoryAttention(nn.Module):
             m_l = self._attend_tokens(q_l.view(B * K, W, d), slots.reshape(B * K, S, 2 * d),
                                       summaries.view(B * K, C, 2 * d))
         else:
-            entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)
+            keys, values = self._entries(slots.reshape(B * K, S, 2 * d), summaries.reshape(B * K, C, 2 * d))
             visible = self._visible(q.device)[:W, :S + C]
-            m_l = self._attend(q_l.view(B * K, W, d), entries[..., :d], entries[..., d:], visible)
+            m_l = self._attend(q_l.view(B * K, W, d), keys, values, visible)
         if W < L:
             m_l = F.pad(m_l.view(B * K, W, d), (0, 0, 0, L - W))
         if seg.identity:

@@ -103,7 +103,7 @@ def memory_attention_timings(config, batch_size: int, seq_len: int, dtype=torch.
                           torch.zeros(batch_size, dtype=torch.long, device="cuda"))
 
     def forward():
-        return block.memory(q, k, v, layout, block.memory.fresh_state(batch_size))[0]
+        return block.memory(q, torch.cat([k, v], -1), layout, block.memory.fresh_state(batch_size))[0]
 
     def forward_backward():
         forward().float().square().mean().backward()

@@ -48,7 +48,7 @@ def test_memory_attention_matches_naive(case, block, tiny_config):
             position_ids[b, pads[b]:] = ids[: T - pads[b]]
     layout = token_layout(mask, position_ids, torch.zeros(B, dtype=torch.long))
     with torch.no_grad():
-        m, new_state = memory(q, k, v, layout, memory.fresh_state(B))
+        m, new_state = memory(q, torch.cat([k, v], -1), layout, memory.fresh_state(B))
     m_ref, finals = naive_memory_attention(
         q, k, v, memory.slot_keys, memory.slot_values, config.memory_block_size,
         config.memory_segment_length, config.memory_decay, config.num_attention_heads, mask, position_ids,
@@ -113,7 +113,7 @@ def test_decode_step_matches_naive_memory(case, tiny_config):
         for t in range(T):
             step = slice(t, t + 1)
             layout = token_layout(mask[:, step], None if position_ids is None else position_ids[:, step], offset)
-            m, state = memory(q[:, step], k[:, step], v[:, step], layout, state)
+            m, state = memory(q[:, step], torch.cat([k, v], -1)[:, step], layout, state)
             offset = layout.next_position(offset)
             real = mask[:, t].bool()
             torch.testing.assert_close(m[real, 0].double(), m_ref[real, t], rtol=1e-5, atol=1e-5, msg=f"t={t}")
@@ -151,8 +151,8 @@ def test_packed_document_start_sees_only_learned_slots(tiny_config):
     position_ids = torch.cat([torch.arange(36), torch.arange(4)])[None]
     layout = token_layout(torch.ones(1, 40), position_ids, torch.zeros(1, dtype=torch.long))
     with torch.no_grad():
-        m_packed, _ = memory(q, k, v, layout, memory.fresh_state(1))
-        m_alone, _ = memory(q[:, 36:], k[:, 36:], v[:, 36:],
+        m_packed, _ = memory(q, torch.cat([k, v], -1), layout, memory.fresh_state(1))
+        m_alone, _ = memory(q[:, 36:], torch.cat([k, v], -1)[:, 36:],
                             token_layout(torch.ones(1, 4), None, torch.zeros(1, dtype=torch.long)), memory.fresh_state(1))
     torch.testing.assert_close(m_packed[:, 36:], m_alone, rtol=1e-6, atol=1e-6)
 

@@ -119,7 +119,7 @@ def test_the_two_segment_window_attends_as_a_per_token_loop():
     position_ids[1, L:] -= L  # row 1: a second document from segment 1 on
     layout = token_layout(torch.ones(B, K * L, dtype=torch.long), position_ids, torch.zeros(B, dtype=torch.long))
     with torch.no_grad():
-        m, _ = memory(q, k, v, layout, memory.fresh_state(B))
+        m, _ = memory(q, torch.cat([k, v], -1), layout, memory.fresh_state(B))
         restart = torch.zeros(B, K, dtype=torch.bool)
         restart[1, 1] = True
         kv = torch.cat([k, v], -1)
