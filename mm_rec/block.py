@@ -29,7 +29,10 @@ from .hem import HEMProjection, Projections
 from .memory import MemoryState, MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import TokenLayout
+from .readout_triton import AVAILABLE as READOUT_KERNEL
+from .readout_triton import gated_readout
 from .recurrence import MDIDecay, recurrence
+from .scan import resolve_backend
 from .state_gate import StateGate
 
 
@@ -107,18 +110,29 @@ class MMRecBlock(GradientCheckpointingLayer):
             proj, conv = self._convolve_recurrence_inputs(proj, layout, conv)
         h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
                                self.state_gate, self.kernel_backend)
-        r = self.readout_norm(h, proj.z.dtype)  # in the compute dtype (bf16 under autocast), as W_o reads it
-        gate = F.silu(proj.out_gate) if proj.out_gate is not None else None
-        if gate is not None and not self.gate_memory:
-            r = r * gate
-        memory = state.memory
+        memory, m = state.memory, None
         if self.memory is not None:
             m, memory = self.memory(proj.q, proj.kv, layout, state.memory)
-            r = r + m
-        if gate is not None and self.gate_memory:  # the gate covers the memory read too
-            r = r * gate
+        if self.gate_memory and m is not None and self._reads_out_in_one_kernel(h):
+            r = gated_readout(h, self.readout_norm.weight, m, proj.out_gate, self.readout_norm.num_groups,
+                              self.readout_norm.eps)
+        else:
+            r = self.readout_norm(h, proj.z.dtype)  # in the compute dtype (bf16 under autocast), as W_o reads it
+            gate = F.silu(proj.out_gate) if proj.out_gate is not None else None
+            if gate is not None and not self.gate_memory:
+                r = r * gate
+            if m is not None:
+                r = r + m
+            if gate is not None and self.gate_memory:  # the gate covers the memory read too
+                r = r * gate
         x = x + self.dropout(self.W_o(r))
         return x + self.dropout(self.ffn(self.norm2(x))), LayerState(h=h_last, conv=conv, memory=memory)
+
+    def _reads_out_in_one_kernel(self, h: Tensor) -> bool:
+        """(norm(h) w + m) silu(og) runs as readout_triton's two kernels where the backend resolves to Triton,
+        eagerly (traced, the compiler fuses the PyTorch path)."""
+        return (READOUT_KERNEL and not torch.compiler.is_compiling()
+                and resolve_backend(self.kernel_backend, h.device) == "triton")
 
     def _convolve_recurrence_inputs(self, proj: Projections, layout: TokenLayout,
                                     conv: Tensor) -> Tuple[Projections, Tensor]:

@@ -379,21 +379,14 @@ class MultiMemoryAttention(nn.Module):
         is seen by no token of its segment). That is a causal mask aligned to the lower right, which
         SDPA runs in its fused (flash) kernels eagerly; traced, it is a tensor mask.
         q: [G, L, d]; slots: [G, S, 2d]; blocks: [G, C, 2d]."""
-        L = q.shape[1]
-        keys, values = self._entries(slots.to(q.dtype), blocks[:, :-1].to(q.dtype))  # [G, S + C - 1, d] each
-        E = keys.shape[1]
+        L, d = q.shape[1], q.shape[-1]
+        entries = torch.cat([slots.to(q.dtype), blocks[:, :-1].to(q.dtype)], 1)  # [G, S + C - 1, 2d]
+        E = entries.shape[1]
         if torch.compiler.is_compiling():  # CausalBias does not trace; the same mask as a tensor
             mask = torch.ones(L, E, dtype=torch.bool, device=q.device).tril(E - L)
         else:
             mask = causal_lower_right(L, E)
-        return self._attend(q, keys, values, mask)
-
-    @staticmethod
-    def _entries(slots: Tensor, blocks: Tensor) -> Tuple[Tensor, Tensor]:
-        """The attention's keys and values, [slots, blocks] along dim -2 each, from [..., 2d] (keys | values)
-        halves: concatenated apart, so that their gradients come back as views, not as slices padded to 2d."""
-        d = slots.shape[-1] // 2
-        return (torch.cat([slots[..., :d], blocks[..., :d]], -2), torch.cat([slots[..., d:], blocks[..., d:]], -2))
+        return self._attend(q, entries[..., :d], entries[..., d:], mask)
 
     def _visible(self, device: torch.device) -> Tensor:
         """[L, S + C] bool: the token at offset j of a segment sees every slot, and block c iff (c + 1) N <= j."""
@@ -450,9 +443,9 @@ class MultiMemoryAttention(nn.Module):
             m_l = self._attend_tokens(q_l.view(B * K, W, d), slots.reshape(B * K, S, 2 * d),
                                       summaries.view(B * K, C, 2 * d))
         else:
-            keys, values = self._entries(slots.reshape(B * K, S, 2 * d), summaries.reshape(B * K, C, 2 * d))
+            entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)
             visible = self._visible(q.device)[:W, :S + C]
-            m_l = self._attend(q_l.view(B * K, W, d), keys, values, visible)
+            m_l = self._attend(q_l.view(B * K, W, d), entries[..., :d], entries[..., d:], visible)
         if W < L:
             m_l = F.pad(m_l.view(B * K, W, d), (0, 0, 0, L - W))
         if seg.identity:

@@ -104,7 +104,7 @@ def test_every_kernel_compiles_for_an_h100(monkeypatch):
     assert any(dtype == "torch.bfloat16" for _, _, dtypes in launches for dtype in dtypes)
     assert {"_decode_kernel", "_route_kernel", "_fold_kernel", "_routing_kernel", "_cross_entropy_kernel",
             "_short_conv_fwd_kernel", "_short_conv_bwd_kernel", "_recurrence_inputs_fwd_kernel",
-            "_recurrence_inputs_bwd_kernel"} <= names, names
+            "_recurrence_inputs_bwd_kernel", "_readout_fwd_kernel", "_readout_bwd_kernel"} <= names, names
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps(list(launches.values())), env=env,
                           capture_output=True, text=True, timeout=900)
