@@ -386,7 +386,7 @@ class MultiMemoryAttention(nn.Module):
             mask = torch.ones(L, E, dtype=torch.bool, device=q.device).tril(E - L)
         else:
             mask = causal_lower_right(L, E)
-        return self._attend(q, entries[..., :d], entries[..., d:], mask)
+        return self._attend(q, *entries.split(d, -1), mask)  # split: the backward is one concatenation
 
     def _visible(self, device: torch.device) -> Tensor:
         """[L, S + C] bool: the token at offset j of a segment sees every slot, and block c iff (c + 1) N <= j."""
@@ -445,7 +445,7 @@ class MultiMemoryAttention(nn.Module):
         else:
             entries = torch.cat([slots, summaries], 2).view(B * K, S + C, 2 * d)
             visible = self._visible(q.device)[:W, :S + C]
-            m_l = self._attend(q_l.view(B * K, W, d), entries[..., :d], entries[..., d:], visible)
+            m_l = self._attend(q_l.view(B * K, W, d), *entries.split(d, -1), visible)
         if W < L:
             m_l = F.pad(m_l.view(B * K, W, d), (0, 0, 0, L - W))
         if seg.identity:
@@ -502,7 +502,12 @@ class MultiMemoryAttention(nn.Module):
                                       self.kernel_backend)
         fresh = restart[:, 1:, None, None]
         init = torch.cat(learned, -1)  # [S, 2d]
-        inputs = torch.where(fresh, init, torch.einsum("bkcs,bkce->bkse", weight, summaries[:, :-1]))
+        # weight_s^T @ summaries_(s-1) for s = 1..K-1, as one batched product over all K segments with a zero
+        # weight after the last: the product then reads the summaries as they lie (a slice [:, :-1] is copied
+        # for the batched product, forward and backward)
+        weight = torch.cat([weight, weight.new_zeros(B, 1, *weight.shape[2:])], 1)  # [B, K, C, S]
+        folded = torch.matmul(weight.transpose(-1, -2), summaries)[:, :-1]  # [B, K - 1, S, 2d]
+        inputs = torch.where(fresh, init, folded)
         log_keep = torch.log(keep)[..., None].masked_fill(fresh, float("-inf")).expand(-1, -1, -1, width)
         later, _ = scan(inputs.flatten(2), log_keep.flatten(2), start.flatten(1), backend=self.kernel_backend)
         return torch.cat([start[:, None], later.view(B, K - 1, S, width)], 1)
