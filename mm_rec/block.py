@@ -30,7 +30,6 @@ from .memory import MemoryState, MultiMemoryAttention
 from .norms import GroupRMSNorm, RMSNorm
 from .positions import TokenLayout
 from .readout_triton import AVAILABLE as READOUT_KERNEL
-from .readout_triton import gated_readout
 from .recurrence import MDIDecay, recurrence
 from .scan import resolve_backend
 from .state_gate import StateGate
@@ -114,6 +113,8 @@ class MMRecBlock(GradientCheckpointingLayer):
         if self.memory is not None:
             m, memory = self.memory(proj.q, proj.kv, layout, state.memory)
         if self.gate_memory and m is not None and self._reads_out_in_one_kernel(h):
+            from .readout_triton import gated_readout
+
             r = gated_readout(h, self.readout_norm.weight, m, proj.out_gate, self.readout_norm.num_groups,
                               self.readout_norm.eps)
         else:
@@ -130,8 +131,9 @@ class MMRecBlock(GradientCheckpointingLayer):
 
     def _reads_out_in_one_kernel(self, h: Tensor) -> bool:
         """(norm(h) w + m) silu(og) runs as readout_triton's two kernels where the backend resolves to Triton,
-        eagerly (traced, the compiler fuses the PyTorch path)."""
-        return (READOUT_KERNEL and not torch.compiler.is_compiling()
+        eagerly (traced, the compiler fuses the PyTorch path), for a float32 state (the kernels compute in
+        float32: a float64 model keeps the PyTorch path)."""
+        return (READOUT_KERNEL and h.dtype == torch.float32 and not torch.compiler.is_compiling()
                 and resolve_backend(self.kernel_backend, h.device) == "triton")
 
     def _convolve_recurrence_inputs(self, proj: Projections, layout: TokenLayout,

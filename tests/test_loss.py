@@ -132,6 +132,26 @@ def test_model_training_loss_equals_the_logits_loss(tiny_model):
         torch.testing.assert_close(fused[name], param.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_model_training_loss_with_the_kernel_equals_the_logits_loss(tiny_model):
+    """kernel_backend="triton" in float32: the training path's loss kernel (and the model's other kernels)
+    against the evaluation path's logits and loss, gradients included."""
+    model = tiny_model(seed=4, kernel_backend="triton").to(DEVICE).train()
+    ids = random_ids((2, 21), seed=4).to(DEVICE)
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    out = model(ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids).logits
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    reference.backward()
+    torch.testing.assert_close(out.loss, reference, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(fused[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100(tiny_model):
     model = tiny_model(seed=3)
     ids = torch.randint(0, VOCAB, (2, 13))

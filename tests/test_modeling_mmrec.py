@@ -778,11 +778,13 @@ TRITON_KERNELS = {"scan_triton": ("scan_fwd", "scan_bwd"),
                   "recurrence_triton": ("recurrence_inputs_fwd", "recurrence_inputs_bwd"),
                   "state_gate_triton": ("state_gate_fwd", "state_gate_bwd"),
                   "memory_triton": ("route_segments_triton", "decode_step_triton"),
-                  "conv_triton": ("short_conv_fwd", "short_conv_bwd")}
+                  "conv_triton": ("short_conv_fwd", "short_conv_bwd"),
+                  "readout_triton": ("gated_readout",)}
 KERNELS_OF_GATE = {"input": {"scan_fwd", "scan_bwd", "recurrence_inputs_fwd", "recurrence_inputs_bwd",
-                             "route_segments_triton", "decode_step_triton", "short_conv_fwd", "short_conv_bwd"},
+                             "route_segments_triton", "decode_step_triton", "short_conv_fwd", "short_conv_bwd",
+                             "gated_readout"},
                    "state": {"state_gate_fwd", "state_gate_bwd", "scan_fwd", "scan_bwd", "route_segments_triton",
-                             "decode_step_triton", "short_conv_fwd", "short_conv_bwd"}}
+                             "decode_step_triton", "short_conv_fwd", "short_conv_bwd", "gated_readout"}}
 
 
 def _triton_runs_here() -> bool:
@@ -812,7 +814,8 @@ def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_mode
     """The whole model, forward and backward, once with kernel_backend="torch" and once with
     "triton" (interpreted on CPU): "torch" runs no Triton kernel, "triton" runs every kernel the
     configuration has (the scan, the recurrence's inputs or the state gate's walk, the memory's
-    routing and its decode step, the convolution's dense path, which the unpadded row takes), and both
+    routing and its decode step, the convolution's dense path, which the unpadded row takes, the gated
+    readout), and both
     give the same logits, gradients and decoded logits."""
     import importlib
 
