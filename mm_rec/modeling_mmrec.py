@@ -520,9 +520,8 @@ class MMRecForCausalLM(MMRecPreTrainedModel, GenerationMixin):
             outputs = self.model(**model_inputs, return_dict=True)
             hidden, out_cache, hidden_states = outputs.last_hidden_state[:, keep], outputs.cache, outputs.hidden_states
         logits = loss = None
-        if labels is not None and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # training: the loss and its gradients chunk by chunk, never [B, T, vocab] logits
-            # (under torch.compile the plain loss below is traced instead: the compiler plans its memory)
+        if labels is not None and self.training and torch.is_grad_enabled():
+            # training: the loss and its gradients chunk by chunk, never [B, T, vocab] logits (traced, one opaque op)
             loss = causal_lm_loss(hidden, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"),
                                   backend=self.config.kernel_backend)
         else:

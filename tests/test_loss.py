@@ -152,6 +152,27 @@ def test_model_training_loss_with_the_kernel_equals_the_logits_loss(tiny_model):
         torch.testing.assert_close(fused[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_training_loss_is_the_chunked_op_and_equals_eager(backend, tiny_model):
+    """Under torch.compile (fullgraph) the training loss is one opaque op: no [rows, vocabulary] logits in the
+    graph, and the same loss and gradients as the eager step."""
+    model = tiny_model(seed=5).train()
+    ids = random_ids((2, 21), seed=5)
+    labels = ids.clone()
+    labels[1, :3] = -100
+    results = []
+    for run in ("eager", "compiled"):
+        model.zero_grad()
+        forward = torch.compile(model, fullgraph=True, backend=backend) if run == "compiled" else model
+        out = forward(ids, labels=labels)
+        assert out.logits is None
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_loss_is_shifted_cross_entropy_ignoring_minus_100(tiny_model):
     model = tiny_model(seed=3)
     ids = torch.randint(0, VOCAB, (2, 13))
