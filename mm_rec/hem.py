@@ -51,6 +51,10 @@ class HEMProjection(nn.Module):
         self.layout = projection_layout(config)
         if use_hem:
             self.W_fused = nn.Linear(hidden_size, sum(w for _, w in self.layout), bias=True)
+            # k and v are adjacent rows of W_fused: forward splits them off as one slice, named "k"
+            width = dict(self.layout)
+            self.split_names = [name for name, _ in self.layout if name != "v"]
+            self.split_sizes = [width[name] + width["v"] if name == "k" else width[name] for name in self.split_names]
         else:
             for name, width in self.layout:
                 setattr(self, f"W_{name}", nn.Linear(hidden_size, width, bias=True))
@@ -63,11 +67,8 @@ class HEMProjection(nn.Module):
 
     def forward(self, u: Tensor) -> Projections:
         """u: [B, T, d] -> Projections of [B, T, width] each."""
-        if self.use_hem:  # k and v are adjacent rows of W_fused: one slice, "k" below
-            width = dict(self.layout)
-            names = [name for name, _ in self.layout if name != "v"]
-            sizes = [width[name] + width["v"] if name == "k" else width[name] for name in names]
-            out: Dict[str, Tensor] = dict(zip(names, torch.split(self.W_fused(u), sizes, dim=-1)))
+        if self.use_hem:
+            out: Dict[str, Tensor] = dict(zip(self.split_names, torch.split(self.W_fused(u), self.split_sizes, dim=-1)))
             kv = out.get("k")
         else:
             out = {name: getattr(self, f"W_{name}")(u) for name, _ in self.layout}

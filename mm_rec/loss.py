@@ -131,8 +131,7 @@ def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, num_items_in_
     elif weight.dtype != hidden.dtype:
         hidden = hidden.to(weight.dtype)
     targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1).to(hidden.device)
-    fused = hidden.dtype in FUSED_DTYPES and resolve_backend(backend, hidden.device) == "triton"
-    fused = fused and KERNEL_AVAILABLE
+    fused = KERNEL_AVAILABLE and hidden.dtype in FUSED_DTYPES and resolve_backend(backend, hidden.device) == "triton"
     logit_bytes = hidden.element_size() if fused else 4
     rows = chunk_rows or max(1, CHUNK_BYTES // (logit_bytes * weight.shape[0]))
     if torch.compiler.is_compiling():

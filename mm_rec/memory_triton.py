@@ -175,7 +175,7 @@ if AVAILABLE:
 def _routing_tiles(C: int, S: int, D: int):
     """Tile sizes, each at least 16 (tl.dot's smallest): (blocks, channels) of a routing chunk, (blocks,
     channels) of a fold slice, slots. Small slices give a segment many programs: with blocks of one token
-    (C = 512) and D = 768, 32 routing chunks and 48 fold slices (larger tiles measured slower on an H100,
+    (C = 512) and D = 768, 32 routing chunks and 48 fold slices (chosen by the tile sweep in
     docs/benchmarks/train_gpu.md)."""
     pow2 = triton.next_power_of_2
     return 16, max(16, min(128, pow2(D))), max(16, min(128, pow2(C))), 16, max(16, pow2(S))

@@ -21,13 +21,12 @@ import argparse
 import collections
 import functools
 import os
-import traceback
 import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-from profile_train import line_of_node  # noqa: E402
+from profile_train import frame_line, line_of_node, mm_rec_frames  # noqa: E402
 from saved_activations import add_step_arguments, step_model  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
@@ -55,10 +54,10 @@ class Traffic(TorchDispatchMode):
             return out
         tensors = [t for t in tree_flatten((args, kwargs))[0] + tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         moved = sum(t.numel() * t.element_size() for t in tensors if t.numel() > 1000)
-        frames = [f for f in traceback.extract_stack()[:-1] if "mm_rec/" in f.filename]
+        frames = mm_rec_frames()
         if frames and "_triton.py" in frames[-1].filename:  # the interpreter's own copies of a kernel's arguments
             return out
-        line = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else line_of_node()
+        line = frame_line(frames[-1]) if frames else line_of_node()
         if name in GEMMS:
             self.gemm_bytes[self.phase] += moved
         else:

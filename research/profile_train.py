@@ -42,18 +42,26 @@ def line_of_node() -> str:
     return f"{frames[-1].group(1)}:{frames[-1].group(2)} (backward)" if frames else ""
 
 
+def mm_rec_frames() -> list:
+    """The frames of mm_rec on the running stack, innermost last."""
+    return [f for f in traceback.extract_stack()[:-2] if "mm_rec/" in f.filename]
+
+
+def frame_line(frame) -> str:
+    return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+
+
 class LineRanges(TorchDispatchMode):
     """Runs every aten operation inside a profiler range named after the mm_rec line that ran it (forward) or
     whose forward made the running autograd node (backward; anomaly mode records it): the range's kernels are
     that line's GPU time. Outside mm_rec (the loss's callers, the optimiser) the range names the operation."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        frames = [f for f in traceback.extract_stack()[:-1] if "mm_rec/" in f.filename]
-        node = torch._C._current_autograd_node()
-        if node is not None:
+        if torch._C._current_autograd_node() is not None:
             line = line_of_node() or "(outside mm_rec) (backward)"
         else:
-            line = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "(outside mm_rec)"
+            frames = mm_rec_frames()
+            line = frame_line(frames[-1]) if frames else "(outside mm_rec)"
         with torch.profiler.record_function(f"{_MARK}{line}|{func.overloadpacket.__name__}"):
             return func(*args, **(kwargs or {}))
 
