@@ -109,7 +109,7 @@ def fmt(value, spec):
 
 
 def run_study(models, size, device, dtype, cases, measure, mmrec_overrides=None, report=None):
-    """One row per (model, case): ``measure(model, params, case)`` -> dict, or a note where the
+    """One row per (model, case): ``measure(name, model, params, case)`` -> dict, or a note where the
     model is not installed or the case runs out of memory. Models are built one at a time;
     ``report(rows)`` after each row, so an interrupted run keeps what it measured."""
     rows = []
@@ -122,7 +122,7 @@ def run_study(models, size, device, dtype, cases, measure, mmrec_overrides=None,
         for case in cases:
             print(f"{name} {case} ...", file=sys.stderr, flush=True)
             try:
-                result = measure(model, params, case)
+                result = measure(name, model, params, case)
             except torch.OutOfMemoryError:
                 result = {"note": "out of memory"}
             except Exception as err:  # a model that fails (e.g. to compile) gets a row saying so; the others still run
@@ -142,12 +142,13 @@ def train_study(args, device, models, report=None):
     shapes = GPU_TRAIN_SHAPES if size == "gpu" else CPU_TRAIN_SHAPES
     peak = peak_bf16_tflops(device)
 
-    def measure(model, params, case):
-        if args.compile:
+    def measure(name, model, params, case):
+        compiled = name in args.compile
+        if compiled:
             # static shapes: one graph per case, compiled during the warm-up steps
             model = torch.compile(model, dynamic=False)
         result = training_throughput(model, case["batch"], case["seq"], steps=args.steps, bf16=size == "gpu")
-        result["compiled"] = args.compile
+        result["compiled"] = compiled
         result["mfu"] = 6 * params * result["tokens_per_s"] / (peak * 1e12) if peak else None
         return result
 
@@ -157,7 +158,7 @@ def train_study(args, device, models, report=None):
 
 def generate_study(args, device, models, report=None):
     cases = [{"context": context, "batch": batch} for context in args.contexts for batch in (1, 8)]
-    return run_study(models, "gpu", device, torch.bfloat16, cases, lambda model, params, case: generate_throughput(
+    return run_study(models, "gpu", device, torch.bfloat16, cases, lambda name, model, params, case: generate_throughput(
         model, case["batch"], case["context"], new_tokens=args.new_tokens), args.mmrec_overrides, report)
 
 
@@ -168,7 +169,8 @@ def train_table(rows):
             lines.append(f"| {r['model']} | {fmt(r.get('params_m'), '.1f')}M | {r.get('seq', '')} x {r.get('batch', '')} | "
                          f"{r['note']} | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['params_m']:.1f}M | {r['seq']} x {r['batch']} | {r['tokens_per_s'] / 1e3:.1f}k | "
+        label = r["model"] + (" (compiled)" if r.get("compiled") else "")
+        lines.append(f"| {label} | {r['params_m']:.1f}M | {r['seq']} x {r['batch']} | {r['tokens_per_s'] / 1e3:.1f}k | "
                      f"{1e3 * r['step_s']:.1f} | {fmt(r['peak_gib'], '.1f')} | "
                      f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} |")
     return lines
@@ -221,10 +223,12 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--mmrec-overrides", type=json_object, metavar="JSON",
                         help="MMRecConfig fields over the gpu-130m preset, e.g. '{\"memory_block_size\": 32}'")
-    parser.add_argument("--compile", action="store_true",
-                        help="train every model through torch.compile (compiled in the warm-up steps, not timed)")
+    parser.add_argument("--compile", nargs="*", choices=MODELS, metavar="MODEL",
+                        help="train these models (all with no name) through torch.compile, compiled in the warm-up steps "
+                             "and not timed; the others run eagerly in the same table")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args(argv)
+    args.compile = list(args.models) if args.compile == [] else list(args.compile or [])
     if args.steps < 1 or args.new_tokens < 1 or any(c < 64 for c in args.contexts):
         parser.error("--steps and --new-tokens must be positive and --contexts at least 64")
     if args.mmrec_overrides:
@@ -246,7 +250,7 @@ def main(argv=None):
     header = [f"Command: `{command.strip()}`", "", f"Device: {device_name(device)}; {versions()}", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if device.type == "cuda" else "cpu"
-    suffix = "_compiled" if args.compile else ""
+    suffix = "_compiled" if args.compile else ""  # any model compiled: a table of its own
     for study in studies:
         def write(rows, study=study):
             table = train_table(rows) if study == "train" else generate_table(rows)

@@ -242,3 +242,30 @@ def test_benchmark_mmrec_config_scales_the_preset_and_applies_overrides():
     for field in ("pe_dim", "ffn_gate", "output_gate", "short_conv_size", "short_conv_inputs", "decay_init_max"):
         expected = 384 if field == "pe_dim" else getattr(defaults, field)  # pe_dim: full width by default
         assert getattr(config, field) == expected, field
+
+
+def test_benchmark_compiles_the_models_named_and_runs_the_others_eagerly(tmp_path, monkeypatch):
+    """--compile llama: Llama's rows go through torch.compile, MM-Rec's in the same table do not;
+    the timing itself (research/timing.py) is replaced by one that records which model it got."""
+    benchmark_script = script("benchmark", "research")
+    compiled_models, timed = [], []
+
+    def fake_compile(model, **kwargs):
+        compiled_models.append(type(model).__name__)
+        return model
+
+    def fake_timing(model, batch, seq, steps, bf16):
+        timed.append(type(getattr(model, "_orig_mod", model)).__name__)
+        return {"tokens_per_s": 1.0, "step_s": 1.0, "peak_gib": None}
+
+    monkeypatch.setattr(benchmark_script.torch, "compile", fake_compile)
+    monkeypatch.setattr(benchmark_script, "training_throughput", fake_timing)
+    out = tmp_path / "out"
+    assert benchmark_script.main(["--device", "cpu", "--models", "mmrec", "llama", "--compile", "llama", "--out", str(out)]) == 0
+    rows = json.loads((out / "train_cpu_compiled.json").read_text())
+    assert {(r["model"], r["compiled"]) for r in rows} == {("mmrec", False), ("llama", True)}
+    assert compiled_models == ["LlamaForCausalLM"] * (len(rows) // 2) and "MMRecForCausalLM" in timed
+    assert "llama (compiled)" in (out / "train_cpu_compiled.md").read_text()
+    with pytest.raises(SystemExit):
+        benchmark_script.main(["--device", "cpu", "--compile", "lama", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
