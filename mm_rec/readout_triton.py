@@ -90,30 +90,49 @@ def _launch(h: Tensor, num_groups: int) -> Tuple[int, int, int, tuple]:
     return R, D, G, (triton.cdiv(R, BLOCK_T), num_groups)
 
 
-class _GatedReadout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, m: Tensor, og: Tensor, num_groups: int, eps: float) -> Tensor:
-        R, D, G, grid = _launch(h, num_groups)
-        r = torch.empty(R, D, dtype=m.dtype, device=h.device)
-        _readout_fwd_kernel[grid](h, weight, m, og, r, R, D, G, m.stride(0), og.stride(0), eps, BLOCK_T=BLOCK_T,
-                                  BLOCK_G=triton.next_power_of_2(G))
-        ctx.save_for_backward(h, weight, m, og)
-        ctx.num_groups, ctx.eps = num_groups, eps
-        return r
+def _readout_forward(h: Tensor, weight: Tensor, m: Tensor, og: Tensor, num_groups: int, eps: float) -> Tensor:
+    R, D, G, grid = _launch(h, num_groups)
+    r = torch.empty(R, D, dtype=m.dtype, device=h.device)
+    _readout_fwd_kernel[grid](h, weight, m, og, r, R, D, G, m.stride(0), og.stride(0), eps, BLOCK_T=BLOCK_T,
+                              BLOCK_G=triton.next_power_of_2(G))
+    return r
 
-    @staticmethod
-    def backward(ctx, dr: Tensor):
-        h, weight, m, og = ctx.saved_tensors
-        R, D, G, grid = _launch(h, ctx.num_groups)
-        dh = torch.empty_like(h)
-        dm = torch.empty(R, D, dtype=m.dtype, device=h.device)
-        dog = torch.empty(R, D, dtype=og.dtype, device=h.device)
-        dw_part = torch.empty(grid[0], D, dtype=torch.float32, device=h.device)
-        _readout_bwd_kernel[grid](h, weight, m, og, dr.contiguous(), dh, dm, dog, dw_part, R, D, G, m.stride(0),
-                                  og.stride(0), ctx.eps, BLOCK_T=BLOCK_T, BLOCK_G=triton.next_power_of_2(G))
-        # PyTorch sums the weight's gradient in the compute dtype, then casts it to the parameter's
-        dw = dw_part.sum(0).to(m.dtype).to(weight.dtype)
-        return dh, dw, dm, dog, None, None
+
+def _readout_backward(h: Tensor, weight: Tensor, m: Tensor, og: Tensor, dr: Tensor, num_groups: int,
+                      eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    R, D, G, grid = _launch(h, num_groups)
+    dh = torch.empty_like(h)
+    dm = torch.empty(R, D, dtype=m.dtype, device=h.device)
+    dog = torch.empty(R, D, dtype=og.dtype, device=h.device)
+    dw_part = torch.empty(grid[0], D, dtype=torch.float32, device=h.device)
+    _readout_bwd_kernel[grid](h, weight, m, og, dr.contiguous(), dh, dm, dog, dw_part, R, D, G, m.stride(0),
+                              og.stride(0), eps, BLOCK_T=BLOCK_T, BLOCK_G=triton.next_power_of_2(G))
+    # PyTorch sums the weight's gradient in the compute dtype, then casts it to the parameter's
+    return dh, dw_part.sum(0).to(m.dtype).to(weight.dtype), dm, dog
+
+
+if AVAILABLE:
+    # Both directions are torch.library ops: eagerly they launch the kernels; traced (torch.compile) they stay
+    # opaque calls with known output shapes (the compiler neither traces the launches nor re-fuses them).
+    _readout_op = torch.library.custom_op("mm_rec::gated_readout", mutates_args=())(_readout_forward)
+    _readout_backward_op = torch.library.custom_op("mm_rec::gated_readout_backward", mutates_args=())(_readout_backward)
+
+    @_readout_op.register_fake
+    def _(h, weight, m, og, num_groups, eps):
+        return m.new_empty(h.shape)
+
+    @_readout_backward_op.register_fake
+    def _(h, weight, m, og, dr, num_groups, eps):
+        return torch.empty_like(h), torch.empty_like(weight), m.new_empty(h.shape), og.new_empty(h.shape)
+
+    def _setup(ctx, inputs, output):
+        h, weight, m, og, ctx.num_groups, ctx.eps = inputs
+        ctx.save_for_backward(h, weight, m, og)
+
+    def _backward(ctx, dr):
+        return *_readout_backward_op(*ctx.saved_tensors, dr, ctx.num_groups, ctx.eps), None, None
+
+    _readout_op.register_autograd(_backward, setup_context=_setup)
 
 
 def gated_readout(h: Tensor, weight: Tensor, m: Tensor, og: Tensor, num_groups: int, eps: float) -> Tensor:
@@ -124,4 +143,4 @@ def gated_readout(h: Tensor, weight: Tensor, m: Tensor, og: Tensor, num_groups: 
     flat = [t.reshape(-1, d) for t in (h, m, og)]
     if any(t.stride(-1) != 1 for t in flat):
         raise ValueError("gated_readout: h, m and og need stride-1 channels")
-    return _GatedReadout.apply(flat[0].contiguous(), weight.contiguous(), flat[1], flat[2], num_groups, eps).view(shape)
+    return _readout_op(flat[0].contiguous(), weight.contiguous(), flat[1], flat[2], num_groups, eps).view(shape)

@@ -75,3 +75,21 @@ def test_bfloat16_equals_the_blocks_pytorch_path():
     for got, want, name in zip(*results, ("r", "dh", "dw", "dm", "dprojection")):
         scale = want.abs().max()
         assert (got - want).abs().max() <= 2e-2 * scale, name
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_readout_equals_eager(backend):
+    """Traced, the kernels are two opaque library ops: the compiled function's output and gradients are the eager
+    call's, and a graph break would fail fullgraph=True."""
+    h, w, m, projection = inputs(2, torch.float32)
+    d, heads = h.shape[-1], 2
+    compiled = torch.compile(gated_readout, backend=backend, fullgraph=True)
+    results = []
+    for fn in (gated_readout, compiled):
+        leaves = [t.detach().to(DEVICE).clone().requires_grad_() for t in (h, w, m, projection)]
+        out = fn(leaves[0], leaves[1], leaves[2], leaves[3][..., 8:8 + d], heads, 1e-6)
+        upstream = torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)
+        (out * upstream).sum().backward()
+        results.append([t.detach().cpu() for t in (out, *(x.grad for x in leaves))])
+    for got, want, name in zip(*results, ("r", "dh", "dw", "dm", "dprojection")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
