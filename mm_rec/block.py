@@ -130,11 +130,10 @@ class MMRecBlock(GradientCheckpointingLayer):
         return x + self.dropout(self.ffn(self.norm2(x))), LayerState(h=h_last, conv=conv, memory=memory)
 
     def _reads_out_in_one_kernel(self, h: Tensor) -> bool:
-        """(norm(h) w + m) silu(og) runs as readout_triton's two kernels where the backend resolves to Triton,
-        eagerly (traced, the compiler fuses the PyTorch path), for a float32 state (the kernels compute in
-        float32: a float64 model keeps the PyTorch path)."""
-        return (READOUT_KERNEL and h.dtype == torch.float32 and not torch.compiler.is_compiling()
-                and resolve_backend(self.kernel_backend, h.device) == "triton")
+        """(norm(h) w + m) silu(og) runs as readout_triton's two kernels (library ops, traced too: they beat what
+        inductor generates for the PyTorch path, docs/benchmarks/train_gpu_compiled.md) where the backend resolves
+        to Triton, for a float32 state (the kernels compute in float32: a float64 model keeps the PyTorch path)."""
+        return READOUT_KERNEL and h.dtype == torch.float32 and resolve_backend(self.kernel_backend, h.device) == "triton"
 
     def _convolve_recurrence_inputs(self, proj: Projections, layout: TokenLayout,
                                     conv: Tensor) -> Tuple[Projections, Tensor]:

@@ -808,6 +808,30 @@ def test_inductor_compiles_the_triton_kernels_whole(tiny_model):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not _triton_runs_here(), reason="needs Triton (interpreted on CPU)")
+def test_compiled_training_through_the_triton_kernels_matches_eager(tiny_model):
+    """Traced, the Triton kernels' library ops give the eager logits, loss and gradients, fullgraph; the gated
+    readout's two ops are in the traced forward and backward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(kernel_backend="triton", memory_block_size=1).to(device)
+    assert model.config.gate_memory and model.config.output_gate
+    ids = random_ids((2, 40)).to(device)
+    mask = torch.ones(2, 40, dtype=torch.long, device=device)
+    mask[1, :5] = 0
+    _compiled_matches_eager(model, ids, mask, aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    assert any("mm_rec.gated_readout.default" in g for g in graphs)
+    assert any("mm_rec.gated_readout_backward.default" in g for g in graphs)
+
+
 @pytest.mark.skipif(not _triton_runs_here(), reason="needs Triton on CUDA or interpreted (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("gate", ["input", "state"])
 def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_model, monkeypatch):
