@@ -35,9 +35,31 @@ from .scan import resolve_backend
 from .state_gate import StateGate
 
 
+class _SwiGLUDown(torch.autograd.Function):
+    """down(silu(a) * b) that keeps a, b and the weight for the backward, where PyTorch's three operations keep a,
+    silu(a), b and the product: the backward recomputes silu(a) and the product (two elementwise passes), then takes
+    the gradients with the operations PyTorch's own backward runs, so the results are the same to the bit."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, weight: Tensor) -> Tensor:
+        ctx.weight_dtype = weight.dtype
+        weight = weight.to(a.dtype)  # as autocast casts it for the linear (a: the compute dtype)
+        ctx.save_for_backward(a, b, weight)
+        with torch.autocast(a.device.type, enabled=False):
+            return F.linear(F.silu(a) * b, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b, weight = ctx.saved_tensors
+        grad, act = grad.to(a.dtype), F.silu(a)
+        d_product = grad @ weight
+        d_weight = (grad.flatten(0, -2).T @ (act * b).flatten(0, -2)).to(ctx.weight_dtype)
+        return torch.ops.aten.silu_backward(d_product * b, a), d_product * act, d_weight
+
+
 class FeedForward(nn.Module):
     """d -> intermediate_size -> d: down(act(up x)), or with ``gated`` down(act(gate x) * up x)
-    (a GLU; SwiGLU with act "silu")."""
+    (a GLU; SwiGLU with act "silu", whose product and down projection are one autograd node, ``_SwiGLUDown``)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, gated: bool = False):
         super().__init__()
@@ -45,10 +67,13 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act = ACT2FN[act]
+        self.swiglu = gated and act == "silu"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is None:
             return self.down(self.act(self.up(x)))
+        if self.swiglu:
+            return _SwiGLUDown.apply(self.gate(x), self.up(x), self.down.weight)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
@@ -110,16 +135,18 @@ class MMRecBlock(GradientCheckpointingLayer):
         h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
                                self.state_gate, self.kernel_backend)
         memory, m = state.memory, None
+        # the gate on its own: as a view of the fused projection, the readout would keep all of it for the backward
+        out_gate = proj.out_gate.contiguous() if proj.out_gate is not None else None
         if self.memory is not None:
             m, memory = self.memory(proj.q, proj.kv, layout, state.memory)
         if self.gate_memory and m is not None and self._reads_out_in_one_kernel(h):
             from .readout_triton import gated_readout
 
-            r = gated_readout(h, self.readout_norm.weight, m, proj.out_gate, self.readout_norm.num_groups,
+            r = gated_readout(h, self.readout_norm.weight, m, out_gate, self.readout_norm.num_groups,
                               self.readout_norm.eps)
         else:
             r = self.readout_norm(h, proj.z.dtype)  # in the compute dtype (bf16 under autocast), as W_o reads it
-            gate = F.silu(proj.out_gate) if proj.out_gate is not None else None
+            gate = F.silu(out_gate) if out_gate is not None else None
             if gate is not None and not self.gate_memory:
                 r = r * gate
             if m is not None:

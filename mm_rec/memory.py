@@ -370,7 +370,8 @@ class MultiMemoryAttention(nn.Module):
         """Per-head softmax attention. q: [..., W, d]; keys, values: [..., E, d]; mask broadcasts to [..., W, E]
         (a bool tensor, or a CausalBias)."""
         heads = lambda t: t.to(q.dtype).unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # noqa: E731
-        m = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), attn_mask=mask)
+        # q on its own: a view keeps the whole fused projection (7 slices) saved for the backward
+        m = F.scaled_dot_product_attention(heads(q.contiguous()), heads(keys), heads(values), attn_mask=mask)
         return m.transpose(-3, -2).flatten(-2)
 
     def _attend_tokens(self, q: Tensor, slots: Tensor, blocks: Tensor) -> Tensor:

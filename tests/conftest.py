@@ -42,6 +42,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test traces from nothing: torch.compile's caches and recompile counts do not carry over from earlier
+    tests (eight models traced through one function would otherwise hit dynamo's recompile limit, which fails a
+    fullgraph compile, depending on the tests' order)."""
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
 def torch_threads():
     """torch's thread count as it was before the test (the scripts set it); yields torch."""
     before = torch.get_num_threads()

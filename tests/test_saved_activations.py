@@ -67,3 +67,58 @@ def test_a_training_forward_keeps_nothing_for_the_fold_of_a_state_it_does_not_re
     with_state, _ = saved_bytes(Call(True), ids, bf16=False)
     S, C, layers = model.config.num_memory_slots, model.config.blocks_per_segment, model.config.num_hidden_layers
     assert without < with_state <= without + layers * 2 * C * S * 4 + 1024
+
+
+def _plain_swiglu(ffn, x):
+    return ffn.down(torch.nn.functional.silu(ffn.gate(x)) * ffn.up(x))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_swiglu_node_equals_pytorchs_operations_and_keeps_less(autocast):
+    """block.FeedForward's SwiGLU (one node, the product recomputed in the backward) gives the output and gradients of
+    the same three PyTorch operations to the bit, fp32 and under bf16 autocast, and keeps a, b and the weight only."""
+    from mm_rec.block import FeedForward
+
+    ffn = FeedForward(16, 40, "silu", gated=True)
+    assert ffn.swiglu
+    x = torch.randn(3, 5, 16)
+    results, kept = [], []
+    for fn in (ffn.forward, lambda t: _plain_swiglu(ffn, t)):
+        ffn.zero_grad()
+        leaf = x.clone().requires_grad_()
+        storages = set()
+
+        def pack(t, storages=storages):
+            storages.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(leaf)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), leaf.grad, *(p.grad.clone() for p in ffn.parameters())])
+        kept.append(sum(n for _, n in storages))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    compute = 2 if autocast else 4
+    # PyTorch keeps one [15, 40] activation more (silu(a) and the product, where the node recomputes them)
+    assert kept[1] - kept[0] >= 15 * 40 * compute
+
+
+def test_the_block_keeps_no_view_of_the_fused_projection():
+    """The memory's query and the output gate are copied out of the fused projection's output, so no saved tensor
+    keeps that [B, T, 7d] output alive: the block keeps no storage of its size."""
+    model = tiny_model(memory_block_size=1, output_gate=True, gate_memory=True)
+    block = model.model.layers[0]
+    width = block.hem.W_fused.out_features
+    T = 2 * model.config.memory_segment_length  # whole segments: the memory reads the projection in place
+    ids = torch.randint(0, model.config.vocab_size, (2, T))
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.untyped_storage().nbytes() // t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids).loss.backward()
+    assert 2 * T * width not in sizes
