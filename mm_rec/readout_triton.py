@@ -111,9 +111,23 @@ def _readout_backward(h: Tensor, weight: Tensor, m: Tensor, og: Tensor, dr: Tens
     return dh, dw_part.sum(0).to(m.dtype).to(weight.dtype), dm, dog
 
 
+class _GatedReadout(torch.autograd.Function):
+    """Eagerly: the kernels under a plain autograd.Function, without the library ops' dispatch on the host."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, m: Tensor, og: Tensor, num_groups: int, eps: float) -> Tensor:
+        ctx.save_for_backward(h, weight, m, og)
+        ctx.num_groups, ctx.eps = num_groups, eps
+        return _readout_forward(h, weight, m, og, num_groups, eps)
+
+    @staticmethod
+    def backward(ctx, dr: Tensor):
+        return *_readout_backward(*ctx.saved_tensors, dr, ctx.num_groups, ctx.eps), None, None
+
+
 if AVAILABLE:
-    # Both directions are torch.library ops: eagerly they launch the kernels; traced (torch.compile) they stay
-    # opaque calls with known output shapes (the compiler neither traces the launches nor re-fuses them).
+    # Traced (torch.compile, torch.export), both directions are torch.library ops: opaque calls with known output
+    # shapes (the compiler neither traces the launches nor re-fuses them).
     _readout_op = torch.library.custom_op("mm_rec::gated_readout", mutates_args=())(_readout_forward)
     _readout_backward_op = torch.library.custom_op("mm_rec::gated_readout_backward", mutates_args=())(_readout_backward)
 
@@ -143,4 +157,5 @@ def gated_readout(h: Tensor, weight: Tensor, m: Tensor, og: Tensor, num_groups: 
     flat = [t.reshape(-1, d) for t in (h, m, og)]
     if any(t.stride(-1) != 1 for t in flat):
         raise ValueError("gated_readout: h, m and og need stride-1 channels")
-    return _readout_op(flat[0].contiguous(), weight.contiguous(), flat[1], flat[2], num_groups, eps).view(shape)
+    readout = _readout_op if torch.compiler.is_compiling() else _GatedReadout.apply
+    return readout(flat[0].contiguous(), weight.contiguous(), flat[1], flat[2], num_groups, eps).view(shape)
