@@ -72,9 +72,17 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is None:
             return self.down(self.act(self.up(x)))
-        if self.swiglu:
+        if self.swiglu and self._down_is_plain():
             return _SwiGLUDown.apply(self.gate(x), self.up(x), self.down.weight)
         return self.down(self.act(self.gate(x)) * self.up(x))
+
+    def _down_is_plain(self) -> bool:
+        """Whether ``down`` is a bare nn.Linear whose weight is all its forward does: not replaced (a PEFT adapter, a
+        quantised layer) and without hooks (accelerate's offloading, a user's), which the fused node would bypass."""
+        down = self.down
+        return (type(down) is nn.Linear and not (down._forward_hooks or down._forward_pre_hooks)
+                and not hasattr(down, "_hf_hook") and not torch.nn.modules.module._global_forward_hooks
+                and not torch.nn.modules.module._global_forward_pre_hooks)
 
 
 class MMRecBlock(GradientCheckpointingLayer):

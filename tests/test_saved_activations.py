@@ -122,3 +122,34 @@ def test_the_block_keeps_no_view_of_the_fused_projection():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids, labels=ids).loss.backward()
     assert 2 * T * width not in sizes
+
+
+def test_swiglu_node_never_bypasses_what_wraps_the_down_projection():
+    """A LoRA adapter on ``down`` (one of the project's LoRA targets) or a hook on it still acts: the FFN then takes
+    PyTorch's operations through the module, and gives what calling the module would."""
+    peft = pytest.importorskip("peft")
+    from mm_rec.block import FeedForward
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn = FeedForward(16, 40, "silu", gated=True)
+
+        def forward(self, x):
+            return self.ffn(x)
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 16)
+    holder = Holder()
+    hooked = holder.ffn.down.register_forward_hook(lambda module, args, out: out * 3.0)
+    assert torch.equal(holder(x), _plain_swiglu(holder.ffn, x)) and not holder.ffn._down_is_plain()
+    hooked.remove()
+    plain = holder(x)
+    assert holder.ffn._down_is_plain() and torch.allclose(plain, _plain_swiglu(holder.ffn, x), atol=1e-6)
+    adapted = peft.get_peft_model(holder, peft.LoraConfig(r=2, target_modules=["down"]))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    ffn = adapted.base_model.model.ffn
+    out = adapted(x)
+    assert torch.equal(out, _plain_swiglu(ffn, x)) and not torch.allclose(out, plain)
