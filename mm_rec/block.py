@@ -143,8 +143,9 @@ class MMRecBlock(GradientCheckpointingLayer):
         h, h_last = recurrence(proj.z, proj.gate, self.mdi.logits(proj.p), layout.real, layout.reset, state.h,
                                self.state_gate, self.kernel_backend)
         memory, m = state.memory, None
-        # the gate on its own: as a view of the fused projection, the readout would keep all of it for the backward
-        out_gate = proj.out_gate.contiguous() if proj.out_gate is not None else None
+        out_gate = proj.out_gate
+        if out_gate is not None and out_gate.requires_grad:  # on its own: a saved view would keep the whole projection
+            out_gate = out_gate.contiguous()
         if self.memory is not None:
             m, memory = self.memory(proj.q, proj.kv, layout, state.memory)
         if self.gate_memory and m is not None and self._reads_out_in_one_kernel(h):

@@ -370,8 +370,9 @@ class MultiMemoryAttention(nn.Module):
         """Per-head softmax attention. q: [..., W, d]; keys, values: [..., E, d]; mask broadcasts to [..., W, E]
         (a bool tensor, or a CausalBias)."""
         heads = lambda t: t.to(q.dtype).unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # noqa: E731
-        # q on its own: a view keeps the whole fused projection (7 slices) saved for the backward
-        m = F.scaled_dot_product_attention(heads(q.contiguous()), heads(keys), heads(values), attn_mask=mask)
+        if q.requires_grad:  # q on its own: a saved view would keep the whole fused projection (7 slices)
+            q = q.contiguous()
+        m = F.scaled_dot_product_attention(heads(q), heads(keys), heads(values), attn_mask=mask)
         return m.transpose(-3, -2).flatten(-2)
 
     def _attend_tokens(self, q: Tensor, slots: Tensor, blocks: Tensor) -> Tensor:
