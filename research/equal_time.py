@@ -4,14 +4,17 @@
     python research/equal_time.py --time-only                                # time every model's step, print the plan
     python research/equal_time.py --tokenizations bytes --models mmrec-default hgrn llama
     python research/equal_time.py --tokenizations bytes --models mmrec-default+compile llama+compile  # compiled steps
+    python research/equal_time.py --tokenizations bytes --models mmrec-default+cudagraphs llama+cudagraphs  # CUDA graphs
     python research/equal_time.py --plan                                     # the plan from recorded timings, no GPU work
     python research/equal_time.py --report                                   # README.md + plot from OUT/runs
 
 Every model is trained for the same wall-clock budget of GPU time instead of the same number of steps,
 and scored by held-out bits per byte (bytes and BPE) at that budget. A model named with ``+compile``
 (``mmrec-default+compile``, ``llama+compile``, ...) is the same model trained through torch.compile (the
-Trainer's ``torch_compile``), timed and recorded under its own name; the targets take each side's better
-of eager and compiled. Three stages:
+Trainer's ``torch_compile``), timed and recorded under its own name; ``+cudagraphs`` the same in
+torch.compile's "reduce-overhead" mode (the Trainer's ``torch_compile_mode``: the forward and the backward
+replayed as CUDA graphs, for a step whose time is the host's launches). The targets take each side's best of
+eager and compiled. Three stages:
 
 1. **Timing.** Each (tokenization, model) is timed alone: a fresh model of the quality study's LM protocol
    (``quality.LMProtocol``: hidden 384, 6 layers, rows of 32 x 512 tokens; MM-Rec and Llama matched to
@@ -71,6 +74,10 @@ MODELS = (MMREC, *PEERS)                  # the order runs are made in: MM-Rec a
 REFERENCES = ("hgrn", "llama")            # whose protocol-length run sets the budget: the first that can run
 PEER_TITLES = {"hgrn": "HGRN", "gdn": "Gated DeltaNet", "llama": "Llama"}
 COMPILED = "+compile"  # a model name's suffix: trained through torch.compile (the Trainer's torch_compile)
+# A model name's suffix: trained through torch.compile in its "reduce-overhead" mode, the forward and backward
+# replayed as CUDA graphs (one launch each instead of one per kernel: a small model's step is bound by the host).
+CUDAGRAPHS = "+cudagraphs"
+SUFFIXES = {COMPILED: True, CUDAGRAPHS: "reduce-overhead"}  # the suffix -> quality.train_loop's ``compile``
 # Steps of the timing pass: warm-up (compilation, autotuning) then the timed ones.
 WARMUP_STEPS, TIMED_STEPS = 10, 30
 SMOKE = dict(quality.SMOKE_LM, steps=16, eval_every=8)
@@ -78,23 +85,27 @@ SMOKE_TIMING = dict(warmup=2, timed=4)
 
 
 def base_model(model: str) -> str:
-    """The model without the COMPILED suffix: ``llama+compile`` is Llama trained through torch.compile."""
-    return model.removesuffix(COMPILED)
+    """The model without its suffix: ``llama+compile`` is Llama trained through torch.compile."""
+    for suffix in SUFFIXES:
+        model = model.removesuffix(suffix)
+    return model
 
 
-def compiled(model: str) -> bool:
-    return model.endswith(COMPILED)
+def compiled(model: str):
+    """How ``model`` trains: False (eagerly), True (torch.compile) or a torch.compile mode (``+cudagraphs``)."""
+    return next((how for suffix, how in SUFFIXES.items() if model.endswith(suffix)), False)
 
 
 def family_of(model: str) -> str:
-    """"mmrec" for one of the quality study's MM-Rec variants, else the peer's name (either with COMPILED)."""
+    """"mmrec" for one of the quality study's MM-Rec variants, else the peer's name (either with a suffix)."""
     base = base_model(model)
     if base in quality.MMREC_VARIANTS:
         return "mmrec"
     if base in PEERS:
         return base
     raise ValueError(f"--models: unknown model {model!r}; known: {', '.join(MODELS)} or a quality.MMREC_VARIANTS name, "
-                     f"each also with {COMPILED} (trained through torch.compile)")
+                     f"each also with {COMPILED} (trained through torch.compile) or {CUDAGRAPHS} (torch.compile's "
+                     "CUDA graphs, on CUDA)")
 
 
 def mmrec_overrides(model: str) -> Optional[dict]:
@@ -104,6 +115,8 @@ def mmrec_overrides(model: str) -> Optional[dict]:
 
 def refusal(model: str, device: torch.device) -> Optional[str]:
     """Why ``model`` cannot run on ``device`` (one line), or None."""
+    if compiled(model) == "reduce-overhead" and device.type != "cuda":
+        return f"{model}: CUDA graphs need a CUDA device, not {device.type}"
     return quality.refusal_reason(family_of(model), base_model(model), mmrec_overrides(model), device)
 
 
@@ -210,7 +223,7 @@ def base_spec(model: str, tokenization: str, protocol: quality.LMProtocol, code:
     if family_of(model) == "mmrec":
         spec.update(overrides=mmrec_overrides(model), mmrec_code=code)
     if compiled(model):  # only then, so the names of the eager runs recorded before stay as they were
-        spec["compile"] = True
+        spec["compile"] = compiled(model)
     return spec
 
 
@@ -618,7 +631,7 @@ MET, MISSED, NOT_MEASURED = "met", "missed", "not measured"
 
 def targets(records: Sequence[dict], tokenizations: Sequence[str] = ("bytes", "bpe")) -> List[Tuple[str, str]]:
     """The issue's targets as (status, text): at equal GPU time, MM-Rec's held-out bits per byte (mean over
-    the seeds at its best rate) <= each peer's, per tokenization; each side eager or compiled, whichever
+    the seeds at its best rate) <= each peer's, per tokenization; each side eager or compiled (any mode), whichever
     scored better. Not measured where either is missing, or where the two were planned on different
     devices or budgets (their times would not be equal)."""
     best = best_per_model(records)
@@ -626,8 +639,8 @@ def targets(records: Sequence[dict], tokenizations: Sequence[str] = ("bytes", "b
     for tokenization in tokenizations:
         models = best.get(tokenization, {})
 
-        def better(name):  # (the name, its runs): eager or compiled, the lower mean bits per byte
-            recorded = [(m, models[m]) for m in (name, name + COMPILED) if models.get(m)]
+        def better(name):  # (the name, its runs): eager or compiled (either way), the lower mean bits per byte
+            recorded = [(m, models[m]) for m in (name, *(name + suffix for suffix in SUFFIXES)) if models.get(m)]
             return min(recorded, key=lambda item: mean_bpb(item[1]), default=(name, None))
 
         for peer_family in ("hgrn", "gdn", "llama"):

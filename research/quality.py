@@ -45,7 +45,7 @@ import time
 from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -575,22 +575,27 @@ class StepBatches(torch.utils.data.IterableDataset):
 
 
 def study_arguments(output_dir: str, steps: int, lr: float, weight_decay: float, device: torch.device, seed: int = 0,
-                    batch_size: Optional[int] = None, compile: bool = False):
+                    batch_size: Optional[int] = None, compile: Union[bool, str] = False):
     """TrainingArguments of a study run: AdamW (betas 0.9/0.95; fused on CUDA) with weight decay on
     matrices (the Trainer's ``decays`` rule), gradient clipping at 1, ``steps`` steps of one batch
     each on one device; the Trainer evaluates, logs and saves nothing (the study's callback does
     what it needs), no progress bar, no host syncs for logging. ``compile``: the Trainer's
-    ``torch_compile`` (the training step through torch.compile)."""
+    ``torch_compile`` (the training step through torch.compile); a string is also its mode
+    (``torch_compile_mode``: "reduce-overhead" replays the step as CUDA graphs)."""
     from transformers import TrainingArguments
 
     extra = {} if batch_size is None else {"per_device_train_batch_size": batch_size}
+    if isinstance(compile, str):
+        if device.type != "cuda" and compile == "reduce-overhead":
+            raise ValueError(f"compile={compile!r} replays CUDA graphs: it needs a CUDA device, not {device}")
+        extra["torch_compile_mode"] = compile
     args = TrainingArguments(
         output_dir=output_dir, max_steps=steps, learning_rate=lr, weight_decay=weight_decay, adam_beta1=0.9,
         adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
         optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch", use_cpu=device.type != "cuda",
         seed=seed, eval_strategy="no", save_strategy="no", logging_strategy="no", logging_nan_inf_filter=False,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        remove_unused_columns=False, accelerator_config={"dispatch_batches": False}, torch_compile=compile, **extra,
+        remove_unused_columns=False, accelerator_config={"dispatch_batches": False}, torch_compile=bool(compile), **extra,
     )
     if args.n_gpu > 1:  # one GPU per run: several visible GPUs would make the Trainer split each batch (DataParallel)
         args._n_gpu = 1
@@ -641,6 +646,9 @@ def study_trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.args.torch_compile_mode == "reduce-overhead":
+                # the loss lives in the CUDA graphs' memory, which the next step's replay overwrites
+                loss = loss.clone()
             self.step_losses.append(loss)
             return loss
 
@@ -707,14 +715,14 @@ def train_loop(model, next_batch: Callable[[int], Tuple[torch.Tensor, torch.Tens
                steps: int, lr: float, eval_every: int, weight_decay: float = 0.1, warmup_fraction: float = 0.05,
                stop: Optional[Callable[[dict], bool]] = None, deadline: Optional[float] = None,
                progress: bool = True, description: str = "", seed: int = 0,
-               batch_size: Optional[int] = None, compile: bool = False) -> Tuple[List[dict], int]:
+               batch_size: Optional[int] = None, compile: Union[bool, str] = False) -> Tuple[List[dict], int]:
     """Train ``model`` (already on its device) for ``steps`` steps on ``next_batch(step)`` ->
     (input_ids, HF labels), through the main job's Trainer (``study_trainer_class``); ``evaluate()``
     every ``eval_every`` steps and at the end. Stops early when ``stop(metrics)`` or when the
     training loss is not finite. Returns (curve, steps done): curve entries are {"step",
     "train_loss" (mean since the last evaluation), **metrics}. Raises BudgetExhausted past
     ``deadline`` (time.time()). ``batch_size``: the rows of a batch, for the Trainer's bookkeeping;
-    ``compile``: train through torch.compile (``study_arguments``)."""
+    ``compile``: train through torch.compile, a string naming its mode (``study_arguments``)."""
     import tempfile
 
     from transformers import PrinterCallback

@@ -213,5 +213,21 @@ def test_a_compiled_model_is_timed_and_trained_through_torch_compile(tmp_path, c
 def test_compiled_model_names():
     assert et.family_of("llama+compile") == "llama" and et.family_of("mmrec-default+compile") == "mmrec"
     assert et.compiled("hgrn+compile") and not et.compiled("hgrn")
+    assert et.family_of("llama+cudagraphs") == "llama" and et.base_model("mmrec-default+cudagraphs") == "mmrec-default"
+    assert et.compiled("llama+cudagraphs") == "reduce-overhead" and et.compiled("llama+compile") is True
+    # CUDA graphs are refused in the plan on a CPU (a reason, not a failed run); plain compiling is not
+    assert "CUDA" in et.refusal("llama+cudagraphs", torch.device("cpu"))
+    assert et.refusal("llama+compile", torch.device("cpu")) is None
+
+
+def test_study_arguments_carry_the_compile_mode(tmp_path):
+    cpu = torch.device("cpu")
+    args = quality.study_arguments(str(tmp_path), 2, 1e-3, 0.1, cpu, compile=True)
+    assert args.torch_compile and args.torch_compile_mode is None
+    args = quality.study_arguments(str(tmp_path), 2, 1e-3, 0.1, cpu, compile="max-autotune-no-cudagraphs")
+    assert args.torch_compile and args.torch_compile_mode == "max-autotune-no-cudagraphs"
+    assert not quality.study_arguments(str(tmp_path), 2, 1e-3, 0.1, cpu).torch_compile
+    with pytest.raises(ValueError, match="reduce-overhead.*CUDA"):
+        quality.study_arguments(str(tmp_path), 2, 1e-3, 0.1, cpu, compile="reduce-overhead")
     with pytest.raises(ValueError, match="llama\\+fast"):
         et.family_of("llama+fast")
