@@ -136,6 +136,25 @@ def test_gpu_presets_compile_on_a_gpu_only(monkeypatch):
     assert not RunConfig.from_preset("gpu-small", compile=False).compile
 
 
+def test_compile_mode_is_checked_before_anything_trains(no_gpu_and_no_data, tmp_path, capsys):
+    """--compile-mode names one of torch.compile's modes and needs compiling; the modes that replay CUDA graphs are
+    refused without a CUDA GPU, in one line, before a folder is written."""
+    run = RunConfig.from_preset("tiny", compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert run.compile_mode == "max-autotune-no-cudagraphs"
+    with pytest.raises(ValueError, match="--compile-mode must be one of .*reduce-overhead.*got 'fast'"):
+        RunConfig.from_preset("tiny", compile=True, compile_mode="fast")
+    with pytest.raises(ValueError, match="--compile-mode default needs --compile"):
+        RunConfig.from_preset("tiny", compile_mode="default")
+    out = tmp_path / "run"
+    status = train_script.main(["--preset", "tiny", "--compile", "--compile-mode", "reduce-overhead", "--output-dir", str(out)])
+    assert_one_line_error(capsys, status, "--compile-mode reduce-overhead", "CUDA graphs", "no CUDA GPU")
+    assert not out.exists() and no_gpu_and_no_data == []
+    assert_one_line_error(capsys, train_script.main(["--compile-mode", "fast", "--output-dir", str(out)]), "--compile-mode")
+    # a mode without CUDA graphs reaches the training
+    assert train_script.main(["--preset", "tiny", "--compile", "--compile-mode", "default", "--output-dir", str(out)]) == 0
+    assert [(run.compile, run.compile_mode) for run in no_gpu_and_no_data] == [(True, "default")]
+
+
 @pytest.mark.slow
 def test_compiled_run_trains_like_the_eager_one(data_dir, tmp_path):
     """--compile runs the main job through the Trainer's torch.compile (inductor on the CPU here): it
