@@ -33,47 +33,61 @@ from .readout_triton import AVAILABLE as READOUT_KERNEL
 from .recurrence import MDIDecay, recurrence
 from .scan import resolve_backend
 from .state_gate import StateGate
+from .swiglu_triton import AVAILABLE as SWIGLU_KERNEL
+from .swiglu_triton import DTYPES as SWIGLU_DTYPES
+from .swiglu_triton import swiglu_backward, swiglu_forward
 
 
 class _SwiGLUDown(torch.autograd.Function):
     """down(silu(a) * b) that keeps a, b and the weight for the backward, where PyTorch's three operations keep a,
     silu(a), b and the product: the backward recomputes silu(a) and the product (two elementwise passes), then takes
-    the gradients with the operations PyTorch's own backward runs, so the results are the same to the bit."""
+    the gradients with the operations PyTorch's own backward runs, so the results are the same to the bit. With
+    ``fused`` (FeedForward._swiglu_in_kernels), the elementwise work is swiglu_triton's kernels instead: one pass
+    forward, and one backward that writes both gradients and the recomputed product (rounded where PyTorch rounds)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, weight: Tensor) -> Tensor:
-        ctx.weight_dtype = weight.dtype
+    def forward(ctx, a: Tensor, b: Tensor, weight: Tensor, fused: bool = False) -> Tensor:
+        ctx.weight_dtype, ctx.fused = weight.dtype, fused
         weight = weight.to(a.dtype)  # as autocast casts it for the linear (a: the compute dtype)
         ctx.save_for_backward(a, b, weight)
         with torch.autocast(a.device.type, enabled=False):
-            return F.linear(F.silu(a) * b, weight)
+            return F.linear(swiglu_forward(a, b) if fused else F.silu(a) * b, weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         a, b, weight = ctx.saved_tensors
+        if ctx.fused:
+            grad = grad.to(a.dtype)
+            d_a, d_b, product = swiglu_backward(grad @ weight, a, b)
+            return d_a, d_b, (grad.flatten(0, -2).T @ product.flatten(0, -2)).to(ctx.weight_dtype), None
         grad, act = grad.to(a.dtype), F.silu(a)
         d_product = grad @ weight
         d_weight = (grad.flatten(0, -2).T @ (act * b).flatten(0, -2)).to(ctx.weight_dtype)
-        return torch.ops.aten.silu_backward(d_product * b, a), d_product * act, d_weight
+        return torch.ops.aten.silu_backward(d_product * b, a), d_product * act, d_weight, None
 
 
 class FeedForward(nn.Module):
     """d -> intermediate_size -> d: down(act(up x)), or with ``gated`` down(act(gate x) * up x)
-    (a GLU; SwiGLU with act "silu", whose product and down projection are one autograd node, ``_SwiGLUDown``)."""
+    (a GLU; SwiGLU with act "silu", whose product and down projection are one autograd node, ``_SwiGLUDown``).
+    ``kernel_backend``: config.kernel_backend, which decides (with the device) whether that node's elementwise work
+    runs as Triton kernels."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, gated: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, gated: bool = False,
+                 kernel_backend: str = "auto"):
         super().__init__()
         self.gate = nn.Linear(hidden_size, intermediate_size, bias=False) if gated else None
         self.up = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act = ACT2FN[act]
         self.swiglu = gated and act == "silu"
+        self.kernel_backend = kernel_backend
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is None:
             return self.down(self.act(self.up(x)))
         if self.swiglu and self._down_is_plain():
-            return _SwiGLUDown.apply(self.gate(x), self.up(x), self.down.weight)
+            a, b = self.gate(x), self.up(x)
+            return _SwiGLUDown.apply(a, b, self.down.weight, self._swiglu_in_kernels(a, b))
         return self.down(self.act(self.gate(x)) * self.up(x))
 
     def _down_is_plain(self) -> bool:
@@ -83,6 +97,14 @@ class FeedForward(nn.Module):
         return (type(down) is nn.Linear and not (down._forward_hooks or down._forward_pre_hooks)
                 and not hasattr(down, "_hf_hook") and not torch.nn.modules.module._global_forward_hooks
                 and not torch.nn.modules.module._global_forward_pre_hooks)
+
+    def _swiglu_in_kernels(self, a: Tensor, b: Tensor) -> bool:
+        """Whether _SwiGLUDown's elementwise work runs as swiglu_triton's kernels: on CUDA where the backend resolves
+        to Triton, for a and b of one shape and one of the kernels' dtypes. Traced (torch.compile, torch.export), the
+        PyTorch operations, which the compiler fuses itself; elsewhere (the CPU, kernel_backend="torch") too."""
+        return (SWIGLU_KERNEL and a.is_cuda and a.dtype == b.dtype and a.dtype in SWIGLU_DTYPES
+                and a.shape == b.shape and not torch.compiler.is_compiling()
+                and resolve_backend(self.kernel_backend, a.device) == "triton")
 
 
 class MMRecBlock(GradientCheckpointingLayer):
@@ -112,7 +134,7 @@ class MMRecBlock(GradientCheckpointingLayer):
         self.gate_memory = config.gate_memory
         self.W_o = nn.Linear(d, d, bias=False)
         self.norm2 = RMSNorm(d, config.rms_norm_eps)
-        self.ffn = FeedForward(d, config.intermediate_size, config.hidden_act, config.ffn_gate)
+        self.ffn = FeedForward(d, config.intermediate_size, config.hidden_act, config.ffn_gate, config.kernel_backend)
         self.dropout = nn.Dropout(config.dropout)
 
     def fresh_state(self, batch_size: int) -> LayerState:
