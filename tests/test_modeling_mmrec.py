@@ -779,12 +779,14 @@ TRITON_KERNELS = {"scan_triton": ("scan_fwd", "scan_bwd"),
                   "state_gate_triton": ("state_gate_fwd", "state_gate_bwd"),
                   "memory_triton": ("route_segments_triton", "decode_step_triton"),
                   "conv_triton": ("short_conv_fwd", "short_conv_bwd"),
-                  "readout_triton": ("gated_readout",)}
+                  "readout_triton": ("gated_readout",),
+                  "swiglu_triton": ("swiglu_forward", "swiglu_backward")}
 KERNELS_OF_GATE = {"input": {"scan_fwd", "scan_bwd", "recurrence_inputs_fwd", "recurrence_inputs_bwd",
                              "route_segments_triton", "decode_step_triton", "short_conv_fwd", "short_conv_bwd",
-                             "gated_readout"},
+                             "gated_readout", "swiglu_forward", "swiglu_backward"},
                    "state": {"state_gate_fwd", "state_gate_bwd", "scan_fwd", "scan_bwd", "route_segments_triton",
-                             "decode_step_triton", "short_conv_fwd", "short_conv_bwd", "gated_readout"}}
+                             "decode_step_triton", "short_conv_fwd", "short_conv_bwd", "gated_readout", "swiglu_forward",
+                             "swiglu_backward"}}
 
 
 def _triton_runs_here() -> bool:
@@ -839,7 +841,7 @@ def test_kernel_backend_switches_every_kernel_of_the_whole_model(gate, tiny_mode
     "triton" (interpreted on CPU): "torch" runs no Triton kernel, "triton" runs every kernel the
     configuration has (the scan, the recurrence's inputs or the state gate's walk, the memory's
     routing and its decode step, the convolution's dense path, which the unpadded row takes, the gated
-    readout), and both
+    readout, SwiGLU's product), and both
     give the same logits, gradients and decoded logits."""
     import importlib
 

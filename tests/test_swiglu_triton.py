@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mm_rec import block
+from mm_rec import swiglu_triton
 from mm_rec.block import FeedForward, MMRecBlock, _SwiGLUDown
 from mm_rec.swiglu_triton import AVAILABLE, BLOCK_F, BLOCK_R, swiglu_backward, swiglu_forward
 
@@ -142,8 +142,8 @@ def test_feed_forward_through_the_kernels_equals_the_module_path(autocast, monke
     the parameters' gradients of down(silu(gate x) * up x), float32 and under bf16 autocast."""
     ran = []
     for name in ("swiglu_forward", "swiglu_backward"):
-        kernel = getattr(block, name)
-        monkeypatch.setattr(block, name, lambda *args, _kernel=kernel, _name=name: ran.append(_name) or _kernel(*args))
+        kernel = getattr(swiglu_triton, name)
+        monkeypatch.setattr(swiglu_triton, name, lambda *args, _kernel=kernel, _name=name: ran.append(_name) or _kernel(*args))
     ffn = FeedForward(16, 40, "silu", gated=True).to(DEVICE)
     x = torch.randn(3, 13, 16, device=DEVICE)  # 39 rows
     results = []
@@ -167,10 +167,12 @@ def test_feed_forward_through_the_kernels_equals_the_module_path(autocast, monke
 def test_the_block_hands_its_kernel_backend_to_the_feed_forward(tiny_config):
     for backend in ("torch", "auto"):
         assert MMRecBlock(tiny_config(kernel_backend=backend), 0).ffn.kernel_backend == backend
-    ffn = FeedForward(16, 40, "silu", gated=True, kernel_backend="triton")
-    a = torch.randn(4, 40)
-    # on CPU tensors the PyTorch operations run, whatever the backend (and interpreted or not)
-    assert not ffn._swiglu_in_kernels(a, a)
+    # the kernels run where the backend resolves to Triton (CUDA, or interpreted here with "triton", as the model's
+    # other kernels), never with "torch", and "auto" on a CPU takes PyTorch's operations
+    a = torch.randn(4, 40, device=DEVICE)
+    expected = {"torch": False, "auto": DEVICE == "cuda", "triton": True}
+    for backend, runs in expected.items():
+        assert FeedForward(16, 40, "silu", gated=True, kernel_backend=backend)._swiglu_in_kernels(a, a) == runs, backend
 
 
 @pytest.mark.gpu
@@ -202,7 +204,7 @@ def test_on_cuda_the_kernels_give_pytorchs_bits(dtype):
 def test_traced_feed_forward_keeps_pytorchs_operations(monkeypatch):
     """torch.compile traces the PyTorch operations (inductor fuses them), never the kernels' launches."""
     ran = []
-    monkeypatch.setattr(block, "swiglu_forward", lambda *args: ran.append(args) or swiglu_forward(*args))
+    monkeypatch.setattr(swiglu_triton, "swiglu_forward", lambda *args: ran.append(args) or swiglu_forward(*args))
     ffn = FeedForward(16, 40, "silu", gated=True).cuda()
     x = torch.randn(3, 5, 16, device="cuda")
     eager = ffn(x)
