@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from . import swiglu_triton
 from .cache import LayerState
 from .conv import ShortConv, conv_channels
 from .hem import HEMProjection, Projections
@@ -34,6 +33,8 @@ from .readout_triton import AVAILABLE as READOUT_KERNEL
 from .recurrence import MDIDecay, recurrence
 from .scan import resolve_backend
 from .state_gate import StateGate
+from .swiglu_triton import AVAILABLE as SWIGLU_KERNEL
+from .swiglu_triton import DTYPES as SWIGLU_DTYPES
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -49,14 +50,20 @@ class _SwiGLUDown(torch.autograd.Function):
         weight = weight.to(a.dtype)  # as autocast casts it for the linear (a: the compute dtype)
         ctx.save_for_backward(a, b, weight)
         with torch.autocast(a.device.type, enabled=False):
-            return F.linear(swiglu_triton.swiglu_forward(a, b) if fused else F.silu(a) * b, weight)
+            if fused:
+                from .swiglu_triton import swiglu_forward  # looked up per call: the tests spy on the kernels
+
+                return F.linear(swiglu_forward(a, b), weight)
+            return F.linear(F.silu(a) * b, weight)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         a, b, weight = ctx.saved_tensors
         if ctx.fused:
             grad = grad.to(a.dtype)
-            d_a, d_b, product = swiglu_triton.swiglu_backward(grad @ weight, a, b)
+            from .swiglu_triton import swiglu_backward
+
+            d_a, d_b, product = swiglu_backward(grad @ weight, a, b)
             return d_a, d_b, (grad.flatten(0, -2).T @ product.flatten(0, -2)).to(ctx.weight_dtype), None
         grad, act = grad.to(a.dtype), F.silu(a)
         d_product = grad @ weight
@@ -101,7 +108,7 @@ class FeedForward(nn.Module):
         (CUDA, or the interpreter with kernel_backend="triton", as every kernel of the model), for a and b of one shape
         and one of the kernels' dtypes. Traced (torch.compile, torch.export), the PyTorch operations, which the
         compiler fuses itself; elsewhere (kernel_backend="torch", "auto" on a CPU) too."""
-        return (swiglu_triton.AVAILABLE and a.dtype == b.dtype and a.dtype in swiglu_triton.DTYPES
+        return (SWIGLU_KERNEL and a.dtype == b.dtype and a.dtype in SWIGLU_DTYPES
                 and a.shape == b.shape and not torch.compiler.is_compiling()
                 and resolve_backend(self.kernel_backend, a.device) == "triton")
 
