@@ -61,32 +61,33 @@ if AVAILABLE:
         return x.to(dt).to(tl.float32)
 
     @triton.jit
-    def _tile(rows, cols, R, F):
-        """The tile's rows (int64: R * stride may pass 2^31) and its in-bounds mask."""
-        return rows.to(tl.int64), (rows < R)[:, None] & (cols < F)[None, :]
+    def _tile(R, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+        """This program's rows (int64: R * stride may pass 2^31) and channels, and the tile's in-bounds mask."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        return rows.to(tl.int64), cols, (rows < R)[:, None] & (cols < F)[None, :]
+
+    @triton.jit
+    def _load(t, rows, cols, stride, mask):
+        """The tile of t [R, F] (row stride ``stride``, stride-1 channels) in float32."""
+        return tl.load(t + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _swiglu_fwd_kernel(a, b, p, R, F, s_a, s_b, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
                            INTERPRETED: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        rows, mask = _tile(rows, cols, R, F)
+        rows, cols, mask = _tile(R, F, BLOCK_R, BLOCK_F)
         dt = p.dtype.element_ty
-        x = tl.load(a + rows[:, None] * s_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(b + rows[:, None] * s_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, y = _load(a, rows, cols, s_a, mask), _load(b, rows, cols, s_b, mask)
         act = _round(tl.fdiv(x, 1.0 + _exp_neg(x, INTERPRETED), ieee_rounding=True), dt, INTERPRETED)  # F.silu(a)
         tl.store(p + rows[:, None] * F + cols[None, :], _round(act * y, dt, INTERPRETED).to(dt), mask=mask)
 
     @triton.jit
     def _swiglu_bwd_kernel(dp, a, b, da, db, p, R, F, s_dp, s_a, s_b, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
                            INTERPRETED: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        rows, mask = _tile(rows, cols, R, F)
+        rows, cols, mask = _tile(R, F, BLOCK_R, BLOCK_F)
         dt = p.dtype.element_ty
-        g = tl.load(dp + rows[:, None] * s_dp + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(a + rows[:, None] * s_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(b + rows[:, None] * s_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = _load(dp, rows, cols, s_dp, mask)
+        x, y = _load(a, rows, cols, s_a, mask), _load(b, rows, cols, s_b, mask)
         denom = 1.0 + _exp_neg(x, INTERPRETED)
         act = _round(tl.fdiv(x, denom, ieee_rounding=True), dt, INTERPRETED)  # F.silu(a), as PyTorch keeps it
         sig = tl.fdiv(1.0, denom, ieee_rounding=True)
