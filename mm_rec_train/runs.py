@@ -96,7 +96,7 @@ class RunConfig:
     logging_steps: Optional[int] = None  # None: every min(10, eval_steps) steps
     compile: bool = False  # train through torch.compile (Trainer's torch_compile)
     # torch.compile's mode (Trainer's torch_compile_mode; None: its default). "reduce-overhead" replays the forward and
-    # the backward as CUDA graphs: for a small model, whose step is the host's kernel launches, about twice as fast
+    # the backward as CUDA graphs: for a small model, whose step is the host's kernel launches
     compile_mode: Optional[str] = None
 
     @classmethod

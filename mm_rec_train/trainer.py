@@ -248,7 +248,7 @@ def train(run: RunConfig, output_dir: Path, resume: bool = False, overwrite: boo
         ddp_find_unused_parameters=False,  # every parameter gets a gradient every step
         metric_for_best_model="loss", greater_is_better=False,  # the best step, for KeepTheBest
         disable_tqdm=not terminal, torch_compile=run.compile,
-        **({"torch_compile_mode": run.compile_mode} if run.compile and run.compile_mode else {}),
+        torch_compile_mode=run.compile_mode if run.compile else None,
     )
     processes = args.world_size
     if run.batch_size % processes:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -63,7 +64,7 @@ import quality
 import torch
 
 from mm_rec_train.cli import ArgumentParser, device_type, non_negative_int, positive_float, positive_int, run_main, set_threads
-from mm_rec_train.runs import REPOSITORY
+from mm_rec_train.runs import CUDA_GRAPH_MODES, REPOSITORY
 
 PROTOCOL_VERSION = 1
 RUNS, TIMINGS, CACHE, INVOCATIONS, REPORT, PLOT = "runs", "timings", "cache", "invocations.jsonl", "README.md", \
@@ -115,7 +116,7 @@ def mmrec_overrides(model: str) -> Optional[dict]:
 
 def refusal(model: str, device: torch.device) -> Optional[str]:
     """Why ``model`` cannot run on ``device`` (one line), or None."""
-    if compiled(model) == "reduce-overhead" and device.type != "cuda":
+    if compiled(model) in CUDA_GRAPH_MODES and device.type != "cuda":
         return f"{model}: CUDA graphs need a CUDA device, not {device.type}"
     return quality.refusal_reason(family_of(model), base_model(model), mmrec_overrides(model), device)
 
@@ -640,13 +641,13 @@ def train_rows(record: dict, out: Path) -> int:
     if "train_rows" in record:
         return record["train_rows"]
     s = record["spec"]
-    key = tuple(s[k] for k in ("tokenization", "seq_len", "bpe_vocab", "validation_fraction", "max_works", "max_chars"))
-    if key not in _TRAIN_ROWS:
-        _TRAIN_ROWS[key] = len(quality.lm_data(*key, cache_dir=out / CACHE).train)
-    return _TRAIN_ROWS[key]
+    keys = ("tokenization", "seq_len", "bpe_vocab", "validation_fraction", "max_works", "max_chars")
+    return _train_rows(tuple(s[k] for k in keys), out / CACHE)
 
 
-_TRAIN_ROWS: Dict[tuple, int] = {}
+@functools.lru_cache(maxsize=None)
+def _train_rows(data_spec: tuple, cache_dir: Path) -> int:
+    return len(quality.lm_data(*data_spec, cache_dir=cache_dir).train)
 
 
 MET, MISSED, NOT_MEASURED = "met", "missed", "not measured"

@@ -586,7 +586,9 @@ def study_arguments(output_dir: str, steps: int, lr: float, weight_decay: float,
 
     extra = {} if batch_size is None else {"per_device_train_batch_size": batch_size}
     if isinstance(compile, str):
-        if device.type != "cuda" and compile == "reduce-overhead":
+        from mm_rec_train.runs import CUDA_GRAPH_MODES
+
+        if device.type != "cuda" and compile in CUDA_GRAPH_MODES:
             raise ValueError(f"compile={compile!r} replays CUDA graphs: it needs a CUDA device, not {device}")
         extra["torch_compile_mode"] = compile
     args = TrainingArguments(

@@ -58,7 +58,7 @@ def parse_args(argv):
                         help="train through torch.compile (default: on for GPU presets on a GPU; the first steps compile)")
     parser.add_argument("--compile-mode", choices=runs.COMPILE_MODES,
                         help="torch.compile's mode, with --compile (default: its own); reduce-overhead replays the step "
-                             "as CUDA graphs, about twice as fast for a small model on a GPU (docs/quality/equal_time)")
+                             "as CUDA graphs, for a small model whose step is the host's kernel launches (a CUDA GPU)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--prompt", help="prompt of the sample printed at the end ('' starts a new document)")
     parser.add_argument("--resume", action="store_true",
